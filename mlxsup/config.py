@@ -1,0 +1,95 @@
+"""The server's configuration: one frozen dataclass, built from the CLI at the edge and written
+to the run directory (`config.json`) so the engine and the API workers read the same values."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+SWAP_MODES = ("drain", "abort", "inflight")
+
+
+def default_run_dir(port: int) -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "mlxsup", f"run-{port}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `mlxsup start` accepts. Defaults of the seed's flags are the seed's."""
+
+    model: Optional[str] = None  # None: the built-in demo model
+    adapter_path: Optional[str] = None
+    host: str = "0.0.0.0"
+    port: int = 8000
+    max_batch: int = 5
+    flush_interval_ms: float = 10.0
+    max_tokens: int = 128
+    trust_remote_code: bool = False
+    log_level: str = "INFO"
+    workers: int = 2
+    run_dir: str = ""  # "" means default_run_dir(port)
+    max_queue: int = 256
+    api_key: Optional[str] = None
+    admin_key: Optional[str] = None
+    adapter_root: Optional[str] = None
+    max_upload_mb: int = 512
+    blas: str = "auto"  # "auto": preload an optimized BLAS into the engine on Linux; "off"
+    request_timeout_s: float = 600.0
+    min_policy_wait_s: float = 60.0  # longest a request may wait for min_policy_version
+
+    def __post_init__(self):
+        if not self.run_dir:
+            object.__setattr__(self, "run_dir", default_run_dir(self.port))
+        if not (0 <= self.port < 65536):
+            raise ValueError("port must be in [0, 65535]")
+        if self.max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        if self.flush_interval_ms < 0:
+            raise ValueError("flush_interval_ms must be >= 0")
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {LOG_LEVELS}")
+        object.__setattr__(self, "log_level", self.log_level.upper())
+        if self.workers < 1:
+            raise ValueError("workers must be >= 1")
+        if self.max_queue < 1:
+            raise ValueError("max_queue must be >= 1")
+        if self.max_upload_mb < 1:
+            raise ValueError("max_upload_mb must be >= 1")
+        if self.blas not in ("auto", "off"):
+            raise ValueError("blas must be 'auto' or 'off'")
+
+    @property
+    def num_slots(self) -> int:
+        """IPC slots: two per worker, so a replaced worker finds a free slot at once."""
+        return 2 * self.workers
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ServerConfig":
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save(self) -> str:
+        """Write config.json into the run directory atomically; return its path."""
+        os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
+        path = os.path.join(self.run_dir, "config.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(self.to_json())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, run_dir: str) -> "ServerConfig":
+        with open(os.path.join(run_dir, "config.json")) as f:
+            return cls.from_json(f.read())

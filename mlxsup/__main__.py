@@ -1,0 +1,5 @@
+import sys
+
+from mlxsup.cli import main
+
+sys.exit(main())

@@ -1,0 +1,60 @@
+"""The engine's BLAS environment: found on Linux, opt-out works, and results stay right."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mlxsup.blas import engine_env, find_blas
+
+CHECK = r"""
+import json, os
+import numpy as np
+import mlx.core as mx
+rng = np.random.default_rng(0)
+a = rng.standard_normal((512, 384), dtype=np.float32)
+b = rng.standard_normal((384, 256), dtype=np.float32)
+got = np.array(mx.matmul(mx.array(a), mx.array(b)))
+ref = a.astype(np.float64) @ b.astype(np.float64)
+maps = open("/proc/self/maps").read() if os.path.exists("/proc/self/maps") else ""
+print(json.dumps({"err": float(np.max(np.abs(got - ref))), "openblas": "openblas" in maps}))
+"""
+
+
+def _run(env):
+    out = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_matmul_matches_numpy_without_preload():
+    env = engine_env(os.environ, mode="off")
+    env.pop("LD_PRELOAD", None)
+    result = _run(env)
+    assert result["err"] < 1e-3
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or find_blas() is None,
+                    reason="no optimized BLAS on this machine")
+def test_matmul_matches_numpy_with_preload():
+    env = engine_env(os.environ)
+    assert find_blas() in env["LD_PRELOAD"].split(":")
+    result = _run(env)
+    assert result["openblas"], "the preloaded OpenBLAS was not mapped into the process"
+    assert result["err"] < 1e-3
+
+
+def test_opt_out_leaves_environment_alone():
+    base = {"PATH": "/usr/bin"}
+    assert engine_env(base, mode="off") == base
+    assert engine_env({**base, "MLXSUP_BLAS": "off"}) == {**base, "MLXSUP_BLAS": "off"}
+
+
+def test_existing_preload_is_kept(monkeypatch):
+    monkeypatch.setattr("mlxsup.blas.find_blas", lambda: "/opt/libfast.so")
+    monkeypatch.setattr(sys, "platform", "linux")
+    env = engine_env({"LD_PRELOAD": "/opt/other.so"})
+    assert env["LD_PRELOAD"] == "/opt/libfast.so:/opt/other.so"
+    assert engine_env(env)["LD_PRELOAD"] == env["LD_PRELOAD"]

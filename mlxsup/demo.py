@@ -53,7 +53,7 @@ PRESETS = {
     # About 75M parameters: the CPU benchmark model.
     "bench75m": DemoPreset(640, 10, 2048, 10, 5, 8192, tie_word_embeddings=False),
     # About 1B parameters in bfloat16: the GPU benchmark model.
-    "bench1b": DemoPreset(2048, 18, 5632, 32, 8, 25000, tie_word_embeddings=False, dtype="bfloat16"),
+    "bench1b": DemoPreset(2048, 22, 5632, 32, 8, 25000, tie_word_embeddings=False, dtype="bfloat16"),
 }
 
 

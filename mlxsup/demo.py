@@ -51,9 +51,9 @@ PRESETS = {
     # The default demo model: about 3M parameters.
     "demo": DemoPreset(256, 4, 512, 4, 2, 2048),
     # About 75M parameters: the CPU benchmark model.
-    "bench75m": DemoPreset(640, 10, 2048, 10, 5, 8192, tie_word_embeddings=False),
+    "bench75m": DemoPreset(640, 12, 2048, 10, 5, 8192, tie_word_embeddings=False),
     # About 1B parameters in bfloat16: the GPU benchmark model.
-    "bench1b": DemoPreset(2048, 22, 5632, 32, 8, 25000, tie_word_embeddings=False, dtype="bfloat16"),
+    "bench1b": DemoPreset(2048, 20, 5632, 32, 8, 25000, tie_word_embeddings=False, dtype="bfloat16"),
 }
 
 
@@ -62,18 +62,26 @@ def default_demo_dir() -> str:
     return os.path.join(base, "mlxsup", "demo-model")
 
 
-def _corpus(seed: int) -> list[str]:
+SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in ("a", "e", "i", "o", "u", "ai", "ou")]
+
+
+def _corpus(seed: int, vocab_size: int) -> list[str]:
+    """The shipped text, sums, sentences of its words and, for large vocabularies, made-up
+    words, so the BPE trainer finds as many merges as the vocabulary asks for."""
     shipped = resources.files("mlxsup").joinpath("data/corpus.txt").read_text("utf-8")
     lines = [line for line in shipped.splitlines() if line.strip()]
     words = sorted({w.strip(".,!?:;()\"'") for line in lines for w in line.split()} - {""})
     rng = random.Random(seed)
     for _ in range(4000):
-        kind = rng.randrange(3)
-        if kind == 0:
+        if rng.randrange(3) == 0:
             a, b = rng.randrange(100), rng.randrange(100)
             lines.append(f"{a} + {b} = {a + b}")
         else:
             lines.append(" ".join(rng.choice(words) for _ in range(rng.randrange(4, 16))) + ".")
+    if vocab_size > 1000:
+        made_up = ["".join(rng.choice(SYLLABLES) for _ in range(rng.randrange(2, 5))) for _ in range(vocab_size)]
+        for _ in range(vocab_size // 2):
+            lines.append(" ".join(rng.choice(made_up) for _ in range(12)))
     return lines
 
 
@@ -90,7 +98,7 @@ def build_tokenizer(vocab_size: int, seed: int = 0):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    tok.train_from_iterator(_corpus(seed, vocab_size), trainer=trainer)
     bos_id = tok.token_to_id(BOS)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos_id)]

@@ -1,0 +1,118 @@
+"""The supervisor's end of the engine control channel: a socketpair, one JSON object per line.
+
+Messages are listed in docs/architecture.md. The engine sends `ready` once after loading and
+`swap_done` in answer to each `swap`; anything else it sends is logged. When the engine dies the
+channel reaches EOF and every pending swap fails with `EngineGone`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import socket
+from typing import Callable, Optional
+
+log = logging.getLogger("mlxsup.supervisor")
+
+MAX_LINE = 1 << 20
+
+
+class EngineGone(Exception):
+    """The engine's end of the channel closed (it exited or was killed)."""
+
+
+class EngineLink:
+    """Reads the engine's lines in a task; `swap` and `stop` write commands to it."""
+
+    def __init__(self, sock: socket.socket, epoch: int, on_ready: Callable[[dict], None]):
+        self.sock = sock
+        self.epoch = epoch
+        self._on_ready = on_ready
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self._writer: Optional[asyncio.StreamWriter] = None
+        self._task: Optional[asyncio.Task] = None
+        self.closed = False
+
+    async def start(self) -> None:
+        reader, self._writer = await asyncio.open_connection(sock=self.sock, limit=MAX_LINE)
+        self._task = asyncio.create_task(self._read(reader), name=f"engine-link-{self.epoch}")
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except (ValueError, asyncio.LimitOverrunError):
+                    log.error("engine (epoch %d) sent a line longer than %d bytes", self.epoch, MAX_LINE)
+                    continue
+                except OSError:
+                    break
+                if not line:
+                    break
+                try:
+                    msg = json.loads(line)
+                except ValueError:
+                    log.warning("engine (epoch %d) sent an unreadable line: %r", self.epoch, line[:200])
+                    continue
+                if isinstance(msg, dict):
+                    self._dispatch(msg)
+        finally:
+            self._fail_pending()
+
+    def _dispatch(self, msg: dict) -> None:
+        op = msg.get("op")
+        if op == "ready":
+            self._on_ready(msg)
+        elif op == "swap_done":
+            fut = self._pending.pop(msg.get("id"), None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+            elif fut is None:
+                log.warning("engine answered a swap nobody waits for: %s", msg)
+        else:
+            log.info("engine (epoch %d): %s", self.epoch, msg)
+
+    def _fail_pending(self) -> None:
+        self.closed = True
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(EngineGone(f"engine epoch {self.epoch} went away"))
+        self._pending.clear()
+
+    def _send(self, msg: dict) -> None:
+        if self.closed or self._writer is None or self._writer.is_closing():
+            raise EngineGone(f"engine epoch {self.epoch} is not connected")
+        self._writer.write(json.dumps(msg).encode() + b"\n")
+
+    async def swap(self, path: Optional[str], mode: str, version: int) -> dict:
+        """Ask the engine to commit `path` as `version`; return its swap_done message."""
+        swap_id = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[swap_id] = fut
+        try:
+            self._send({"op": "swap", "id": swap_id, "path": path, "mode": mode, "version": version})
+            await self._writer.drain()
+        except (OSError, EngineGone) as e:
+            self._pending.pop(swap_id, None)
+            raise EngineGone(str(e)) from e
+        return await fut
+
+    def stop(self, drain: bool = True) -> bool:
+        """Ask the engine to finish (or abort) its work and exit; False if it is unreachable."""
+        try:
+            self._send({"op": "stop", "drain": drain})
+        except (OSError, EngineGone):
+            return False
+        return True
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self._writer is not None:
+            self._writer.close()
+        else:
+            self.sock.close()
+        self._fail_pending()

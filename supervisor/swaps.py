@@ -1,0 +1,114 @@
+"""The single authority for adapter swaps.
+
+Swaps are serialised: one at a time, later callers wait their turn. The version to commit as
+is chosen here and passed to the engine; the committed state is written (`os.replace`) only
+after the engine answers that the swap committed, so a failed swap never moves the version and
+a restarted engine comes back on the last committed adapter and version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+from typing import Awaitable, Callable, Optional
+
+from mlxsup.config import SWAP_MODES
+from mlxsup.supervisor.engine_link import EngineGone, EngineLink
+from mlxsup.supervisor.state import AdapterState, write_state
+
+log = logging.getLogger("mlxsup.supervisor")
+
+
+def error_reply(kind: str, message: str, field: Optional[str] = None, **extra) -> dict:
+    err = {"type": kind, "message": message}
+    if field:
+        err["field"] = field
+    return {"ok": False, "error": err, **extra}
+
+
+def check_adapter_path(path) -> tuple[Optional[str], Optional[dict]]:
+    """(absolute path, None) or (None, error reply). None stands for the base model."""
+    if path is None:
+        return None, None
+    if not isinstance(path, str) or not path:
+        return None, error_reply("bad_request", "path must be a non-empty string or null", field="path")
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(path):
+        return None, error_reply("not_found", f"adapter path {path} does not exist", field="path")
+    if not os.path.isdir(path):
+        return None, error_reply("invalid_adapter", f"adapter path {path} is not a directory", field="path")
+    return path, None
+
+
+class SwapCoordinator:
+    """Owns the committed `AdapterState` of one run directory."""
+
+    def __init__(self, run_dir: str, state: AdapterState):
+        self.run_dir = run_dir
+        self.state = state
+        self.num_swaps = 0
+        self._lock = asyncio.Lock()
+
+    async def reload(
+        self,
+        path,
+        mode,
+        ready_link: Callable[[], Awaitable[Optional[EngineLink]]],
+    ) -> dict:
+        """Swap to the adapter at `path` (None: the base model) in `mode`; the reply is the
+        control socket's (`ok`, `policy_version`, ... or `ok: false` with `error`).
+
+        `ready_link` waits for a ready engine and returns its link, or None when there is none
+        to be had (stopping, or still restarting after a long wait)."""
+        if mode not in SWAP_MODES:
+            return error_reply("bad_request", f"mode must be one of {', '.join(SWAP_MODES)}", field="mode")
+        path, err = check_adapter_path(path)
+        if err:
+            return err
+        async with self._lock:
+            link = await ready_link()
+            if link is None:
+                return error_reply("engine_unavailable", "no engine is ready (restarting or stopping); try again")
+            version = self.state.next_version
+            log.info("swap to %s as version %d (%s)", path or "the base model", version, mode)
+            try:
+                reply = await link.swap(path, mode, version)
+            except EngineGone:
+                # Nobody knows whether tokens went out under `version`: never issue it again.
+                self._commit(dataclasses.replace(self.state, max_issued_version=version))
+                return error_reply(
+                    "engine_restarted",
+                    f"the engine died during the swap; it restarts on version {self.state.policy_version}",
+                    policy_version=self.state.policy_version,
+                )
+            if not reply.get("ok"):
+                err = reply.get("error") if isinstance(reply.get("error"), dict) else {}
+                log.warning("swap to %s refused: %s", path, err.get("message"))
+                return error_reply(
+                    err.get("type") or "invalid_adapter",
+                    err.get("message") or "the engine refused the adapter",
+                    policy_version=self.state.policy_version,
+                )
+            if reply.get("policy_version", version) != version:
+                log.warning("engine committed as %s, asked for %d", reply.get("policy_version"), version)
+            self._commit(AdapterState(adapter_path=path, policy_version=version, max_issued_version=version))
+            self.num_swaps += 1
+            log.info(
+                "committed version %d: %s (prepare %.1f ms, commit %.1f ms)",
+                version, path or "the base model", reply.get("prepare_ms") or 0.0, reply.get("commit_ms") or 0.0,
+            )  # fmt: skip
+            return {
+                "ok": True,
+                "policy_version": version,
+                "adapter": path,
+                "mode": mode,
+                "message": f"Loaded adapter from {path}" if path else "Back to the base model",
+                "prepare_ms": reply.get("prepare_ms"),
+                "commit_ms": reply.get("commit_ms"),
+            }
+
+    def _commit(self, state: AdapterState) -> None:
+        write_state(self.run_dir, state)
+        self.state = state

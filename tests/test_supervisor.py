@@ -1,0 +1,394 @@
+"""Unit tests of the supervisor's parts that need no child process: backoff, the adapter state
+file, swap serialisation, the start checks, the CLI's parsing and the status report."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from mlxsup.config import ServerConfig, default_run_dir
+from mlxsup.supervisor import cli as sup_cli
+from mlxsup.supervisor.backoff import Backoff
+from mlxsup.supervisor.engine_link import EngineGone
+from mlxsup.supervisor.health import _unchunk, probe_host
+from mlxsup.supervisor.launcher import StartError, check_port, exposure_warning, prepare_config
+from mlxsup.supervisor.rundir import is_owned, lock_run_dir, log_tail
+from mlxsup.supervisor.state import AdapterState, initial_state, read_state, write_state
+from mlxsup.supervisor.status import format_bytes, format_duration, format_status
+from mlxsup.supervisor.swaps import SwapCoordinator
+
+# ---------------------------------------------------------------------- backoff
+
+
+def test_backoff_doubles_up_to_the_cap():
+    b = Backoff(initial_s=0.5, max_s=4.0, stable_s=30.0)
+    assert [b.next_delay(uptime_s=1.0) for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+
+
+def test_backoff_resets_after_a_stable_run():
+    b = Backoff(initial_s=1.0, max_s=60.0, stable_s=10.0)
+    b.next_delay(0.1)
+    b.next_delay(0.1)
+    assert b.next_delay(0.1) == 4.0
+    assert b.next_delay(uptime_s=11.0) == 1.0  # it had stayed up: start over
+    assert b.next_delay(0.1) == 2.0
+
+
+def test_backoff_rejects_nonsense():
+    with pytest.raises(ValueError):
+        Backoff(initial_s=0)
+    with pytest.raises(ValueError):
+        Backoff(initial_s=2, max_s=1)
+
+
+# ---------------------------------------------------------------------- state file
+
+
+def test_state_roundtrip_and_atomic_write(tmp_path):
+    run_dir = str(tmp_path)
+    assert read_state(run_dir) is None
+    write_state(run_dir, AdapterState("/a", 3))
+    assert read_state(run_dir) == AdapterState("/a", 3, 3)
+    write_state(run_dir, AdapterState(None, 4, 6))
+    state = read_state(run_dir)
+    assert state == AdapterState(None, 4, 6) and state.next_version == 7
+    assert sorted(os.listdir(run_dir)) == ["adapter_state.json"]  # no temporary file left
+    data = json.loads((tmp_path / "adapter_state.json").read_text())
+    assert data["adapter_path"] is None and data["policy_version"] == 4
+
+
+def test_state_file_unreadable_is_an_error(tmp_path):
+    (tmp_path / "adapter_state.json").write_text("{not json")
+    with pytest.raises(ValueError, match="unreadable"):
+        read_state(str(tmp_path))
+    (tmp_path / "adapter_state.json").write_text('{"policy_version": "3"}')
+    with pytest.raises(ValueError, match="wrong type"):
+        read_state(str(tmp_path))
+
+
+def test_initial_state_continues_versions():
+    assert initial_state(None, None) == AdapterState(None, 0)
+    assert initial_state(None, "/a") == AdapterState("/a", 0)
+    prev = AdapterState("/a", 5)
+    assert initial_state(prev, "/a") == prev  # same adapter: same version
+    assert initial_state(prev, None) == AdapterState(None, 6, 6)  # other weights: a new number
+    assert initial_state(AdapterState("/a", 5, 7), "/a").policy_version == 8  # 6 and 7 may be used
+
+
+# ---------------------------------------------------------------------- swaps
+
+
+class FakeLink:
+    def __init__(self, fail_names=(), die_names=(), delay=0.0):
+        self.calls = []
+        self.active = 0
+        self.max_active = 0
+        self.fail_names, self.die_names, self.delay = fail_names, die_names, delay
+
+    async def swap(self, path, mode, version):
+        self.calls.append((path, mode, version))
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            await asyncio.sleep(self.delay)
+            name = os.path.basename(path or "")
+            if name in self.die_names:
+                raise EngineGone("killed")
+            if name in self.fail_names:
+                return {"op": "swap_done", "ok": False, "error": {"type": "invalid_adapter", "message": "bad shapes"}}
+            return {"op": "swap_done", "ok": True, "policy_version": version, "prepare_ms": 1.0, "commit_ms": 1.0}
+        finally:
+            self.active -= 1
+
+
+def _coordinator(tmp_path, link, state=None):
+    state = state or AdapterState()
+    write_state(str(tmp_path), state)
+    coord = SwapCoordinator(str(tmp_path), state)
+
+    async def ready():
+        return link
+
+    return coord, ready
+
+
+def test_concurrent_swaps_are_serialised_and_each_adds_one(tmp_path):
+    adapters = [tmp_path / f"a{i}" for i in range(5)]
+    for a in adapters:
+        a.mkdir()
+    link = FakeLink(delay=0.02)
+    coord, ready = _coordinator(tmp_path, link)
+
+    async def main():
+        return await asyncio.gather(*(coord.reload(str(a), "drain", ready) for a in adapters))
+
+    replies = asyncio.run(main())
+    assert all(r["ok"] for r in replies)
+    assert sorted(r["policy_version"] for r in replies) == [1, 2, 3, 4, 5]
+    assert link.max_active == 1
+    assert read_state(str(tmp_path)).policy_version == 5
+
+
+def test_failed_swap_keeps_the_version(tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "good").mkdir()
+    link = FakeLink(fail_names=("bad",))
+    coord, ready = _coordinator(tmp_path, link, AdapterState(None, 2))
+    reply = asyncio.run(coord.reload(str(tmp_path / "bad"), "drain", ready))
+    assert reply["ok"] is False and reply["error"]["type"] == "invalid_adapter"
+    assert reply["policy_version"] == 2 and read_state(str(tmp_path)).policy_version == 2
+    reply = asyncio.run(coord.reload(str(tmp_path / "good"), "abort", ready))
+    assert reply["ok"] and reply["policy_version"] == 3  # exactly one more, no gap
+    assert link.calls[-1] == (str(tmp_path / "good"), "abort", 3)
+
+
+def test_path_checks_happen_before_the_engine(tmp_path):
+    link = FakeLink()
+    coord, ready = _coordinator(tmp_path, link)
+    (tmp_path / "file").write_text("x")
+    r = asyncio.run(coord.reload(str(tmp_path / "missing"), "drain", ready))
+    assert r["error"]["type"] == "not_found"
+    r = asyncio.run(coord.reload(str(tmp_path / "file"), "drain", ready))
+    assert r["error"]["type"] == "invalid_adapter"
+    r = asyncio.run(coord.reload(str(tmp_path), "sideways", ready))
+    assert r["error"]["type"] == "bad_request" and r["error"]["field"] == "mode"
+    r = asyncio.run(coord.reload(42, "drain", ready))
+    assert r["error"]["type"] == "bad_request"
+    assert link.calls == []
+
+
+def test_base_model_swap(tmp_path):
+    link = FakeLink()
+    coord, ready = _coordinator(tmp_path, link, AdapterState("/x", 4))
+    r = asyncio.run(coord.reload(None, "drain", ready))
+    assert r["ok"] and r["adapter"] is None and r["policy_version"] == 5
+    assert read_state(str(tmp_path)) == AdapterState(None, 5)
+
+
+def test_engine_death_mid_swap_burns_the_version(tmp_path):
+    (tmp_path / "die").mkdir()
+    (tmp_path / "ok").mkdir()
+    link = FakeLink(die_names=("die",))
+    coord, ready = _coordinator(tmp_path, link, AdapterState(None, 1))
+    r = asyncio.run(coord.reload(str(tmp_path / "die"), "drain", ready))
+    assert r["error"]["type"] == "engine_restarted"
+    state = read_state(str(tmp_path))
+    assert state.policy_version == 1 and state.max_issued_version == 2
+    r = asyncio.run(coord.reload(str(tmp_path / "ok"), "drain", ready))
+    assert r["policy_version"] == 3  # 2 may have tagged tokens of the dead engine: never reused
+
+
+def test_no_engine_means_unavailable(tmp_path):
+    (tmp_path / "a").mkdir()
+    coord = SwapCoordinator(str(tmp_path), AdapterState())
+
+    async def none():
+        return None
+
+    r = asyncio.run(coord.reload(str(tmp_path / "a"), "drain", none))
+    assert r["error"]["type"] == "engine_unavailable"
+
+
+# ---------------------------------------------------------------------- run dir
+
+
+def test_run_dir_lock_is_exclusive_and_dies_with_its_holder(tmp_path):
+    run_dir = str(tmp_path / "run")
+    fd = lock_run_dir(run_dir)
+    assert fd is not None and is_owned(run_dir)
+    assert lock_run_dir(run_dir) is None
+    os.close(fd)
+    assert not is_owned(run_dir)
+    # A process that holds the lock and is killed releases it.
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys,time; from mlxsup.supervisor.rundir import lock_run_dir; "
+         "fd=lock_run_dir(sys.argv[1]); print('locked', flush=True); time.sleep(60)", run_dir],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert is_owned(run_dir)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not is_owned(run_dir)
+
+
+def test_log_tail_only_shows_new_lines(tmp_path):
+    log = tmp_path / "engine.log"
+    log.write_text("old run\n")
+    since = log.stat().st_size
+    with open(log, "a") as f:
+        f.write("line 1\nline 2\n")
+    assert log_tail(str(log), since=since) == "line 1\nline 2"
+    assert "missing" in log_tail(str(tmp_path / "nope.log"))
+
+
+# ---------------------------------------------------------------------- start checks
+
+
+def test_exposure_warning_is_loud_without_keys():
+    warning = exposure_warning(ServerConfig(host="0.0.0.0", port=8123))
+    assert warning and "WITHOUT an API key" in warning and "8123" in warning
+    assert "--api-key" in warning and "loopback" in warning
+    assert exposure_warning(ServerConfig(host="127.0.0.1")) is None
+    assert exposure_warning(ServerConfig(host="::1")) is None
+    assert exposure_warning(ServerConfig(host="0.0.0.0", api_key="k", admin_key="a")) is None
+
+
+def test_prepare_config_makes_paths_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "adapter").mkdir()
+    config = ServerConfig(model="model", adapter_path="adapter", run_dir="run", port=8001)
+    out = prepare_config(config)
+    assert out.model == str(tmp_path / "model")
+    assert out.adapter_path == str(tmp_path / "adapter")
+    assert out.run_dir == str(tmp_path / "run")
+    # A Hugging Face repo id is kept as it is.
+    assert prepare_config(ServerConfig(model="mlx-community/Foo-4bit", port=8001)).model == "mlx-community/Foo-4bit"
+    # No --model: the demo model's path.
+    assert prepare_config(ServerConfig(port=8001), demo_builder=lambda: "/demo").model == "/demo"
+
+
+def test_prepare_config_refuses_missing_paths(tmp_path):
+    with pytest.raises(StartError, match="--adapter-path"):
+        prepare_config(ServerConfig(model=str(tmp_path), adapter_path=str(tmp_path / "nope")))
+    with pytest.raises(StartError, match="--model"):
+        prepare_config(ServerConfig(model=str(tmp_path / "nope")))
+    with pytest.raises(StartError, match="--port 0"):
+        prepare_config(ServerConfig(model=str(tmp_path), port=0))
+
+
+def test_check_port_reports_a_port_in_use():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(StartError, match=f"127.0.0.1:{port}"):
+            check_port("127.0.0.1", port)
+    check_port("127.0.0.1", port)  # free again
+
+
+# ---------------------------------------------------------------------- CLI
+
+
+def _parser():
+    from mlxsup.cli import build_parser
+
+    return build_parser()
+
+
+def test_start_defaults_are_the_seeds():
+    args = _parser().parse_args(["start"])
+    config = sup_cli.config_from_args(args)
+    assert config.model is None and config.adapter_path is None
+    assert (config.host, config.port, config.max_batch) == ("0.0.0.0", 8000, 5)
+    assert (config.flush_interval_ms, config.max_tokens, config.log_level) == (10.0, 128, "INFO")
+    assert config.trust_remote_code is False
+    assert config.run_dir == default_run_dir(8000)
+    assert args.foreground is False
+
+
+def test_start_flags_map_to_the_config(tmp_path):
+    args = _parser().parse_args(
+        ["start", "--model", "m", "--adapter-path", "a", "--host", "127.0.0.1", "--port", "9001",
+         "--max-batch", "7", "--flush-interval-ms", "2.5", "--max-tokens", "64", "--trust-remote-code",
+         "--log-level", "debug", "--workers", "3", "--run-dir", str(tmp_path), "--max-queue", "9",
+         "--foreground", "--api-key", "k", "--admin-key", "ak", "--adapter-root", "/srv",
+         "--max-upload-mb", "5", "--blas", "off"]
+    )  # fmt: skip
+    c = sup_cli.config_from_args(args)
+    assert (c.model, c.adapter_path, c.host, c.port) == ("m", "a", "127.0.0.1", 9001)
+    assert (c.max_batch, c.flush_interval_ms, c.max_tokens, c.trust_remote_code) == (7, 2.5, 64, True)
+    assert (c.log_level, c.workers, c.run_dir, c.max_queue) == ("DEBUG", 3, str(tmp_path), 9)
+    assert (c.api_key, c.admin_key, c.adapter_root, c.max_upload_mb, c.blas) == ("k", "ak", "/srv", 5, "off")
+    assert args.foreground is True
+
+
+def test_start_rejects_invalid_values(capsys):
+    args = _parser().parse_args(["start", "--max-batch", "0"])
+    assert args.func(args) == 2
+    assert "max_batch" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["start", "--log-level", "LOUD"])
+
+
+def test_instance_commands_find_the_run_dir(tmp_path):
+    args = _parser().parse_args(["status", "--port", "8123"])
+    assert sup_cli.run_dir_of(args) == default_run_dir(8123)
+    args = _parser().parse_args(["stop", "--run-dir", str(tmp_path)])
+    assert sup_cli.run_dir_of(args) == str(tmp_path)
+    args = _parser().parse_args(["reload-adapter", "/x", "--mode", "inflight", "--port", "9"])
+    assert (args.path, args.mode, args.base) == ("/x", "inflight", False)
+    args = _parser().parse_args(["reload-adapter", "--base"])
+    assert args.path is None and args.base and args.mode == "drain"
+
+
+def test_reload_adapter_needs_a_path_or_base(tmp_path):
+    args = _parser().parse_args(["reload-adapter", "--run-dir", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        args.func(args)
+
+
+def test_commands_on_a_stopped_instance(tmp_path, capsys):
+    p = _parser()
+    args = p.parse_args(["status", "--run-dir", str(tmp_path), "--json"])
+    assert args.func(args) == 1
+    assert json.loads(capsys.readouterr().out) == {"running": False, "run_dir": str(tmp_path)}
+    args = p.parse_args(["stop", "--run-dir", str(tmp_path)])
+    assert args.func(args) == 1
+    args = p.parse_args(["reload-adapter", str(tmp_path), "--run-dir", str(tmp_path)])
+    assert args.func(args) == 1
+    assert "no supervisor is listening" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- status and health
+
+
+def test_format_status():
+    text = format_status(
+        {
+            "state": "running", "host": "0.0.0.0", "port": 8000, "instance_id": "ab12cd34",
+            "uptime_s": 75, "run_dir": "/r", "model": "/m", "policy_version": 3, "adapter": "/a",
+            "num_swaps": 3,
+            "engine": {"epoch": 2, "restarts": 1, "state": "ready", "queue_depth": 4, "running": 5,
+                       "tokens_per_s": 123.45, "tokens_generated": 1000},
+            "processes": [{"role": "engine", "pid": 42, "rss_bytes": 3 << 20, "cpu_percent": 99.5, "uptime_s": 3700}],
+        }
+    )  # fmt: skip
+    assert "policy version: 3" in text and "epoch 2, restarts 1" in text
+    assert "queue 4, running 5, 123.5 tokens/s" in text
+    assert "engine" in text and "3.0 MiB" in text and "99.5" in text and "1h01m" in text
+    assert format_duration(59) == "59s" and format_duration(90061) == "1d01h"
+    assert format_bytes(512) == "512 B"
+
+
+def test_probe_host_and_chunked_bodies():
+    assert probe_host("0.0.0.0") == "127.0.0.1"
+    assert probe_host("::") == "::1"
+    assert probe_host("10.1.2.3") == "10.1.2.3"
+    assert _unchunk(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n") == b"hello world"
+
+
+def test_supervisor_never_imports_mlx():
+    code = (
+        "import sys; import mlxsup.cli, mlxsup.supervisor.cli, mlxsup.supervisor.launcher, "
+        "mlxsup.supervisor.arbiter; "
+        "print(sorted(m for m in sys.modules if m == 'mlx' or m.startswith(('mlx.', 'mlx_lm'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_argparse_namespace_stays_at_the_edge():
+    assert isinstance(sup_cli.config_from_args(_parser().parse_args(["start"])), ServerConfig)
+    assert not any(isinstance(v, argparse.Namespace) for v in vars(ServerConfig()).values())

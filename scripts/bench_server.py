@@ -1,0 +1,626 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: mlxsup against mlx-lm's server and a raw BatchGenerator loop.
+
+In one run, on the same model, prompts and BLAS environment:
+  mlxsup         `mlxsup start --max-batch 5` (the seed's default)
+  mlxsup-tuned   `mlxsup start --max-batch N` (N: --tuned-max-batch)
+  mlx_lm         `python -m mlx_lm server` with its defaults (decode concurrency 32)
+  mlx_lm-tuned   the same with --decode-concurrency N (not in the default set)
+  raw            a plain mlx-lm BatchGenerator loop in one process (the limit); with it, at
+                 concurrency 1, `generate_step` single-stream (mlx-lm's own fastest path)
+
+Workloads (--workloads):
+  single  (a) one sample per request, closed loop at each --concurrency
+  grpo    (b) 16 prompts x n=8 (mlxsup: 16 requests with n=8 on /generate; mlx_lm: 128 requests)
+  mixed   (c) prompt lengths log-uniform in 16..1024 tokens, closed loop
+  swap    (d) mlxsup only: POST /load_adapter of two alternating adapters every few seconds
+              under load; time from the swap request to the first token of the new version
+
+Examples (see docs/benchmarks.md for the recorded runs):
+  python scripts/bench_server.py                      # CPU, bench75m, everything
+  python scripts/bench_server.py --quick              # smoke test on the tiny model
+  python scripts/bench_server.py --gpu                # H100: bench1b bf16, c=1,32,128,256
+  python scripts/bench_server.py --systems raw,mlx_lm --workloads single --concurrency 1,8
+
+Writes OUT/results.json (meta, one cell per system x workload x concurrency), OUT/records.jsonl
+(every request), OUT/bench.png (if matplotlib is installed) and prints the summary table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import threading
+import time
+from typing import Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+from bench_lib import report  # noqa: E402
+from bench_lib.loadgen import Item, MlxsupGenerate, OpenAICompletions, closed_loop  # noqa: E402
+from bench_lib.monitor import TreeMonitor, wait_idle  # noqa: E402
+from bench_lib.systems import MlxLmServer, MlxsupServer, mlxsup_import_env  # noqa: E402
+
+ALL_SYSTEMS = ("mlxsup", "mlxsup-tuned", "mlx_lm", "mlx_lm-tuned", "raw")
+DEFAULT_SYSTEMS = "mlxsup,mlxsup-tuned,mlx_lm,raw"
+ALL_WORKLOADS = ("single", "grpo", "mixed", "swap")
+
+PROFILES = {
+    # CPU, the ~75M model: the figures of issue 7.
+    "cpu": dict(preset="bench75m", concurrency="1,8,32,128", duration=300.0, grace=120.0,
+                swap_interval=3.0, swap_duration=30.0, mixed_concurrency=32, mixed_requests=64),
+    # The lent H100: ~1B bfloat16 model, 128-token completions.
+    "gpu": dict(preset="bench1b", concurrency="1,32,128,256", duration=90.0, grace=60.0,
+                swap_interval=2.0, swap_duration=20.0, mixed_concurrency=128, mixed_requests=256),
+    # Smoke test: tiny model, a few seconds per system.
+    "quick": dict(preset="tiny", concurrency="1,4", duration=20.0, grace=10.0, max_tokens=16,
+                  requests=4, grpo_prompts=4, grpo_n=2, grpo_rounds=1, mixed_concurrency=4,
+                  mixed_requests=6, mixed_max=128, swap_interval=0.7, swap_duration=3.0,
+                  swap_concurrency=2, prompt_tokens=24, request_timeout=60.0),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    prof = p.add_mutually_exclusive_group()
+    prof.add_argument("--quick", action="store_true", help="smoke test: tiny model, small counts")
+    prof.add_argument("--gpu", action="store_true",
+                      help="GPU profile: bench1b (bfloat16), concurrency 1,32,128,256")
+    p.add_argument("--model", help="model directory (default: build the demo --preset into the cache)")
+    p.add_argument("--preset", help="demo preset when --model is absent (default bench75m; --gpu bench1b; --quick tiny)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts (and of the demo model)")
+    p.add_argument("--systems", default=DEFAULT_SYSTEMS, help=f"comma list of {', '.join(ALL_SYSTEMS)}")
+    p.add_argument("--workloads", default=",".join(ALL_WORKLOADS), help="comma list of single, grpo, mixed, swap")
+    p.add_argument("--concurrency", help="concurrencies of (a) (default 1,8,32,128; --gpu 1,32,128,256)")
+    p.add_argument("--requests", type=int, help="requests per concurrency level (default max(8, 2 x concurrency))")
+    p.add_argument("--duration", type=float, help="seconds a level may keep sending (default 300; --gpu 90)")
+    p.add_argument("--grace", type=float, help="seconds after --duration before open requests are cut (default 120)")
+    p.add_argument("--request-timeout", type=float, default=None, help="per request (default 600)")
+    p.add_argument("--max-tokens", type=int, default=None, help="completion tokens per sample (default 128)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for every system (default 1.0)")
+    p.add_argument("--prompt-tokens", type=int, default=None, help="prompt length of (a), (b), (d) (default 100)")
+    p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                   help="run every completion to max tokens where the system allows (raw: no stop "
+                        "tokens; mlx_lm: logit_bias -1e9 on EOS; mlxsup has no switch, counted as is)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                   help="(a), (c) and the load of (d) through streamed /v1/completions (client-side TTFT); "
+                        "--no-stream: mlxsup's /generate and non-streamed /v1/completions")
+    p.add_argument("--logprobs", action="store_true", help="ask every server for the sampled tokens' log-probs")
+    p.add_argument("--max-batch", type=int, default=5, help="mlxsup's --max-batch for 'mlxsup' (default 5, the seed's)")
+    p.add_argument("--tuned-max-batch", type=int, help="--max-batch of mlxsup-tuned and --decode-concurrency "
+                   "of mlx_lm-tuned (default: the largest of --concurrency and the GRPO batch)")
+    p.add_argument("--workers", type=int, help="mlxsup API workers (default: the server's)")
+    p.add_argument("--raw-prefill-batch", type=int, default=8, help="prefill_batch_size of the raw loop (default 8, "
+                   "as mlx_lm.server's --prompt-concurrency)")
+    p.add_argument("--grpo-prompts", type=int, default=None, help="(b) prompts per round (default 16)")
+    p.add_argument("--grpo-n", type=int, default=None, help="(b) samples per prompt (default 8)")
+    p.add_argument("--grpo-rounds", type=int, default=None, help="(b) rounds (default 2)")
+    p.add_argument("--mixed-min", type=int, default=16)
+    p.add_argument("--mixed-max", type=int, default=None, help="(default 1024)")
+    p.add_argument("--mixed-concurrency", type=int, default=None)
+    p.add_argument("--mixed-requests", type=int, default=None)
+    p.add_argument("--swap-modes", default="inflight,drain", help="commit modes of (d) (default inflight,drain)")
+    p.add_argument("--swap-interval", type=float, default=None, help="seconds between swaps")
+    p.add_argument("--swap-duration", type=float, default=None, help="seconds of (d) per mode")
+    p.add_argument("--swap-concurrency", type=int, default=None, help="closed-loop load under (d) (default 8)")
+    p.add_argument("--blas", choices=("auto", "off"), default="auto",
+                   help="the environment of every system: auto preloads the optimized BLAS (mlxsup.blas)")
+    p.add_argument("--settle", type=float, default=60.0,
+                   help="at most this many seconds waiting for a server to go idle between cells")
+    p.add_argument("--out", help="output folder (default bench-out/<date>-<profile>)")
+    args = p.parse_args(argv)
+    profile = "quick" if args.quick else "gpu" if args.gpu else "cpu"
+    defaults = dict(max_tokens=128, prompt_tokens=100, grpo_prompts=16, grpo_n=8, grpo_rounds=2,
+                    mixed_max=1024, swap_concurrency=8, request_timeout=600.0)
+    defaults.update(PROFILES[profile])
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.profile = profile
+    args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c]
+    args.systems = [s for s in args.systems.split(",") if s]
+    args.workloads = [w for w in args.workloads.split(",") if w]
+    args.swap_modes = [m for m in args.swap_modes.split(",") if m]
+    for s in args.systems:
+        if s not in ALL_SYSTEMS:
+            p.error(f"unknown system {s!r}; choose from {ALL_SYSTEMS}")
+    for w in args.workloads:
+        if w not in ALL_WORKLOADS:
+            p.error(f"unknown workload {w!r}; choose from {ALL_WORKLOADS}")
+    if args.tuned_max_batch is None:
+        args.tuned_max_batch = max(args.concurrency + [args.grpo_prompts * args.grpo_n])
+    if args.out is None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        args.out = os.path.join(REPO, "bench-out", f"{stamp}-{profile}")
+    return args
+
+
+# ---------------------------------------------------------------------------- setup
+
+
+def model_dir(args) -> str:
+    if args.model:
+        return os.path.abspath(args.model)
+    from mlxsup.demo import default_demo_dir, ensure_demo_model
+
+    path = os.path.join(os.path.dirname(default_demo_dir()), f"bench-{args.preset}-seed{args.seed}")
+    t = time.perf_counter()
+    ensure_demo_model(path, seed=args.seed, preset=args.preset)
+    log(f"model: {path} ({time.perf_counter() - t:.1f} s to make sure it exists)")
+    return path
+
+
+def count_parameters(path: str) -> dict:
+    """Parameters and dtypes from the safetensors headers (no mlx needed)."""
+    import glob
+
+    total, dtypes = 0, set()
+    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        with open(f, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            n = 1
+            for d in info["shape"]:
+                n *= d
+            total += n
+            dtypes.add(info["dtype"])
+    return {"parameters": total, "dtypes": sorted(dtypes)}
+
+
+def system_env(args) -> dict:
+    from mlxsup.blas import engine_env
+
+    env = engine_env(os.environ, mode=args.blas)
+    env.update(mlxsup_import_env(REPO, args.out))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class Results:
+    """results.json and records.jsonl, rewritten after every cell (a crash keeps what ran)."""
+
+    def __init__(self, out: str, meta: dict):
+        self.out = out
+        self.meta = meta
+        self.cells: list[dict] = []
+        self.systems: dict = {}
+        self.records_path = os.path.join(out, "records.jsonl")
+        open(self.records_path, "w").close()
+
+    def add(self, cell: dict, records: list[dict]) -> None:
+        self.cells.append(cell)
+        with open(self.records_path, "a") as f:
+            for r in records:
+                f.write(json.dumps({"system": cell["system"], "workload": cell["workload"],
+                                    "concurrency": cell.get("concurrency"), "mode": cell.get("mode"),
+                                    **r}) + "\n")
+        self.save()
+        s = cell["stats"]
+        log(f"{cell['system']:>13} {cell['workload']:>6} c={cell.get('concurrency', '-'):<4}"
+            f" {s['tokens_per_s']:8.1f} tok/s  p50 {report._fmt(s['latency_p50_s'])} s"
+            f"  ok/err/tmo/cut {s['ok']}/{s['errors']}/{s['timeouts']}/{s['cut']}")
+
+    def save(self, extra: Optional[dict] = None) -> str:
+        path = os.path.join(self.out, "results.json")
+        data = {"meta": self.meta, "systems": self.systems, "cells": self.cells}
+        if extra:
+            data.update(extra)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, default=str)
+        os.replace(tmp, path)
+        return path
+
+
+# ---------------------------------------------------------------------------- workloads
+
+
+class Workloads:
+    """The prompts of every workload, fixed by the seed, shared by all systems."""
+
+    def __init__(self, args, tok):
+        from bench_lib.prompts import fixed_prompts, mixed_prompts
+
+        top = max(args.concurrency) if args.concurrency else 8
+        self.single = fixed_prompts(tok, args.seed, max(64, 2 * top), args.prompt_tokens)
+        self.grpo = [fixed_prompts(tok, args.seed + 1000 + r, args.grpo_prompts, args.prompt_tokens)
+                     for r in range(args.grpo_rounds)]
+        self.mixed = mixed_prompts(tok, args.seed + 2000, args.mixed_requests, args.mixed_min, args.mixed_max)
+        self.warm = fixed_prompts(tok, args.seed + 3000, 8, args.prompt_tokens)
+
+    @staticmethod
+    def items(prompts, n=1, max_tokens=None) -> list[Item]:
+        return [Item(p.text, len(p.ids), n, max_tokens) for p in prompts]
+
+
+def requests_for(args, conc: int) -> int:
+    return args.requests if args.requests else max(8, 2 * conc)
+
+
+# ---------------------------------------------------------------------------- servers
+
+
+def make_server(name: str, args, model: str, env: dict):
+    if name == "mlxsup":
+        return MlxsupServer(name, model, args.max_batch, args.max_tokens, env, args.out, args.workers)
+    if name == "mlxsup-tuned":
+        return MlxsupServer(name, model, args.tuned_max_batch, args.max_tokens, env, args.out, args.workers)
+    if name == "mlx_lm":
+        return MlxLmServer(name, model, args.max_tokens, env, args.out)
+    if name == "mlx_lm-tuned":
+        return MlxLmServer(name, model, args.max_tokens, env, args.out,
+                           decode_concurrency=args.tuned_max_batch)
+    raise ValueError(name)
+
+
+def protocols(server, args, eos_ids):
+    """(route of (a)/(c)/(d) load, route of (b)) for this server."""
+    common = dict(max_tokens=args.max_tokens, temperature=args.temperature, eos_ids=eos_ids,
+                  ignore_eos=args.ignore_eos, logprobs=args.logprobs)
+    is_peer = server.kind == "mlx_lm"
+    if server.kind == "mlxsup":
+        native = MlxsupGenerate(**common)
+    else:
+        native = OpenAICompletions(stream=False, is_mlx_lm=True, **common)
+    if args.stream:
+        main = OpenAICompletions(stream=True, is_mlx_lm=is_peer, **common)
+    else:
+        main = native
+    return main, native
+
+
+def run_server_system(name, args, model, env, work: Workloads, monitor: TreeMonitor,
+                      results: Results, eos_ids) -> None:
+    server = make_server(name, args, model, env)
+    info = {"kind": server.kind, "command": None, "error": None}
+    results.systems[name] = info
+    try:
+        info["command"] = " ".join(server.command())
+        t = time.perf_counter()
+        log(f"{name}: starting ({info['command']})")
+        server.start()
+        info["start_s"] = time.perf_counter() - t
+        monitor.watch(name, server.root_pid)
+    except Exception as e:  # a system that does not start is reported, the others still run
+        info["error"] = f"{type(e).__name__}: {e}"[-2000:]
+        log(f"{name}: could not start: {info['error']}")
+        try:
+            server.stop()
+        except Exception:
+            pass
+        results.save()
+        return
+    try:
+        main, native = protocols(server, args, eos_ids)
+        # Warm up: the first requests of a process load kernels and grow caches.
+        warm = work.items(work.warm, max_tokens=min(16, args.max_tokens))
+        asyncio.run(closed_loop(server.base_url, main, warm, min(4, len(warm)), len(warm), 120, 60,
+                                args.request_timeout))
+        if "grpo" in args.workloads and server.kind == "mlxsup":
+            asyncio.run(closed_loop(server.base_url, native, work.items(work.warm[:2], n=2, max_tokens=8),
+                                    2, 2, 60, 30, args.request_timeout))
+        settle(server, args)
+
+        def measure(workload, items, proto, conc, num, duration=None, grace=None, **extra):
+            section = f"{name}/{workload}/{conc}"
+            cpu0 = monitor.cpu_seconds(name)
+            monitor.begin(section)
+            records, elapsed = asyncio.run(closed_loop(
+                server.base_url, proto, items, conc, num,
+                args.duration if duration is None else duration,
+                args.grace if grace is None else grace, args.request_timeout))
+            monitor.end()
+            cell = {"system": name, "workload": workload, "concurrency": conc,
+                    "route": proto.path + (" (stream)" if getattr(proto, "stream", False) else ""),
+                    "peak_rss_mb": monitor.peaks(section), "cpu_s": monitor.cpu_seconds(name) - cpu0,
+                    **extra}
+            recs = [r.as_dict() for r in records]
+            cell["stats"] = report.summarize(recs, elapsed, args.max_tokens)
+            results.add(cell, recs)
+            settle(server, args)
+            return cell
+
+        if "single" in args.workloads:
+            for conc in args.concurrency:
+                measure("single", work.items(work.single), main, conc, requests_for(args, conc))
+        if "grpo" in args.workloads:
+            grpo_all = []
+            for rnd, prompts in enumerate(work.grpo):
+                if server.supports_n:
+                    items, conc = work.items(prompts, n=args.grpo_n), len(prompts)
+                else:  # one request per sample, all at once, as a trainer would send them
+                    items = [it for it in work.items(prompts) for _ in range(args.grpo_n)]
+                    conc = len(items)
+                grpo_all.append(measure(f"grpo-round{rnd}", items, native, conc, len(items),
+                                        duration=args.request_timeout, grace=0,
+                                        requests_in_flight=conc))
+            results.cells[:] = [c for c in results.cells if c not in grpo_all]
+            results.add(merge_rounds(grpo_all, "grpo", args), [])
+        if "mixed" in args.workloads:
+            measure("mixed", work.items(work.mixed), main, args.mixed_concurrency, args.mixed_requests)
+        if "swap" in args.workloads and server.kind == "mlxsup":
+            from bench_lib.swaps import run_swaps
+
+            for mode in args.swap_modes:
+                cell, recs = run_swaps(server, args, model, work, main, native, mode, monitor, name)
+                results.add(cell, recs)
+                settle(server, args)
+    except Exception as e:
+        info["error"] = f"{type(e).__name__}: {e}"
+        log(f"{name}: failed during the run: {info['error']}")
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        info["peak_rss_mb"] = monitor.tree_peaks(name)
+        monitor.unwatch(name)
+        server.stop()
+        info["logs"] = server.logs()
+        results.save()
+
+
+def settle(server, args) -> None:
+    if server.root_pid:
+        waited = wait_idle([server.root_pid], max_wait=args.settle)
+        if waited > 2:
+            log(f"{server.name}: waited {waited:.1f} s for the server to go idle")
+
+
+def merge_rounds(cells: list[dict], workload: str, args) -> dict:
+    """GRPO rounds as one cell: records pooled, elapsed summed (rounds run back to back)."""
+    if not cells:
+        return {}
+    merged = dict(cells[0])
+    merged["workload"] = workload
+    # Sequences decoding at once, whatever the request shape (16 x n=8 or 128 x n=1).
+    merged["concurrency"] = args.grpo_prompts * args.grpo_n
+    merged["requests_in_flight"] = cells[0]["concurrency"]
+    merged["rounds"] = [{"elapsed_s": c["stats"]["elapsed_s"], "tokens_per_s": c["stats"]["tokens_per_s"],
+                         "ok": c["stats"]["ok"]} for c in cells]
+    stats = dict(cells[0]["stats"])
+    for key in ("requests", "ok", "errors", "timeouts", "cut", "completion_tokens", "prompt_tokens",
+                "elapsed_s", "short_completions"):
+        stats[key] = sum(c["stats"][key] for c in cells)
+    stats["tokens_per_s"] = stats["completion_tokens"] / stats["elapsed_s"] if stats["elapsed_s"] else 0.0
+    stats["requests_per_s"] = stats["ok"] / stats["elapsed_s"] if stats["elapsed_s"] else 0.0
+    stats["makespan_s"] = [c["stats"]["elapsed_s"] for c in cells]
+    for key in ("latency_p50_s", "latency_p99_s", "ttft_p50_s", "ttft_p99_s"):
+        vals = [c["stats"][key] for c in cells if c["stats"][key] is not None]
+        stats[key] = max(vals) if vals else None  # the worst round (per-round values in rounds)
+    merged["stats"] = stats
+    peaks: dict = {}
+    for c in cells:
+        for k, v in c.get("peak_rss_mb", {}).items():
+            peaks[k] = max(peaks.get(k, 0), v)
+    merged["peak_rss_mb"] = peaks
+    merged["cpu_s"] = sum(c.get("cpu_s", 0) for c in cells)
+    return merged
+
+
+# ---------------------------------------------------------------------------- raw loop
+
+
+def run_raw(args, model, env, work: Workloads, monitor: TreeMonitor, results: Results, eos_ids) -> None:
+    name = "raw"
+    info = {"kind": "raw", "error": None}
+    results.systems[name] = info
+    stop_ids = [] if args.ignore_eos else list(eos_ids)
+
+    def reqs(prompts, n=1):
+        return [{"ids": list(p.ids), "n": n} for p in prompts]
+
+    jobs = [{"name": "warmup/0", "requests": reqs(work.warm), "concurrency": 4, "num_requests": 8,
+             "duration_s": 120, "grace_s": 60, "max_tokens": min(16, args.max_tokens)}]
+    if "single" in args.workloads:
+        for conc in args.concurrency:
+            jobs.append({"name": f"single/{conc}", "requests": reqs(work.single), "concurrency": conc,
+                         "num_requests": requests_for(args, conc), "duration_s": args.duration,
+                         "grace_s": args.grace})
+        if 1 in args.concurrency:
+            jobs.append({"name": "generate_step/1", "kind": "generate_step", "requests": reqs(work.single),
+                         "concurrency": 1, "num_requests": requests_for(args, 1),
+                         "duration_s": args.duration, "grace_s": args.grace})
+    if "grpo" in args.workloads:
+        for rnd, prompts in enumerate(work.grpo):
+            jobs.append({"name": f"grpo-round{rnd}/{len(prompts)}", "requests": reqs(prompts, args.grpo_n),
+                         "concurrency": len(prompts), "num_requests": len(prompts),
+                         "duration_s": args.request_timeout, "grace_s": 0})
+    if "mixed" in args.workloads:
+        jobs.append({"name": f"mixed/{args.mixed_concurrency}", "requests": reqs(work.mixed),
+                     "concurrency": args.mixed_concurrency, "num_requests": args.mixed_requests,
+                     "duration_s": args.duration, "grace_s": args.grace})
+    spec = {"model": model, "max_tokens": args.max_tokens, "temperature": args.temperature,
+            "stop_ids": stop_ids, "prefill_batch": args.raw_prefill_batch, "jobs": jobs}
+    spec_path = os.path.join(args.out, "raw-spec.json")
+    out_path = os.path.join(args.out, "raw-result.json")
+    with open(spec_path, "w") as f:
+        json.dump(spec, f)
+    cmd = [sys.executable, os.path.join(HERE, "bench_lib", "rawloop.py"), spec_path, out_path]
+    info["command"] = " ".join(cmd)
+    log(f"raw: {info['command']}")
+    log_path = os.path.join(args.out, "raw.log")
+    info["logs"] = [log_path]
+    cpu_marks: dict = {}
+    with open(log_path, "w") as errlog:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=errlog, text=True,
+                                stdin=subprocess.DEVNULL)
+        monitor.watch(name, proc.pid)
+
+        def follow():
+            for line in proc.stdout:
+                parts = line.split()
+                if len(parts) == 2 and parts[0] == "@start":
+                    cpu_marks[parts[1]] = monitor.cpu_seconds(name)
+                    monitor.begin(f"raw/{parts[1]}")
+                elif len(parts) == 2 and parts[0] == "@end":
+                    monitor.end()
+                    cpu_marks[parts[1]] = monitor.cpu_seconds(name) - cpu_marks.get(parts[1], 0.0)
+                    log(f"raw: {parts[1]} done")
+
+        reader = threading.Thread(target=follow, daemon=True)
+        reader.start()
+        budget = sum(j["duration_s"] + j["grace_s"] for j in jobs) + 600
+        try:
+            rc = proc.wait(timeout=budget)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+        reader.join(timeout=5)
+        info["peak_rss_mb"] = monitor.tree_peaks(name)
+        monitor.unwatch(name)
+    if rc != 0 or not os.path.exists(out_path):
+        with open(log_path) as f:
+            info["error"] = f"raw loop exited {rc}: {f.read()[-2000:]}"
+        log(info["error"])
+        results.save()
+        return
+    with open(out_path) as f:
+        raw = json.load(f)
+    info["load_s"] = raw["load_s"]
+    info["device"] = raw["device"]
+    grpo_cells, grpo_records = [], []
+    for job in raw["jobs"]:
+        workload, conc = job["name"].split("/")
+        if workload == "warmup":
+            continue
+        system = "generate_step" if workload == "generate_step" else "raw"
+        if workload == "generate_step":
+            workload = "single"
+        cell = {"system": system, "workload": workload, "concurrency": int(conc),
+                "route": "in-process BatchGenerator" if system == "raw" else "in-process generate_step",
+                "peak_rss_mb": monitor.peaks(f"raw/{job['name']}"), "cpu_s": cpu_marks.get(job["name"]),
+                "mlx_peak_memory_mb": job["mlx_peak_memory_bytes"] / 2**20}
+        for r in job["records"]:
+            r["ttft_source"] = "in-process"
+        cell["stats"] = report.summarize(job["records"], job["elapsed_s"], args.max_tokens)
+        if workload.startswith("grpo-round"):
+            grpo_cells.append(cell)
+            grpo_records += [dict(r, round=workload) for r in job["records"]]
+            cell["requests_in_flight"] = int(conc)
+        else:
+            results.add(cell, job["records"])
+    if grpo_cells:
+        results.add(merge_rounds(grpo_cells, "grpo", args), grpo_records)
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def meta_of(args, model, env) -> dict:
+    import importlib.metadata as md
+
+    def version(pkg):
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    try:
+        rev = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        rev, dirty = None, None
+    import psutil
+
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "profile": args.profile,
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "versions": {p: version(p) for p in ("mlx", "mlx-lm", "mlx-cuda-13", "httpx", "mlxsup")},
+        "git": {"rev": rev, "dirty": dirty},
+        "model": model,
+        "model_info": count_parameters(model),
+        "blas": {"LD_PRELOAD": env.get("LD_PRELOAD"), "OPENBLAS_NUM_THREADS": env.get("OPENBLAS_NUM_THREADS")},
+        "args": {k: v for k, v in vars(args).items()},
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    env = system_env(args)  # before any mlxsup import: may add the import shim
+    model = model_dir(args)
+    from bench_lib.prompts import Tokenizer
+
+    tok = Tokenizer(model)
+    eos_ids = tok.eos_ids
+    work = Workloads(args, tok)
+    meta = meta_of(args, model, env)
+    log(f"model {meta['model_info']['parameters'] / 1e6:.3g}M parameters {meta['model_info']['dtypes']}, "
+        f"systems {args.systems}, workloads {args.workloads}, out {args.out}")
+    results = Results(args.out, meta)
+    monitor = TreeMonitor()
+    t0 = time.perf_counter()
+    try:
+        for name in args.systems:
+            if name == "raw":
+                run_raw(args, model, env, work, monitor, results, eos_ids)
+            else:
+                run_server_system(name, args, model, env, work, monitor, results, eos_ids)
+    finally:
+        monitor.close()
+    meta["wall_s"] = time.perf_counter() - t0
+    order = {s: i for i, s in enumerate(["raw", "generate_step"] + args.systems)}
+    wl = {w: i for i, w in enumerate(ALL_WORKLOADS)}
+    results.cells.sort(key=lambda c: (wl.get(c["workload"], 9), c.get("concurrency") or 0,
+                                      order.get(c["system"], 99), c.get("mode") or ""))
+    checks = report.targets(results.cells, gpu=args.gpu)
+    title = (f"{meta['model_info']['parameters'] / 1e6:.3g}M params {'/'.join(meta['model_info']['dtypes'])}, "
+             f"{args.max_tokens} tokens, {meta['cpu']} x{meta['cpu_count']}, {meta['date']}")
+    png = report.plot(results.cells, os.path.join(args.out, "bench.png"), title)
+    path = results.save({"targets": checks, "plot": png})
+    failed = {k: v["error"] for k, v in results.systems.items() if v.get("error")}
+    print()
+    print(f"# {title}")
+    print(f"# {meta['command']}")
+    print(f"# results: {path}" + (f", plot: {png}" if png else ", no plot (matplotlib missing)"))
+    for k, v in failed.items():
+        print(f"# {k} FAILED: {v.splitlines()[0] if v else v}")
+    if checks:
+        print("# targets (issue 7):")
+        for line in checks:
+            print(f"#   {line}")
+    print()
+    print(report.table(results.cells))
+    return 1 if failed and len(failed) == len(results.systems) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

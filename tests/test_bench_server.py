@@ -1,0 +1,63 @@
+"""scripts/bench_server.py runs end to end on the tiny model in bounded time and writes its
+results (no timing asserts: the figures are the benchmark's business, not the tests')."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "scripts", "bench_server.py")
+
+
+@pytest.mark.timeout(420)
+def test_quick_run_writes_results_for_every_system(tiny_model_dir, tmp_path):
+    pytest.importorskip("httpx")
+    out = tmp_path / "bench"
+    systems = ["raw", "mlx_lm", "mlxsup-tuned"]
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--quick", "--model", tiny_model_dir, "--systems", ",".join(systems),
+         "--out", str(out), "--settle", "5"],
+        capture_output=True, text=True, timeout=400, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads((out / "results.json").read_text())
+    assert data["meta"]["model"] == tiny_model_dir
+    assert data["meta"]["model_info"]["parameters"] > 0
+    # Every system is either measured or reported as failed with its reason, never silently lost.
+    for name in systems:
+        assert name in data["systems"], name
+        measured = [c for c in data["cells"] if c["system"] == name]
+        assert measured or data["systems"][name]["error"], name
+    raw = {(c["workload"], c["concurrency"]) for c in data["cells"] if c["system"] == "raw"}
+    assert {("single", 1), ("single", 4), ("grpo", 8), ("mixed", 4)} <= raw
+    for cell in data["cells"]:
+        s = cell["stats"]
+        assert s["ok"] + s["errors"] + s["timeouts"] + s["cut"] == s["requests"]
+        if cell["system"] in ("raw", "generate_step"):
+            assert s["ok"] == s["requests"] and s["completion_tokens"] > 0
+    # Requests are on disk, and the summary table is the last thing printed.
+    assert (out / "records.jsonl").stat().st_size > 0
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("|")
+    assert "| single | 1 | raw |" in proc.stdout
+
+
+def test_profiles_and_flags_parse():
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    try:
+        import bench_server
+    finally:
+        sys.path.pop(0)
+    cpu = bench_server.parse_args(["--out", "/tmp/x"])
+    assert cpu.preset == "bench75m" and cpu.concurrency == [1, 8, 32, 128] and cpu.max_tokens == 128
+    assert cpu.tuned_max_batch == 128 and cpu.max_batch == 5
+    gpu = bench_server.parse_args(["--gpu", "--out", "/tmp/x"])
+    assert gpu.preset == "bench1b" and gpu.concurrency == [1, 32, 128, 256] and gpu.tuned_max_batch == 256
+    quick = bench_server.parse_args(["--quick", "--concurrency", "2", "--out", "/tmp/x"])
+    assert quick.preset == "tiny" and quick.concurrency == [2]
+    with pytest.raises(SystemExit):
+        bench_server.parse_args(["--systems", "vllm"])

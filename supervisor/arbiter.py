@@ -30,8 +30,9 @@ from mlxsup.config import ServerConfig
 from mlxsup.supervisor import ipc_glue, protocol
 from mlxsup.supervisor.backoff import Backoff
 from mlxsup.supervisor.children import (
-    RUN_DIR_ENV,
+    MARK_ENV,
     Child,
+    child_env,
     kill_all,
     remove_children_file,
     spawn,
@@ -292,8 +293,7 @@ class Arbiter:
     def spawn_engine(self) -> None:
         self.epoch += 1
         ours, theirs = socket.socketpair()
-        env = engine_env(os.environ, self.config.blas)
-        env[RUN_DIR_ENV] = self.run_dir
+        env = child_env(engine_env(os.environ, self.config.blas), self.run_dir)
         argv = self.engine_cmd(self.config, theirs.fileno(), self.epoch)
         engine_log = os.path.join(self.run_dir, ENGINE_LOG)
         self._engine_log_at = log_size(engine_log)
@@ -390,8 +390,7 @@ class Arbiter:
     # ------------------------------------------------------------------ API (gunicorn)
 
     def spawn_gunicorn(self) -> None:
-        env = dict(os.environ)
-        env[RUN_DIR_ENV] = self.run_dir
+        env = child_env(os.environ, self.run_dir)
         api_log = os.path.join(self.run_dir, API_LOG)
         self._api_log_at = log_size(api_log)
         try:
@@ -430,7 +429,7 @@ class Arbiter:
         found = []
         for proc in psutil.process_iter():
             try:
-                if proc.pid != os.getpid() and proc.environ().get(RUN_DIR_ENV) == self.run_dir:
+                if proc.pid != os.getpid() and proc.environ().get(MARK_ENV) == self.run_dir:
                     if self.engine is None or proc.pid != self.engine.pid:
                         found.append(proc)
             except (psutil.Error, OSError):

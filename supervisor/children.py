@@ -21,7 +21,10 @@ from typing import Optional, Sequence
 import psutil
 
 CHILDREN_NAME = "children.json"
-RUN_DIR_ENV = "MLXSUP_RUN_DIR"
+RUN_DIR_ENV = "MLXSUP_RUN_DIR"  # read by the engine and the API workers
+# Set only by the supervisor on its children, to find their leftovers; a user's shell may
+# well export MLXSUP_RUN_DIR, and must never be taken for a leftover.
+MARK_ENV = "MLXSUP_SUPERVISED_RUN_DIR"
 
 _PR_SET_PDEATHSIG = 1
 
@@ -90,6 +93,14 @@ def spawn(
     return Child(role=role, proc=proc, epoch=epoch)
 
 
+def child_env(base, run_dir: str) -> dict:
+    """`base` plus the run dir, for a child of the supervisor of `run_dir`."""
+    env = dict(base)
+    env[RUN_DIR_ENV] = run_dir
+    env[MARK_ENV] = run_dir
+    return env
+
+
 def write_children(run_dir: str, children: Sequence[Child]) -> None:
     """Record pid and start time of every child, so a later start can kill orphans."""
     records = []
@@ -108,8 +119,9 @@ def write_children(run_dir: str, children: Sequence[Child]) -> None:
 
 def orphans(run_dir: str) -> list[psutil.Process]:
     """Processes left by a dead supervisor of `run_dir`: those recorded in children.json
-    (matched by pid and start time, so a reused pid is never hit) and any process whose
-    environment names this run dir (gunicorn workers, which are not recorded)."""
+    (matched by pid and start time, so a reused pid is never hit) and any process carrying
+    the supervisor's mark for this run dir in its environment (gunicorn workers, which are
+    not recorded). Never this process or its ancestors."""
     found: dict[int, psutil.Process] = {}
     run_dir = os.path.realpath(run_dir)
     try:
@@ -124,12 +136,18 @@ def orphans(run_dir: str) -> list[psutil.Process]:
                 found[proc.pid] = proc
         except (psutil.Error, KeyError, TypeError, ValueError):
             continue
-    me = os.getpid()
+    spared = {os.getpid()}
+    try:
+        spared |= {p.pid for p in psutil.Process().parents()}
+    except psutil.Error:
+        pass
+    for pid in spared:
+        found.pop(pid, None)
     for proc in psutil.process_iter():
-        if proc.pid == me or proc.pid in found:
+        if proc.pid in spared or proc.pid in found:
             continue
         try:
-            value = proc.environ().get(RUN_DIR_ENV)
+            value = proc.environ().get(MARK_ENV)
         except (psutil.Error, OSError):
             continue
         if value and os.path.realpath(value) == run_dir:

@@ -1,0 +1,83 @@
+"""The engine's configuration: one frozen dataclass, built from `ServerConfig` at the edge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from mlxsup.config import ServerConfig
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What the engine needs to know; validated here, never deeper in the code.
+
+    model: a local directory or a Hugging Face hub id (anything `mlx_lm.load` accepts).
+    adapter_path: adapter committed at start (LoRA/DoRA in mlx-lm's format), or None.
+    max_batch: sequences decoding at once; each of a request's `n` samples counts.
+    flush_interval_ms: how long an idle engine waits for more arrivals before it starts.
+    max_queue: requests waiting for admission (generate and score); beyond it `QueueFull`.
+    max_tokens: default `max_tokens` of `Engine.generate` when no params are given.
+    max_prefill_tokens: prompt tokens prefilled in one step (at least one request is always
+        admitted), so a burst of long prompts does not stall running sequences for long.
+    prefill_step_size: longest chunk of one prompt run through the model at once.
+    max_score_tokens: tokens teacher-forced in one scoring forward pass; its logits are
+        `tokens x vocab` floats, so this bounds that memory.
+    cache_limit_mb: MLX buffer-cache limit (freed buffers kept for reuse); None leaves MLX's.
+    clear_cache_every: steps between `mx.clear_cache()` calls while busy.
+    seed: seeds the streams of requests that give no seed; None draws one from the OS.
+    """
+
+    model: str
+    adapter_path: Optional[str] = None
+    trust_remote_code: bool = False
+    max_batch: int = 5
+    flush_interval_ms: float = 10.0
+    max_queue: int = 256
+    max_tokens: int = 128
+    min_policy_wait_s: float = 60.0
+    max_prefill_tokens: int = 4096
+    prefill_step_size: int = 2048
+    max_score_tokens: int = 8192
+    cache_limit_mb: Optional[int] = 1024
+    clear_cache_every: int = 256
+    seed: Optional[int] = None
+
+    def __post_init__(self):
+        if not self.model:
+            raise ValueError("model must be a directory or a hub id")
+        if self.max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        if self.flush_interval_ms < 0:
+            raise ValueError("flush_interval_ms must be >= 0")
+        if self.max_queue < 1:
+            raise ValueError("max_queue must be >= 1")
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        if self.min_policy_wait_s < 0:
+            raise ValueError("min_policy_wait_s must be >= 0")
+        if self.max_prefill_tokens < 1:
+            raise ValueError("max_prefill_tokens must be >= 1")
+        if self.prefill_step_size < 1:
+            raise ValueError("prefill_step_size must be >= 1")
+        if self.max_score_tokens < 1:
+            raise ValueError("max_score_tokens must be >= 1")
+        if self.cache_limit_mb is not None and self.cache_limit_mb < 0:
+            raise ValueError("cache_limit_mb must be >= 0 or None")
+        if self.clear_cache_every < 1:
+            raise ValueError("clear_cache_every must be >= 1")
+
+    @classmethod
+    def from_server_config(cls, cfg: ServerConfig, model: Optional[str] = None) -> "EngineConfig":
+        """The engine's part of the server's configuration. `model` overrides `cfg.model`
+        (the engine process passes the demo model's directory when `cfg.model` is None)."""
+        return cls(
+            model=model or cfg.model or "",
+            adapter_path=cfg.adapter_path,
+            trust_remote_code=cfg.trust_remote_code,
+            max_batch=cfg.max_batch,
+            flush_interval_ms=cfg.flush_interval_ms,
+            max_queue=cfg.max_queue,
+            max_tokens=cfg.max_tokens,
+            min_policy_wait_s=cfg.min_policy_wait_s,
+        )

@@ -1,0 +1,450 @@
+"""`Engine`: the in-process API of the generation engine.
+
+`step()` is schedule -> run -> postprocess: the scheduler picks this step's work, the runner
+executes it on the model, and the postprocessing turns tokens into events (stop checks,
+streaming chunks, finished sequences). Everything here runs on one thread, the one that
+created the engine (MLX streams belong to their thread).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Sequence as Seq, Union
+
+import mlx.core as mx
+import numpy as np
+
+from mlxsup.ipc.messages import (
+    ERR_INTERNAL,
+    ERR_TIMEOUT,
+    FINISH_ABORT,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    LOGPROBS_NONE,
+    LOGPROBS_PROCESSED,
+    LOGPROBS_RAW,
+    ErrorEvent,
+    Event,
+    GenerateRequest,
+    SamplingParams,
+    ScoreRequest,
+    ScoreResult,
+    SequenceDone,
+    TokenChunk,
+)
+
+from .adapter_files import AdapterError, AdapterFiles
+from .adapters import AdapterManager, PreparedAdapter
+from .config import EngineConfig
+from .runner import Admission, ModelRunner, ScoreItem, StepOutput, context_length
+from .sampling import mix_seed
+from .scheduler import SWAP_MODES, QueueFull, Scheduler
+from .sequence import RequestState, Sequence, SeqStatus
+
+log = logging.getLogger("mlxsup.engine")
+
+
+class RequestError(ValueError):
+    """A request the engine refuses (HTTP 422); `field` names the offending field."""
+
+    def __init__(self, message: str, field: str = ""):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass
+class SwapTicket:
+    """A requested swap. `done` turns True at the step boundary that commits it; then
+    `policy_version`, `adapter_path` and `commit_ms` describe the result. `on_done`, if
+    given, is called (on the engine thread, inside `step()`) right after the commit."""
+
+    prepared: PreparedAdapter
+    mode: str
+    version: int
+    on_done: Optional[Callable[["SwapTicket"], None]] = None
+    done: bool = False
+    commit_ms: float = 0.0
+    policy_version: int = -1
+    adapter_path: Optional[str] = None
+
+
+def load_model(config: EngineConfig):
+    """`mlx_lm.load` of a local directory or a hub id; returns (model, tokenizer)."""
+    from mlx_lm import load
+
+    tok_cfg = {"trust_remote_code": True} if config.trust_remote_code else None
+    return load(config.model, tokenizer_config=tok_cfg,
+                trust_remote_code=config.trust_remote_code)
+
+
+class Engine:
+    """Continuous-batching generation, scoring and adapter swaps on one MLX model.
+
+    `model`/`tokenizer` may be given instead of loading `config.model` (tests build models
+    from mlx-lm's `ModelArgs`). `policy_version` is the version the starting weights serve
+    as (the supervisor passes the one in `adapter_state.json`).
+    """
+
+    def __init__(self, config: EngineConfig, policy_version: int = 0, *, model=None,
+                 tokenizer=None):
+        self.config = config
+        if model is None:
+            model, tokenizer = load_model(config)
+        self.model, self.tokenizer = model, tokenizer
+        if config.cache_limit_mb is not None:
+            mx.set_cache_limit(config.cache_limit_mb * 2**20)
+        self.adapters = AdapterManager(model)  # before the runner's probe forward
+        self.runner = ModelRunner(model, prefill_step_size=config.prefill_step_size)
+        self.vocab_size = self.runner.vocab_size
+        self.context_length = context_length(model)
+        self.scheduler = Scheduler(
+            max_batch=config.max_batch, max_queue=config.max_queue,
+            flush_interval_s=config.flush_interval_ms / 1e3,
+            max_prefill_tokens=config.max_prefill_tokens,
+            max_score_tokens=config.max_score_tokens,
+        )
+        self.policy_version = policy_version
+        self.adapter_path: Optional[str] = None
+        if config.adapter_path:
+            self.adapters.commit(self.prepare_adapter(config.adapter_path))
+            self.adapter_path = config.adapter_path
+        self.eos_token_ids = frozenset(getattr(tokenizer, "eos_token_ids", None) or ())
+        self._rng = np.random.default_rng(config.seed)
+        self._requests: dict[int, RequestState] = {}
+        self._seqs: dict[int, Sequence] = {}
+        self._next_seq_id = 0
+        self._next_internal_id = 1 << 63
+        self._outbox: list[Event] = []
+        self._swap: Optional[SwapTicket] = None
+        self.counters = dict(tokens_generated=0, prefill_tokens=0, num_swaps=0,
+                             num_requests=0, num_steps=0)
+
+    # ------------------------------------------------------------------ intake
+
+    def submit(self, request: Union[GenerateRequest, ScoreRequest]) -> None:
+        """Queue a request. Raises QueueFull when `max_queue` requests wait, RequestError
+        (a ValueError with `.field`) when the request cannot run on this model."""
+        rid = request.request_id
+        if rid in self._requests:
+            raise RequestError(f"request_id {rid} is already in flight", "request_id")
+        self._check_ids(request.prompt_ids, "prompt_ids")
+        now = time.monotonic()
+        if isinstance(request, ScoreRequest):
+            self._check_ids(request.completion_ids, "completion_ids")
+            if request.logprobs_mode not in (LOGPROBS_RAW, LOGPROBS_PROCESSED):
+                raise RequestError("logprobs_mode of a score request must be 'raw' or "
+                                   "'processed'", "logprobs_mode")
+            total = len(request.prompt_ids) + len(request.completion_ids)
+            if self.context_length and total > self.context_length:
+                raise RequestError(f"prompt + completion ({total} tokens) exceed the model's "
+                                   f"context of {self.context_length}", "completion_ids")
+            state = RequestState(request, now)
+        elif isinstance(request, GenerateRequest):
+            n_prompt = len(request.prompt_ids)
+            max_tokens = request.params.max_tokens
+            if self.context_length:
+                if n_prompt >= self.context_length:
+                    raise RequestError(f"prompt of {n_prompt} tokens does not fit the model's "
+                                       f"context of {self.context_length}", "prompt_ids")
+                max_tokens = min(max_tokens, self.context_length - n_prompt)
+            state = RequestState(request, now)
+            wait = request.min_policy_wait_s if request.min_policy_wait_s > 0 else \
+                self.config.min_policy_wait_s
+            state.hold_deadline = now + min(wait, self.config.min_policy_wait_s)
+            seed = request.params.seed
+            for i in range(request.n):
+                s = mix_seed(seed, i) if seed is not None else int(
+                    self._rng.integers(0, 2**63)) * 2 + int(self._rng.integers(0, 2))
+                state.seqs.append(Sequence(self._next_seq_id, state, i, max_tokens, s))
+                self._next_seq_id += 1
+        else:
+            raise RequestError(f"not a request the engine runs: {type(request).__name__}")
+        self.scheduler.add(state)  # raises QueueFull
+        self._requests[rid] = state
+        for seq in state.seqs:
+            self._seqs[seq.seq_id] = seq
+        self.counters["num_requests"] += 1
+
+    def _check_ids(self, ids: Seq[int], field: str) -> None:
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not (
+                0 <= t < self.vocab_size
+            ):
+                raise RequestError(f"{field} holds {t!r}, not a token id of this model "
+                                   f"(0 <= id < {self.vocab_size})", field)
+
+    def abort(self, request_id: int) -> bool:
+        """End a request now: its running sequences leave the batch before the next step
+        and their SequenceDone (finish_reason "abort", tokens so far) comes out of the next
+        `step()`. Returns False for an unknown (or finished) request."""
+        state = self._requests.get(request_id)
+        if state is None:
+            return False
+        self.scheduler.remove_waiting(state)
+        self._end_request(state, FINISH_ABORT, self._outbox)
+        return True
+
+    def abort_all(self) -> None:
+        for rid in list(self._requests):
+            self.abort(rid)
+
+    def _end_request(self, state: RequestState, reason: str, events: list[Event]) -> None:
+        """Finish every unfinished sample of `state` with `reason` (abort paths)."""
+        if state.is_score:  # nobody waits for its result any more
+            self._requests.pop(state.request_id, None)
+            return
+        running = [s.seq_id for s in state.seqs if s.status == SeqStatus.RUNNING]
+        self.runner.remove(running)
+        for seq in state.seqs:
+            if seq.status != SeqStatus.FINISHED:
+                seq.finish_reason = reason
+                self._finish(seq, events)
+
+    # ------------------------------------------------------------------ adapters
+
+    def prepare_adapter(self, source: Union[str, AdapterFiles, None]) -> PreparedAdapter:
+        """Read, validate and load an adapter (a path, the result of
+        `self.adapters.read(path)` made in another thread, or None for the base model).
+        Raises AdapterError; nothing changes on failure."""
+        return self.adapters.prepare(source)
+
+    def request_swap(self, prepared: PreparedAdapter, mode: str = "drain",
+                     version: Optional[int] = None,
+                     on_done: Optional[Callable[[SwapTicket], None]] = None) -> SwapTicket:
+        """Commit `prepared` at a step boundary: `drain` once in-flight requests are done,
+        `abort` ending them, `inflight` at the next boundary. `version` (default current+1)
+        must exceed the current version. Returns the ticket that reports completion."""
+        if mode not in SWAP_MODES:
+            raise ValueError(f"mode must be one of {SWAP_MODES}, not {mode!r}")
+        version = self.policy_version + 1 if version is None else version
+        if version <= self.policy_version:
+            raise ValueError(f"version {version} must exceed the current version "
+                             f"{self.policy_version}")
+        self.scheduler.request_swap(mode, version)
+        self._swap = SwapTicket(prepared, mode, version, on_done)
+        return self._swap
+
+    def _commit_swap(self) -> None:
+        ticket, self._swap = self._swap, None
+        t0 = time.perf_counter()
+        self.adapters.commit(ticket.prepared)
+        ticket.commit_ms = (time.perf_counter() - t0) * 1e3
+        self.policy_version = ticket.policy_version = ticket.version
+        self.adapter_path = ticket.adapter_path = ticket.prepared.path
+        self.counters["num_swaps"] += 1
+        ticket.done = True
+        mx.clear_cache()
+        if ticket.on_done is not None:
+            ticket.on_done(ticket)
+
+    # ------------------------------------------------------------------ the loop
+
+    def has_work(self) -> bool:
+        return bool(self._outbox) or self.scheduler.has_work() or self.runner.num_rows > 0
+
+    def wait_hint(self) -> Optional[float]:
+        """Seconds until `step()` has something to do: 0 now, None when idle."""
+        if self._outbox or self.runner.num_rows:
+            return 0.0
+        return self.scheduler.wait_hint(time.monotonic(), self.policy_version)
+
+    def step(self) -> list[Event]:
+        """One iteration: schedule, run the model, turn results into events."""
+        events, self._outbox = self._outbox, []
+        now = time.monotonic()
+        plan = self.scheduler.schedule(now, self.policy_version)
+        for state in plan.expired:
+            self._requests.pop(state.request_id, None)
+            events.append(ErrorEvent(
+                state.request_id, ERR_TIMEOUT,
+                f"policy version {state.min_policy_version} not reached within the wait "
+                f"(serving {self.policy_version})", "min_policy_version"))
+        if plan.swap_aborted:
+            self.runner.reset()
+            for state in plan.swap_aborted:
+                self._end_request(state, FINISH_ABORT, events)
+        if plan.commit_swap:
+            self._commit_swap()
+
+        admissions = [self._admission(state, seqs) for state, seqs in plan.admit]
+        if admissions or self.runner.num_rows:
+            self.counters["num_steps"] += 1
+            try:
+                out, prefixes = self.runner.step(admissions, self.policy_version)
+            except Exception as e:  # a bug or a model failure: fail the batch, live on
+                log.exception("engine step failed")
+                self._fail_running(f"engine step failed: {e}", events)
+                out, prefixes = None, {}
+            for i, (state, _) in enumerate(plan.admit):
+                if i in prefixes:
+                    state.prefix, state.prefix_version = prefixes[i], self.policy_version
+                elif state.num_unadmitted == 0:
+                    state.prefix = None
+            if out is not None:
+                self._postprocess(out, events)
+        if plan.scores:
+            self._run_scores(plan.scores, events)
+        if self.counters["num_steps"] % self.config.clear_cache_every == 0 or not self.has_work():
+            mx.clear_cache()
+        return events
+
+    def _admission(self, state: RequestState, seqs: list[Sequence]) -> Admission:
+        req = state.request
+        prefix = state.prefix if state.prefix_version == self.policy_version else None
+        if prefix is None:
+            self.counters["prefill_tokens"] += len(req.prompt_ids)
+        return Admission(
+            prompt_ids=req.prompt_ids, params=req.params, seq_ids=[s.seq_id for s in seqs],
+            seeds=[s.seed for s in seqs], prefix=prefix,
+            save_prefix=state.num_unadmitted > 0,
+        )
+
+    def _fail_running(self, message: str, events: list[Event]) -> None:
+        self.runner.reset()
+        for state in self.scheduler.running_requests():
+            for seq in state.seqs:
+                if seq.status != SeqStatus.FINISHED:
+                    self.scheduler.finish(seq)
+                    self._seqs.pop(seq.seq_id, None)
+            self.scheduler.remove_waiting(state)
+            self._requests.pop(state.request_id, None)
+            events.append(ErrorEvent(state.request_id, ERR_INTERNAL, message))
+
+    def _postprocess(self, out: StepOutput, events: list[Event]) -> None:
+        now = time.monotonic()
+        batch_size = len(out.seq_ids)
+        done: list[int] = []
+        for seq_id, token, logprob in zip(out.seq_ids, out.tokens, out.logprobs):
+            seq = self._seqs.get(seq_id)
+            if seq is None or seq.status != SeqStatus.RUNNING:
+                continue  # aborted after this step was queued
+            seq.token_ids.append(token)
+            seq.logprobs.append(logprob)
+            seq.versions.append(out.version)
+            seq.max_batch_size = max(seq.max_batch_size, batch_size)
+            if len(seq.token_ids) == 1:
+                seq.first_token_at = now
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                seq.finish_reason = reason
+                done.append(seq_id)
+                self._finish(seq, events)
+            elif seq.request.request.stream:
+                events.append(self._chunk(seq))
+        self.counters["tokens_generated"] += len(out.tokens)
+        if done:
+            self.runner.remove(done)
+
+    def _stop_reason(self, seq: Sequence, token: int) -> Optional[str]:
+        params = seq.params
+        if token in self.eos_token_ids or token in params.stop_token_ids:
+            return FINISH_STOP
+        if params.stop_strings:
+            # Exact on the decoded completion: the first token whose text completes a stop
+            # string ends the sequence, so ids and text end together.
+            text = self.tokenizer.decode(seq.token_ids)
+            if any(s in text for s in params.stop_strings):
+                return FINISH_STOP
+        if len(seq.token_ids) >= seq.max_tokens:
+            return FINISH_LENGTH
+        return None
+
+    def _chunk(self, seq: Sequence) -> TokenChunk:
+        start, seq.num_sent = seq.num_sent, len(seq.token_ids)
+        return TokenChunk(
+            request_id=seq.request.request_id, seq_index=seq.index,
+            token_ids=seq.token_ids[start:], logprobs=self._logprobs(seq, start),
+            versions=seq.versions[start:],
+        )
+
+    @staticmethod
+    def _logprobs(seq: Sequence, start: int) -> list[float]:
+        return [] if seq.params.logprobs_mode == LOGPROBS_NONE else seq.logprobs[start:]
+
+    def _finish(self, seq: Sequence, events: list[Event]) -> None:
+        state = seq.request
+        last = self.scheduler.finish(seq)
+        self._seqs.pop(seq.seq_id, None)
+        now = time.monotonic()
+        start = seq.num_sent
+        seq.num_sent = len(seq.token_ids)
+        ms = lambda t: (t - state.arrival) * 1e3 if t else 0.0  # noqa: E731
+        events.append(SequenceDone(
+            request_id=state.request_id, seq_index=seq.index, finish_reason=seq.finish_reason,
+            token_ids=seq.token_ids[start:], logprobs=self._logprobs(seq, start),
+            versions=seq.versions[start:], num_prompt_tokens=state.num_prompt_tokens,
+            batch_size=seq.max_batch_size,
+            policy_version=seq.versions[0] if seq.versions else self.policy_version,
+            queue_ms=ms(seq.admitted_at), ttft_ms=ms(seq.first_token_at), total_ms=ms(now),
+        ))
+        if last:
+            state.prefix = None
+            self._requests.pop(state.request_id, None)
+
+    def _run_scores(self, states: list[RequestState], events: list[Event]) -> None:
+        items = [ScoreItem(s.request.prompt_ids, s.request.completion_ids, s.request.params,
+                           s.request.logprobs_mode) for s in states]
+        try:
+            results = self.runner.score(items, self.config.max_score_tokens)
+        except Exception as e:
+            log.exception("scoring failed")
+            results = [e] * len(states)
+        for state, lp in zip(states, results):
+            self._requests.pop(state.request_id, None)
+            if isinstance(lp, Exception):
+                events.append(ErrorEvent(state.request_id, ERR_INTERNAL, f"scoring failed: {lp}"))
+            else:
+                self.counters["prefill_tokens"] += len(state.request.prompt_ids) + len(
+                    state.request.completion_ids)
+                events.append(ScoreResult(state.request_id, lp, self.policy_version))
+
+    # ------------------------------------------------------------------ conveniences
+
+    def stats(self) -> dict:
+        """Counters for the control block and status reports."""
+        return dict(
+            self.counters,
+            queue_depth=self.scheduler.queue_depth,
+            num_running=self.scheduler.num_running,
+            policy_version=self.policy_version,
+            adapter_path=self.adapter_path,
+            swap_pending=self._swap is not None,
+            active_memory=mx.get_active_memory(),
+            cache_memory=mx.get_cache_memory(),
+            peak_memory=mx.get_peak_memory(),
+        )
+
+    def generate(self, prompts: Iterable[Seq[int]], params: Optional[SamplingParams] = None,
+                 n: int = 1) -> list[list[SequenceDone]]:
+        """Generate for each prompt (n samples each) and wait; for tests and benchmarks.
+        Other requests in flight keep running, but their events are dropped."""
+        params = params or SamplingParams(max_tokens=self.config.max_tokens)
+        todo = []
+        for p in prompts:
+            todo.append(GenerateRequest(self._next_internal_id, list(p), params, n))
+            self._next_internal_id += 1
+        results: dict[int, list[SequenceDone]] = {r.request_id: [] for r in todo}
+        order = [r.request_id for r in todo]
+        remaining = len(todo) * n
+        queue = list(todo)
+        while remaining:
+            while queue:
+                try:
+                    self.submit(queue[0])
+                except QueueFull:
+                    break
+                queue.pop(0)
+            events = self.step()
+            for ev in events:
+                if isinstance(ev, ErrorEvent) and ev.request_id in results:
+                    raise RuntimeError(f"request failed: {ev.code}: {ev.message}")
+                if isinstance(ev, SequenceDone) and ev.request_id in results:
+                    results[ev.request_id].append(ev)
+                    remaining -= 1
+            if not events:
+                hint = self.wait_hint()
+                if hint:
+                    time.sleep(min(hint, 0.005))
+        return [sorted(results[rid], key=lambda d: d.seq_index) for rid in order]

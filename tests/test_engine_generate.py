@@ -1,0 +1,367 @@
+"""Engine generation on the tiny demo model: greedy parity with mlx-lm, exact log-probs
+under batching, GRPO groups, seeds, stops, streaming, aborts, the queue bound, scoring and
+a second architecture."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm import generate as mlx_generate
+from mlx_lm.generate import generate_step
+
+from _engine_helpers import check_fidelity, chunks, done_events, run, write_model
+from mlxsup.engine import Engine, EngineConfig, QueueFull, RequestError
+from mlxsup.ipc.messages import (
+    ErrorEvent,
+    GenerateRequest,
+    SamplingParams,
+    ScoreRequest,
+    ScoreResult,
+    SequenceDone,
+)
+
+pytestmark = pytest.mark.timeout(180)
+
+_ids = iter(range(1, 10**9))
+
+
+def make_engine(model_dir, **kw):
+    cfg = dict(model=model_dir, max_batch=32, flush_interval_ms=0, max_queue=256, seed=0)
+    cfg.update(kw)
+    return Engine(EngineConfig(**cfg))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return make_engine(tiny_model_dir)
+
+
+def prompts_of(n, rng, lo=1, hi=40, vocab=500):
+    return [[rng.randrange(3, vocab) for _ in range(rng.randrange(lo, hi + 1))] for _ in range(n)]
+
+
+def req(prompt, n=1, **params):
+    return GenerateRequest(next(_ids), prompt, SamplingParams(**params), n)
+
+
+# ------------------------------------------------------------------ parity and fidelity
+
+
+def test_greedy_identical_to_mlx_lm(engine):
+    tok = engine.tokenizer
+    texts = ["The cat sat on the mat.", "12 + 30 =", "a"]
+    for text in texts:
+        prompt = tok.encode(text)
+        ref_ids = []
+        for t, _ in generate_step(mx.array(prompt), engine.model, max_tokens=24):
+            if int(t) in tok.eos_token_ids:
+                break
+            ref_ids.append(int(t))
+        [[done]] = engine.generate([prompt], SamplingParams(max_tokens=24))
+        got = [t for t in done.token_ids if t not in tok.eos_token_ids]
+        assert got == ref_ids
+        ref_text = mlx_generate(engine.model, tok, prompt, max_tokens=24)
+        # mlx-lm's streaming detokenizer drops the completion's leading space.
+        assert tok.decode(got).lstrip(" ") == ref_text.lstrip(" ")
+
+
+@pytest.mark.parametrize("batch", [1, 5, 32])
+@pytest.mark.parametrize("mode", ["raw", "processed"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_match_teacher_forcing(engine, batch, mode, temperature):
+    rng = random.Random(batch * 7 + int(temperature * 10))
+    prompts = prompts_of(batch, rng)
+    reqs = [req(p, temperature=temperature, logprobs_mode=mode,
+                max_tokens=rng.randrange(4, 24)) for p in prompts]
+    # Staggered arrivals: sequences join a batch that is already decoding.
+    events = run(engine, reqs, stagger=max(1, batch // 4))
+    for r in reqs:
+        [done] = done_events(events, r.request_id)
+        check_fidelity(engine.model, r.prompt_ids, done.token_ids, done.logprobs, r.params, mode)
+
+
+def test_logprobs_with_truncation_and_penalty_in_mixed_batch(engine):
+    rng = random.Random(5)
+    settings = [
+        dict(temperature=0.7, top_p=0.9),
+        dict(temperature=1.0, top_k=20),
+        dict(temperature=0.8, min_p=0.2),
+        dict(temperature=1.0, top_k=50, top_p=0.8),
+        dict(temperature=0.9, repetition_penalty=1.3, repetition_context_size=8),
+        dict(temperature=0.0),
+        dict(temperature=1.0),
+    ]
+    reqs = []
+    for i, p in enumerate(prompts_of(32, rng)):
+        s = settings[i % len(settings)]
+        mode = "processed" if i % 3 else "raw"
+        reqs.append(req(p, logprobs_mode=mode, max_tokens=16, **s))
+    events = run(engine, reqs, stagger=6)
+    skipped = total = 0
+    for r in reqs:
+        [done] = done_events(events, r.request_id)
+        _, s = check_fidelity(engine.model, r.prompt_ids, done.token_ids, done.logprobs,
+                              r.params, r.params.logprobs_mode)
+        skipped += s
+        total += len(done.token_ids)
+        if r.params.top_k and r.params.logprobs_mode == "processed":
+            assert all(lp > -np.log(r.params.top_k) - 8 for lp in done.logprobs)
+    assert skipped <= total * 0.02
+
+
+def test_score_equals_generation_logprobs(engine):
+    rng = random.Random(11)
+    gen_reqs = [req(p, temperature=0.7, top_k=30, logprobs_mode="processed", max_tokens=12)
+                for p in prompts_of(6, rng)]
+    events = run(engine, gen_reqs)
+    scores = []
+    for r in gen_reqs:
+        [done] = done_events(events, r.request_id)
+        for mode in ("processed", "raw"):
+            scores.append((ScoreRequest(next(_ids), r.prompt_ids, done.token_ids, mode, r.params),
+                           done))
+    sevents = run(engine, [s for s, _ in scores])
+    for s, done in scores:
+        [res] = sevents[s.request_id]
+        assert isinstance(res, ScoreResult) and res.policy_version == engine.policy_version
+        assert len(res.logprobs) == len(done.token_ids)
+        if s.logprobs_mode == "processed":
+            np.testing.assert_allclose(res.logprobs, done.logprobs, atol=1e-4)
+        else:
+            check_fidelity(engine.model, s.prompt_ids, s.completion_ids, res.logprobs,
+                           s.params, "raw")
+
+
+def test_score_of_empty_completion_and_greedy_processed(engine):
+    prompt = [5, 6, 7]
+    [[done]] = engine.generate([prompt], SamplingParams(max_tokens=5))
+    empty = ScoreRequest(next(_ids), prompt, [], "raw")
+    greedy = ScoreRequest(next(_ids), prompt, done.token_ids, "processed", SamplingParams())
+    events = run(engine, [empty, greedy])
+    assert events[empty.request_id][0].logprobs == []
+    assert events[greedy.request_id][0].logprobs == [0.0] * len(done.token_ids)
+
+
+# ------------------------------------------------------------------ groups and seeds
+
+
+def test_n8_prefills_once_and_samples_differ(engine):
+    prompt = list(range(10, 40))
+    before = engine.stats()["prefill_tokens"]
+    r = req(prompt, n=8, temperature=1.0, max_tokens=12, logprobs_mode="processed")
+    events = run(engine, [r])
+    assert engine.stats()["prefill_tokens"] - before == len(prompt)
+    dones = done_events(events, r.request_id)
+    assert [d.seq_index for d in dones] == list(range(8))
+    assert len({tuple(d.token_ids) for d in dones}) == 8
+    for d in dones:
+        check_fidelity(engine.model, prompt, d.token_ids, d.logprobs, r.params, "processed")
+
+
+def test_group_larger_than_batch_reuses_its_prefill(tiny_model_dir):
+    eng = make_engine(tiny_model_dir, max_batch=3)
+    prompt = list(range(50, 70))
+    r = req(prompt, n=8, temperature=1.0, max_tokens=6, logprobs_mode="raw")
+    events = run(eng, [r])
+    assert eng.stats()["prefill_tokens"] == len(prompt)
+    dones = done_events(events, r.request_id)
+    assert len(dones) == 8 and all(d.batch_size <= 3 for d in dones)
+    for d in dones:
+        check_fidelity(eng.model, prompt, d.token_ids, d.logprobs, r.params, "raw")
+
+
+def test_seeded_request_same_tokens_whatever_the_batch(engine):
+    prompt = [9, 8, 7, 6, 5, 4]
+    params = dict(temperature=1.0, top_p=0.95, seed=1234, max_tokens=20, logprobs_mode="processed")
+    r1 = req(prompt, **params)
+    alone = done_events(run(engine, [r1]), r1.request_id)[0]
+    rng = random.Random(3)
+    company = [req(p, temperature=1.0, max_tokens=rng.randrange(3, 30)) for p in prompts_of(20, rng)]
+    r2 = req(prompt, **params)
+    events = run(engine, company[:10] + [r2] + company[10:], stagger=4)
+    crowded = done_events(events, r2.request_id)[0]
+    assert crowded.token_ids == alone.token_ids
+    np.testing.assert_allclose(crowded.logprobs, alone.logprobs, atol=1e-5)
+    # n samples of one seeded request differ from each other but repeat exactly.
+    g1 = done_events(run(engine, [r3 := req(prompt, n=3, **params)]), r3.request_id)
+    g2 = done_events(run(engine, [r4 := req(prompt, n=3, **params)]), r4.request_id)
+    assert [d.token_ids for d in g1] == [d.token_ids for d in g2]
+    assert len({tuple(d.token_ids) for d in g1}) == 3
+    assert g1[0].token_ids == alone.token_ids
+
+
+# ------------------------------------------------------------------ stopping
+
+
+def test_stop_token_id_ends_with_that_token(engine):
+    prompt = [20, 21, 22]
+    [[free]] = engine.generate([prompt], SamplingParams(max_tokens=16))
+    stop = free.token_ids[5]
+    first = free.token_ids.index(stop)
+    [[done]] = engine.generate([prompt], SamplingParams(max_tokens=16, stop_token_ids=(stop,)))
+    assert done.finish_reason == "stop"
+    assert done.token_ids == free.token_ids[: first + 1]
+
+
+def test_eos_ids_come_from_the_tokenizer(engine):
+    assert set(engine.tokenizer.eos_token_ids) <= engine.eos_token_ids
+    assert engine.tokenizer.eos_token_id in engine.eos_token_ids
+
+
+def test_stop_string_exact_on_decoded_text(engine):
+    tok = engine.tokenizer
+    prompt = tok.encode("Once upon a time")
+    [[free]] = engine.generate([prompt], SamplingParams(max_tokens=30))
+    text = tok.decode(free.token_ids)
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop
+    [[done]] = engine.generate([prompt], SamplingParams(max_tokens=30, stop_strings=(stop,)))
+    assert done.finish_reason == "stop"
+    assert stop in tok.decode(done.token_ids)
+    assert stop not in tok.decode(done.token_ids[:-1])
+    assert done.token_ids == free.token_ids[: len(done.token_ids)]
+
+
+def test_max_tokens_and_context_limit(engine):
+    [[done]] = engine.generate([[3, 4]], SamplingParams(max_tokens=7))
+    assert done.finish_reason == "length" and len(done.token_ids) == 7
+    ctx = engine.context_length
+    with pytest.raises(RequestError) as e:
+        engine.submit(req([5] * ctx))
+    assert e.value.field == "prompt_ids"
+    [[done]] = engine.generate([[5] * (ctx - 3)], SamplingParams(max_tokens=50))
+    assert done.finish_reason == "length" and len(done.token_ids) == 3
+
+
+def test_invalid_token_ids_name_the_field(engine):
+    with pytest.raises(RequestError) as e:
+        engine.submit(req([1, engine.vocab_size]))
+    assert e.value.field == "prompt_ids"
+    with pytest.raises(RequestError) as e:
+        engine.submit(ScoreRequest(next(_ids), [1], [-1], "raw"))
+    assert e.value.field == "completion_ids"
+    r = req([1, 2])
+    engine.submit(r)
+    with pytest.raises(RequestError) as e:
+        engine.submit(r)
+    assert e.value.field == "request_id"
+    engine.abort(r.request_id)
+    engine.step()
+
+
+# ------------------------------------------------------------------ streaming, abort, queue
+
+
+def test_streaming_chunks_then_done(engine):
+    r = GenerateRequest(next(_ids), [7, 7, 7], SamplingParams(max_tokens=9, temperature=1.0,
+                                                               logprobs_mode="raw"), n=2,
+                        stream=True)
+    events = run(engine, [r])
+    for idx in range(2):
+        cs = [c for c in chunks(events, r.request_id) if c.seq_index == idx]
+        [done] = [d for d in done_events(events, r.request_id) if d.seq_index == idx]
+        ids = [t for c in cs for t in c.token_ids] + list(done.token_ids)
+        lps = [x for c in cs for x in c.logprobs] + list(done.logprobs)
+        assert len(ids) == 9 and len(lps) == 9
+        assert all(v == 0 for c in cs for v in c.versions)
+        check_fidelity(engine.model, r.prompt_ids, ids, lps, r.params, "raw")
+
+
+def test_abort_frees_the_slot(tiny_model_dir):
+    eng = make_engine(tiny_model_dir, max_batch=2)
+    long = [req([3, 4, 5], max_tokens=10_000) for _ in range(2)]
+    for r in long:
+        eng.submit(r)
+    for _ in range(5):
+        eng.step()
+    assert eng.stats()["num_running"] == 2
+    assert eng.abort(long[0].request_id)
+    assert eng.stats()["num_running"] == 1
+    events = eng.step()
+    [done] = [e for e in events if isinstance(e, SequenceDone)]
+    assert done.request_id == long[0].request_id and done.finish_reason == "abort"
+    assert 3 <= len(done.token_ids) <= 5
+    short = req([6, 7], max_tokens=4)
+    events = run(eng, [short])
+    assert done_events(events, short.request_id)[0].finish_reason == "length"
+    eng.abort(long[1].request_id)
+    eng.step()
+    assert not eng.has_work() and eng.runner.num_rows == 0
+    assert eng.abort(12345678) is False
+
+
+def test_queue_bound_holds(tiny_model_dir):
+    eng = make_engine(tiny_model_dir, max_batch=1, max_queue=3)
+    reqs = [req([3], max_tokens=2) for _ in range(4)]
+    for r in reqs[:3]:
+        eng.submit(r)
+    with pytest.raises(QueueFull):
+        eng.submit(reqs[3])
+    with pytest.raises(QueueFull):
+        eng.submit(ScoreRequest(next(_ids), [1], [2], "raw"))
+    eng.step()  # admits one: room for one more
+    eng.submit(reqs[3])
+    assert eng.stats()["queue_depth"] == 3
+    while eng.has_work():
+        eng.step()
+    assert eng.stats()["queue_depth"] == 0
+
+
+def test_flush_interval_gathers_arrivals(tiny_model_dir):
+    eng = make_engine(tiny_model_dir, max_batch=4, flush_interval_ms=200)
+    eng.submit(req([3, 4], max_tokens=3))
+    assert eng.step() == [] and eng.stats()["num_running"] == 0
+    assert 0 < eng.wait_hint() <= 0.2
+    for _ in range(3):
+        eng.submit(req([5], max_tokens=3))
+    eng.step()  # max_batch samples wait: starts without the rest of the interval
+    assert eng.stats()["num_running"] == 4
+
+
+def test_min_policy_version_waits_then_times_out(tiny_model_dir):
+    eng = make_engine(tiny_model_dir, min_policy_wait_s=0.2)
+    held = GenerateRequest(next(_ids), [3], SamplingParams(max_tokens=2), min_policy_version=1,
+                           min_policy_wait_s=5.0)
+    timed = GenerateRequest(next(_ids), [3], SamplingParams(max_tokens=2), min_policy_version=9,
+                            min_policy_wait_s=0.05)
+    eng.submit(held)
+    eng.submit(timed)
+    assert eng.step() == []
+    eng.request_swap(eng.prepare_adapter(None), "drain", 1)
+    events = []
+    deadline = time.monotonic() + 5
+    while eng.has_work() and time.monotonic() < deadline:
+        events += eng.step()
+        time.sleep(0.01)
+    [err] = [e for e in events if isinstance(e, ErrorEvent)]
+    assert err.request_id == timed.request_id and err.code == "timeout"
+    [done] = [e for e in events if isinstance(e, SequenceDone)]
+    assert done.request_id == held.request_id and done.versions == [1, 1]
+
+
+# ------------------------------------------------------------------ another architecture
+
+
+def test_qwen2_model_generates_with_exact_logprobs(tiny_model_dir, tmp_path):
+    path = write_model(str(tmp_path / "qwen2"), tiny_model_dir, "qwen2", dict(
+        hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+        num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=520, rope_theta=10000.0,
+        max_position_embeddings=512, tie_word_embeddings=False))
+    eng = make_engine(path, max_batch=8)
+    assert type(eng.model).__module__.endswith("qwen2")
+    prompt = [10, 11, 12, 13]
+    ref = [int(t) for t, _ in zip((y for y, _ in generate_step(mx.array(prompt), eng.model,
+                                                                max_tokens=10)), range(10))]
+    [[done]] = eng.generate([prompt], SamplingParams(max_tokens=10))
+    assert done.token_ids == ref[: len(done.token_ids)]
+    rng = random.Random(1)
+    reqs = [req(p, temperature=0.7, logprobs_mode="processed", max_tokens=10)
+            for p in prompts_of(8, rng)]
+    events = run(eng, reqs, stagger=3)
+    for r in reqs:
+        [d] = done_events(events, r.request_id)
+        check_fidelity(eng.model, r.prompt_ids, d.token_ids, d.logprobs, r.params, "processed")

@@ -153,6 +153,7 @@ class Arbiter:
         self.exit_code = EXIT_OK
         self.stop_reason: Optional[str] = None
         self._notified = False
+        self._published = ""
         self._tasks: set[asyncio.Task] = set()
 
     # ------------------------------------------------------------------ lifecycle
@@ -190,6 +191,7 @@ class Arbiter:
             self.reap()
             self.check_engine()
             self.check_gunicorn()
+            self.publish_state()
             self.sample()
         await self.shutdown()
 
@@ -201,7 +203,7 @@ class Arbiter:
         write_state(self.run_dir, state)
         self.swaps = SwapCoordinator(self.run_dir, state)
         self.ipc = ipc_glue.create(self.run_dir, self.instance_id, config.num_slots)
-        self.ipc.write_supervisor(os.getpid(), "starting", self.engine_restarts)
+        self.publish_state()
         sock_path = protocol.socket_path(self.run_dir)
         if os.path.exists(sock_path):
             os.unlink(sock_path)
@@ -330,6 +332,7 @@ class Arbiter:
         )  # fmt: skip
         if version != self.swaps.state.policy_version:
             log.warning("engine reports version %s, committed is %d", version, self.swaps.state.policy_version)
+        self.publish_state()
         if self.gunicorn is None and self.gunicorn_restart_at is None and not self.is_stopping:
             self.spawn_gunicorn()
 
@@ -344,6 +347,7 @@ class Arbiter:
         if self.is_stopping:
             log.info("engine epoch %d exited (%s)", child.epoch, describe_exit(returncode))
             return
+        self.publish_state()
         how = describe_exit(returncode)
         if not was_ready:
             tail = log_tail(os.path.join(self.run_dir, ENGINE_LOG), since=self._engine_log_at)
@@ -371,7 +375,8 @@ class Arbiter:
         if self.engine is None:
             if self.engine_restart_at is not None and now >= self.engine_restart_at:
                 self.engine_restarts += 1
-                self.ipc.write_supervisor(os.getpid(), self._public_state(), self.engine_restarts)
+                self._published = ""  # the count changed: write it even if the state did not
+                self.publish_state()
                 self.spawn_engine()
             return
         if not self.is_engine_ready:
@@ -451,7 +456,7 @@ class Arbiter:
         while self.is_running and not self.is_healthy:
             if is_healthy(await get_health(self.config.host, self.config.port)):
                 self.is_healthy = True
-                self.ipc.write_supervisor(os.getpid(), "running", self.engine_restarts)
+                self.publish_state()
                 url = f"http://{self.config.host}:{self.config.port}"
                 log.info("server healthy at %s (supervisor pid %d)", url, os.getpid())
                 self._notify({"ok": True, "pid": os.getpid(), "url": url, "run_dir": self.run_dir})
@@ -464,8 +469,7 @@ class Arbiter:
         self.is_stopping = True
         graceful = self.is_graceful
         log.info("stopping (%s)", "graceful" if graceful else "quick")
-        if self.ipc is not None:
-            self.ipc.write_supervisor(os.getpid(), "stopping", self.engine_restarts)
+        self.publish_state()
         if self.gunicorn is not None:
             # gunicorn: SIGTERM finishes open requests (the engine still serves them), SIGINT doesn't.
             self._signal_child(self.gunicorn, signal.SIGTERM if graceful else signal.SIGINT)
@@ -583,6 +587,14 @@ class Arbiter:
         return None
 
     # ------------------------------------------------------------------ status
+
+    def publish_state(self) -> None:
+        """Write the supervisor's state into the control block when it changed (API workers
+        refuse new requests while it says "restarting" or "stopping")."""
+        state = self._public_state()
+        if self.ipc is not None and state != self._published:
+            self.ipc.write_supervisor(os.getpid(), state, self.engine_restarts)
+            self._published = state
 
     def _public_state(self) -> str:
         if self.is_stopping or not self.is_running:

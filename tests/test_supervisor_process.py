@@ -64,6 +64,17 @@ def wait_for(predicate, timeout=20.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def control_block(run_dir):
+    from mlxsup.ipc.control import ControlBlock
+    from mlxsup.ipc.layout import IpcLayout
+
+    block = ControlBlock.attach(IpcLayout.load(str(run_dir)).control_name)
+    try:
+        return block.read()
+    finally:
+        block.close()
+
+
 def segments_of(run_dir) -> set[str]:
     try:
         with open(os.path.join(run_dir, "ipc.json")) as f:
@@ -165,6 +176,9 @@ def test_killed_engine_restarts_on_the_committed_version(instance, tmp_path):
     wait_for(lambda: status(run_dir)["engine"]["policy_version"] == 1, what="engine version")
     assert status(run_dir)["engine"]["adapter_id"] == str(adapter)
     assert "restarting in" in (run_dir / "supervisor.log").read_text()
+    # The API workers read the supervisor's state from the control block: running again.
+    assert control_block(run_dir).supervisor_state == "running"
+    assert control_block(run_dir).engine_restarts == 1
 
 
 def test_hung_engine_is_killed_and_restarted(instance):

@@ -329,12 +329,19 @@ class InferenceClient:
         return await self._request("POST", "/score", json=body, timeout=timeout)
 
     async def load_adapter(
-        self, adapter_path: Optional[str], *, timeout: Optional[float] = None, **fields: Any
+        self,
+        adapter_path: Optional[str],
+        *,
+        mode: Optional[str] = None,
+        timeout: Optional[float] = None,
+        **fields: Any,
     ) -> dict:
         """POST /load_adapter: swap in the LoRA adapter in `adapter_path` (a directory with
-        adapter_config.json and adapters.safetensors, on the server's file system). Answers
-        `{status, policy_version, message}`; the version moves only when the swap commits."""
-        body = {"adapter_path": adapter_path, **fields}
+        adapter_config.json and adapters.safetensors, on the server's file system; None goes
+        back to the base model). `mode` is the commit mode ("drain", the server's default,
+        "abort" or "inflight"). Answers `{status, policy_version, message}`; the version moves
+        only when the swap commits."""
+        body = {"adapter_path": adapter_path, **_drop_none(mode=mode), **fields}
         return await self._request(
             "POST", "/load_adapter", json=body, timeout=timeout, admin=True
         )
@@ -345,13 +352,16 @@ class InferenceClient:
         *,
         weights: Optional[Union[bytes, str]] = None,
         config: Optional[Union[bytes, str, Mapping[str, Any]]] = None,
+        mode: Optional[str] = None,
         timeout: Optional[float] = None,
         **fields: Any,
     ) -> dict:
         """POST /upload_adapter (multipart): send an adapter from this machine's disk (or from
         memory) and swap it in. Give `adapter_dir` (holding adapters.safetensors and
         adapter_config.json), or `weights` and `config` as bytes, file paths, or (config only)
-        a dict. Extra keyword arguments travel as form fields."""
+        a dict. `mode` and extra keyword arguments travel as form fields."""
+        if mode is not None:
+            fields["mode"] = mode
         if adapter_dir is not None:
             weights = weights or os.path.join(adapter_dir, "adapters.safetensors")
             config = config or os.path.join(adapter_dir, "adapter_config.json")

@@ -34,7 +34,6 @@ import datetime
 import json
 import os
 import platform
-import random
 import subprocess
 import sys
 import threading
@@ -52,6 +51,7 @@ from bench_lib.systems import MlxLmServer, MlxsupServer, mlxsup_import_env  # no
 
 ALL_SYSTEMS = ("mlxsup", "mlxsup-tuned", "mlx_lm", "mlx_lm-tuned", "raw")
 DEFAULT_SYSTEMS = "mlxsup,mlxsup-tuned,mlx_lm,raw"
+GPU_SYSTEMS = "mlxsup-tuned,mlx_lm,raw"  # max-batch 5 on a GPU is a long wait with little to learn
 ALL_WORKLOADS = ("single", "grpo", "mixed", "swap")
 
 PROFILES = {
@@ -59,11 +59,11 @@ PROFILES = {
     "cpu": dict(preset="bench75m", concurrency="1,8,32,128", duration=300.0, grace=120.0,
                 swap_interval=3.0, swap_duration=30.0, mixed_concurrency=32, mixed_requests=64),
     # The lent H100: ~1B bfloat16 model, 128-token completions.
-    "gpu": dict(preset="bench1b", concurrency="1,32,128,256", duration=90.0, grace=60.0,
+    "gpu": dict(preset="bench1b", concurrency="1,32,128,256", duration=60.0, grace=30.0,
                 swap_interval=2.0, swap_duration=20.0, mixed_concurrency=128, mixed_requests=256),
     # Smoke test: tiny model, a few seconds per system.
     "quick": dict(preset="tiny", concurrency="1,4", duration=20.0, grace=10.0, max_tokens=16,
-                  requests=4, grpo_prompts=4, grpo_n=2, grpo_rounds=1, mixed_concurrency=4,
+                  min_requests=4, grpo_prompts=4, grpo_n=2, grpo_rounds=1, mixed_concurrency=4,
                   mixed_requests=6, mixed_max=128, swap_interval=0.7, swap_duration=3.0,
                   swap_concurrency=2, prompt_tokens=24, request_timeout=60.0),
 }
@@ -80,10 +80,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", help="model directory (default: build the demo --preset into the cache)")
     p.add_argument("--preset", help="demo preset when --model is absent (default bench75m; --gpu bench1b; --quick tiny)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts (and of the demo model)")
-    p.add_argument("--systems", default=DEFAULT_SYSTEMS, help=f"comma list of {', '.join(ALL_SYSTEMS)}")
+    p.add_argument("--systems", help=f"comma list of {', '.join(ALL_SYSTEMS)} "
+                   f"(default {DEFAULT_SYSTEMS}; --gpu {GPU_SYSTEMS})")
     p.add_argument("--workloads", default=",".join(ALL_WORKLOADS), help="comma list of single, grpo, mixed, swap")
     p.add_argument("--concurrency", help="concurrencies of (a) (default 1,8,32,128; --gpu 1,32,128,256)")
-    p.add_argument("--requests", type=int, help="requests per concurrency level (default max(8, 2 x concurrency))")
+    p.add_argument("--requests", type=int, help="requests per concurrency level (default max(8, 2 x concurrency); --quick max(4, 2 x c))")
     p.add_argument("--duration", type=float, help="seconds a level may keep sending (default 300; --gpu 90)")
     p.add_argument("--grace", type=float, help="seconds after --duration before open requests are cut (default 120)")
     p.add_argument("--request-timeout", type=float, default=None, help="per request (default 600)")
@@ -119,15 +120,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--settle", type=float, default=60.0,
                    help="at most this many seconds waiting for a server to go idle between cells")
     p.add_argument("--out", help="output folder (default bench-out/<date>-<profile>)")
+    p.add_argument("--merge", nargs="+", metavar="DIR",
+                   help="measure nothing: merge the results.json of earlier runs (e.g. one per system, "
+                        "when one call may not last long enough for all) into --out, and report")
     args = p.parse_args(argv)
     profile = "quick" if args.quick else "gpu" if args.gpu else "cpu"
-    defaults = dict(max_tokens=128, prompt_tokens=100, grpo_prompts=16, grpo_n=8, grpo_rounds=2,
+    defaults = dict(min_requests=8, max_tokens=128, prompt_tokens=100, grpo_prompts=16, grpo_n=8, grpo_rounds=2,
                     mixed_max=1024, swap_concurrency=8, request_timeout=600.0)
     defaults.update(PROFILES[profile])
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.profile = profile
+    if args.systems is None:
+        args.systems = GPU_SYSTEMS if profile == "gpu" else DEFAULT_SYSTEMS
     args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c]
     args.systems = [s for s in args.systems.split(",") if s]
     args.workloads = [w for w in args.workloads.split(",") if w]
@@ -143,6 +149,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.out is None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         args.out = os.path.join(REPO, "bench-out", f"{stamp}-{profile}")
+    args.out = os.path.abspath(args.out)
     return args
 
 
@@ -239,8 +246,12 @@ class Workloads:
     def __init__(self, args, tok):
         from bench_lib.prompts import fixed_prompts, mixed_prompts
 
-        top = max(args.concurrency) if args.concurrency else 8
-        self.single = fixed_prompts(tok, args.seed, max(64, 2 * top), args.prompt_tokens)
+        # Fresh prompts for every level, so no server's prompt cache serves a prompt it saw
+        # at an earlier level (mlx_lm.server keeps one; the raw loop has none).
+        self.single = {conc: fixed_prompts(tok, args.seed * 100003 + conc, requests_for(args, conc),
+                                           args.prompt_tokens)
+                       for conc in args.concurrency}
+        self.swap = fixed_prompts(tok, args.seed + 4000, 256, args.prompt_tokens)
         self.grpo = [fixed_prompts(tok, args.seed + 1000 + r, args.grpo_prompts, args.prompt_tokens)
                      for r in range(args.grpo_rounds)]
         self.mixed = mixed_prompts(tok, args.seed + 2000, args.mixed_requests, args.mixed_min, args.mixed_max)
@@ -252,7 +263,7 @@ class Workloads:
 
 
 def requests_for(args, conc: int) -> int:
-    return args.requests if args.requests else max(8, 2 * conc)
+    return args.requests if args.requests else max(args.min_requests, 2 * conc)
 
 
 # ---------------------------------------------------------------------------- servers
@@ -340,7 +351,7 @@ def run_server_system(name, args, model, env, work: Workloads, monitor: TreeMoni
 
         if "single" in args.workloads:
             for conc in args.concurrency:
-                measure("single", work.items(work.single), main, conc, requests_for(args, conc))
+                measure("single", work.items(work.single[conc]), main, conc, requests_for(args, conc))
         if "grpo" in args.workloads:
             grpo_all = []
             for rnd, prompts in enumerate(work.grpo):
@@ -431,11 +442,11 @@ def run_raw(args, model, env, work: Workloads, monitor: TreeMonitor, results: Re
              "duration_s": 120, "grace_s": 60, "max_tokens": min(16, args.max_tokens)}]
     if "single" in args.workloads:
         for conc in args.concurrency:
-            jobs.append({"name": f"single/{conc}", "requests": reqs(work.single), "concurrency": conc,
+            jobs.append({"name": f"single/{conc}", "requests": reqs(work.single[conc]), "concurrency": conc,
                          "num_requests": requests_for(args, conc), "duration_s": args.duration,
                          "grace_s": args.grace})
         if 1 in args.concurrency:
-            jobs.append({"name": "generate_step/1", "kind": "generate_step", "requests": reqs(work.single),
+            jobs.append({"name": "generate_step/1", "kind": "generate_step", "requests": reqs(work.single[1]),
                          "concurrency": 1, "num_requests": requests_for(args, 1),
                          "duration_s": args.duration, "grace_s": args.grace})
     if "grpo" in args.workloads:
@@ -461,7 +472,7 @@ def run_raw(args, model, env, work: Workloads, monitor: TreeMonitor, results: Re
     cpu_marks: dict = {}
     with open(log_path, "w") as errlog:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=errlog, text=True,
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL, cwd=args.out)
         monitor.watch(name, proc.pid)
 
         def follow():
@@ -572,9 +583,59 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
+def merge(args) -> int:
+    """Cells and systems of several runs in one results.json, with the table and targets."""
+    runs = []
+    for d in args.merge:
+        with open(os.path.join(d, "results.json")) as f:
+            runs.append(json.load(f))
+    meta = dict(runs[0]["meta"])
+    meta["merged_from"] = [{"dir": os.path.abspath(d), "command": r["meta"].get("command"),
+                            "date": r["meta"].get("date")} for d, r in zip(args.merge, runs)]
+    results = Results(args.out, meta)
+    cells = {}
+    for r in runs:  # a later run's cell replaces an earlier one of the same system and shape
+        results.systems.update(r.get("systems", {}))
+        for c in r.get("cells", []):
+            cells[(c["system"], c["workload"], c.get("concurrency"), c.get("mode"))] = c
+    results.cells.extend(cells.values())
+    return finish(args, results, meta, gpu=meta.get("profile") == "gpu")
+
+
+def finish(args, results: Results, meta: dict, gpu: bool) -> int:
+    order = {s: i for i, s in enumerate(("generate_step", "raw", "mlx_lm", "mlx_lm-tuned", "mlxsup",
+                                         "mlxsup-tuned"))}
+    wl = {w: i for i, w in enumerate(ALL_WORKLOADS)}
+    results.cells.sort(key=lambda c: (wl.get(c["workload"], 9), c.get("concurrency") or 0,
+                                      order.get(c["system"], 99), c.get("mode") or ""))
+    checks = report.targets(results.cells, gpu=gpu)
+    info = meta["model_info"]
+    title = (f"{info['parameters'] / 1e6:.3g}M params {'/'.join(info['dtypes'])}, "
+             f"{meta['args']['max_tokens']} tokens, {meta['cpu']} x{meta['cpu_count']}, {meta['date']}")
+    png = report.plot(results.cells, os.path.join(args.out, "bench.png"), title)
+    path = results.save({"targets": checks, "plot": png})
+    failed = {k: v["error"] for k, v in results.systems.items() if v.get("error")}
+    print()
+    print(f"# {title}")
+    for m in meta.get("merged_from", [{"command": meta["command"]}]):
+        print(f"# {m['command']}")
+    print(f"# results: {path}" + (f", plot: {png}" if png else ", no plot (matplotlib missing)"))
+    for k, v in failed.items():
+        print(f"# {k} FAILED: {v.splitlines()[0] if v else v}")
+    if checks:
+        print("# targets (issue 7):")
+        for line in checks:
+            print(f"#   {line}")
+    print()
+    print(report.table(results.cells))
+    return 1 if failed and len(failed) == len(results.systems) else 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    if args.merge:
+        return merge(args)
     env = system_env(args)  # before any mlxsup import: may add the import shim
     model = model_dir(args)
     from bench_lib.prompts import Tokenizer
@@ -597,29 +658,7 @@ def main(argv=None) -> int:
     finally:
         monitor.close()
     meta["wall_s"] = time.perf_counter() - t0
-    order = {s: i for i, s in enumerate(["raw", "generate_step"] + args.systems)}
-    wl = {w: i for i, w in enumerate(ALL_WORKLOADS)}
-    results.cells.sort(key=lambda c: (wl.get(c["workload"], 9), c.get("concurrency") or 0,
-                                      order.get(c["system"], 99), c.get("mode") or ""))
-    checks = report.targets(results.cells, gpu=args.gpu)
-    title = (f"{meta['model_info']['parameters'] / 1e6:.3g}M params {'/'.join(meta['model_info']['dtypes'])}, "
-             f"{args.max_tokens} tokens, {meta['cpu']} x{meta['cpu_count']}, {meta['date']}")
-    png = report.plot(results.cells, os.path.join(args.out, "bench.png"), title)
-    path = results.save({"targets": checks, "plot": png})
-    failed = {k: v["error"] for k, v in results.systems.items() if v.get("error")}
-    print()
-    print(f"# {title}")
-    print(f"# {meta['command']}")
-    print(f"# results: {path}" + (f", plot: {png}" if png else ", no plot (matplotlib missing)"))
-    for k, v in failed.items():
-        print(f"# {k} FAILED: {v.splitlines()[0] if v else v}")
-    if checks:
-        print("# targets (issue 7):")
-        for line in checks:
-            print(f"#   {line}")
-    print()
-    print(report.table(results.cells))
-    return 1 if failed and len(failed) == len(results.systems) else 0
+    return finish(args, results, meta, gpu=args.gpu)
 
 
 if __name__ == "__main__":

@@ -203,8 +203,8 @@ def plot(cells: list[dict], path: str, title: str) -> Optional[str]:
     fig, axes = plt.subplots(2, 2, figsize=(12, 9))
     ax_tps, ax_lat, ax_bars, ax_swap = axes.flat
     for sysname in systems:
-        pts = sorted((c["concurrency"], c["stats"]) for c in cells
-                     if c["system"] == sysname and c["workload"] == "single")
+        pts = sorted(((c["concurrency"], c["stats"]) for c in cells
+                      if c["system"] == sysname and c["workload"] == "single"), key=lambda p: p[0])
         if not pts:
             continue
         xs = [p[0] for p in pts]

@@ -30,7 +30,7 @@ from bench_lib.loadgen import closed_loop
 def run_swaps(server, args, model, work, main, native, mode, monitor, name):
     adapter_dirs = [os.path.abspath(write_adapter(model, os.path.join(args.out, "adapters", tag), seed))
                     for tag, seed in (("a", 1), ("b", 2))]
-    items = work.items(work.single)
+    items = work.items(work.swap)
     conc = args.swap_concurrency
     section = f"{name}/swap-{mode}/{conc}"
     cpu0 = monitor.cpu_seconds(name)

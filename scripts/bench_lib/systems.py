@@ -33,7 +33,8 @@ def free_port() -> int:
 def mlxsup_import_env(repo_root: str, work_dir: str) -> dict:
     """PYTHONPATH additions that make `mlxsup` and its subpackages importable without an
     install (the GPU machine has no pip install of the project): a folder with a `mlxsup`
-    package whose subpackages are symlinks to the repository's folders."""
+    package whose subpackages are symlinks to the repository's folders. Children must not run
+    in the repository's root, where `python -m` would find the bare `mlxsup/` folder first."""
     try:
         import importlib.util
 
@@ -103,6 +104,7 @@ class MlxsupServer(Server):
         self.env = env
         self.port = free_port()
         self.base_url = f"http://{HOST}:{self.port}"
+        self.work_dir = work_dir  # the cwd of every child: not the repository (see mlxsup_import_env)
         self.run_dir = os.path.join(work_dir, f"run-{name}")
         self.log_path = os.path.join(work_dir, f"{name}.start.log")
         self.workers = workers
@@ -123,7 +125,7 @@ class MlxsupServer(Server):
     def start(self) -> None:
         with open(self.log_path, "w") as log:
             done = subprocess.run(self.command(), env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, timeout=self.start_timeout)
+                                  stdin=subprocess.DEVNULL, timeout=self.start_timeout, cwd=self.work_dir)
         if done.returncode != 0:
             with open(self.log_path) as f:
                 tail = f.read()[-3000:]
@@ -135,7 +137,7 @@ class MlxsupServer(Server):
         try:
             subprocess.run([sys.executable, "-m", "mlxsup", "stop", "--run-dir", self.run_dir],
                            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           stdin=subprocess.DEVNULL, timeout=120)
+                           stdin=subprocess.DEVNULL, timeout=120, cwd=self.work_dir)
         except subprocess.TimeoutExpired:
             pass
         _wait_gone(self.root_pid, 60)
@@ -158,6 +160,7 @@ class MlxLmServer(Server):
         self.env = env
         self.port = free_port()
         self.base_url = f"http://{HOST}:{self.port}"
+        self.work_dir = work_dir
         self.log_path = os.path.join(work_dir, f"{name}.log")
         self.decode_concurrency = decode_concurrency
         self.prompt_concurrency = prompt_concurrency
@@ -176,7 +179,7 @@ class MlxLmServer(Server):
     def start(self) -> None:
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.command(), env=self.env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.work_dir)
         self.root_pid = self.proc.pid
         wait_http(self.base_url + "/health", 300, self.proc)
 

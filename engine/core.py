@@ -226,6 +226,11 @@ class Engine:
         self._swap = SwapTicket(prepared, mode, version, on_done)
         return self._swap
 
+    @property
+    def pending_swap(self) -> Optional[SwapTicket]:
+        """The swap requested and not committed yet, if any."""
+        return self._swap
+
     def _commit_swap(self) -> None:
         ticket, self._swap = self._swap, None
         t0 = time.perf_counter()

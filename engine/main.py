@@ -1,0 +1,448 @@
+"""The engine process: `python -m mlxsup.engine --run-dir DIR --control-fd FD --epoch N`.
+
+Started fresh (never forked) by the supervisor. It reads `config.json` and, when present,
+`adapter_state.json` from the run directory, loads the model, attaches the shared-memory IPC
+and serves: requests from the API workers' rings go into the `Engine`; its events go back to
+the slot that asked. The supervisor talks to it over the control socket (JSON lines, see
+docs/architecture.md): `ready` once loaded, `swap` -> `swap_done`, `stop`.
+
+Threads: the main thread owns MLX (load, generate, adapter tensors). Three helpers never touch
+MLX: the control reader (socket lines -> queue), the adapter reader (files -> numpy, validated)
+and the publisher, the control block's only writer, which stamps the heartbeat every 100 ms
+while the main loop keeps making progress (a loop stuck for `STALL_S` goes silent, so the
+supervisor's watchdog restarts the engine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import Optional
+
+from mlxsup.config import ServerConfig
+from mlxsup.ipc.messages import (
+    ERR_INTERNAL,
+    ERR_INVALID,
+    ERR_OVERLOADED,
+    AbortRequest,
+    ErrorEvent,
+    GenerateRequest,
+    Hello,
+    ScoreRequest,
+    ScoreResult,
+    SequenceDone,
+)
+
+log = logging.getLogger("mlxsup.engine")
+
+HEARTBEAT_S = 0.1
+STALL_S = 60.0  # the publisher stops the heartbeat when the main loop made no progress this long
+IDLE_WAIT_S = 0.1
+ADAPTER_STATE = "adapter_state.json"
+
+
+def read_adapter_state(run_dir: str) -> tuple[Optional[str], Optional[int]]:
+    """(adapter_path, policy_version) committed in the run dir, or (None, None) without one."""
+    try:
+        with open(os.path.join(run_dir, ADAPTER_STATE)) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None, None
+    path, version = data.get("adapter_path"), data.get("policy_version", 0)
+    if (path is not None and not isinstance(path, str)) or not isinstance(version, int):
+        raise ValueError(f"{ADAPTER_STATE} has fields of the wrong type")
+    return path, version
+
+
+def request_generation(request_id: int) -> int:
+    """The slot generation a worker embeds in its request ids (bits 32..55)."""
+    return (request_id >> 32) & 0xFFFFFF
+
+
+class Publisher(threading.Thread):
+    """Writes the engine's fields into the control block (its only writer)."""
+
+    def __init__(self, control, fields: dict):
+        super().__init__(name="engine-publisher", daemon=True)
+        self.control = control
+        self._fields = dict(fields)
+        self._lock = threading.Lock()
+        self._progress = time.monotonic()
+        self._halt = threading.Event()
+        self._write_lock = threading.Lock()  # one writer at a time, whichever thread
+
+    def write_now(self) -> None:
+        """Write the current fields at once (before telling the supervisor we are ready)."""
+        with self._lock:
+            fields = dict(self._fields)
+        with self._write_lock:
+            self.control.write(**fields)
+
+    def update(self, **fields) -> None:
+        """Called by the main loop every iteration: new values, and proof of progress."""
+        with self._lock:
+            self._fields.update(fields)
+            self._progress = time.monotonic()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            with self._lock:
+                fields, progress = dict(self._fields), self._progress
+            if time.monotonic() - progress < STALL_S:
+                try:
+                    with self._write_lock:
+                        self.control.write(**fields)
+                except Exception:  # the segment went away: the supervisor is stopping us
+                    log.exception("control block write failed")
+            self._halt.wait(HEARTBEAT_S)
+
+    def finish(self, **final) -> None:
+        """Stop heartbeating after one last write of `final` fields."""
+        self._halt.set()
+        self.join(timeout=1)
+        with self._lock:
+            self._fields.update(final)
+        try:
+            self.control.write(**self._fields)
+        except Exception:
+            pass
+
+
+class ControlLink:
+    """JSON lines over the supervisor's socketpair. A reader thread queues incoming commands
+    and rings `wake` so the main loop notices at once; the main thread sends replies."""
+
+    def __init__(self, fd: int, wake):
+        self.sock = socket.socket(fileno=fd)
+        self.sock.setblocking(True)
+        self.inbox: "queue.Queue[dict]" = queue.Queue()
+        self.closed = threading.Event()
+        self._wake = wake
+        self._thread = threading.Thread(target=self._read, name="engine-control", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        buf = b""
+        try:
+            while True:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    if not line.strip():
+                        continue
+                    try:
+                        msg = json.loads(line)
+                    except ValueError:
+                        log.warning("unreadable control line: %r", line[:200])
+                        continue
+                    if isinstance(msg, dict):
+                        self.inbox.put(msg)
+                        self._wake()
+        except OSError:
+            pass
+        self.closed.set()
+        self._wake()
+
+    def send(self, msg: dict) -> None:
+        try:
+            self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        except OSError as e:
+            log.warning("control socket: %s", e)
+
+
+class EngineProcess:
+    """The main loop: IPC in, engine steps, IPC out; control commands between steps."""
+
+    def __init__(self, engine, channel, control: ControlLink, epoch: int):
+        from mlxsup.ipc.doorbell import Doorbell
+
+        self.engine = engine
+        self.channel = channel
+        self.control = control
+        self.epoch = epoch
+        self._bell = Doorbell(channel.layout.engine_bell_path)  # helpers ring it to wake us
+        self._slot_of: dict[int, int] = {}  # request id -> slot
+        self._remaining: dict[int, int] = {}  # request id -> events still to come
+        self._prepared: "queue.Queue[tuple]" = queue.Queue()
+        self._swaps: list[dict] = []  # swap commands not yet handed to the engine
+        self._swap_busy = False
+        self._signals: "queue.Queue[int]" = queue.Queue()
+        self.stopping = False
+        self.publisher = Publisher(channel.control, dict(
+            engine_epoch=epoch, engine_pid=os.getpid(), engine_state="starting",
+            policy_version=engine.policy_version, adapter_id=engine.adapter_path or ""))
+
+    def wake(self) -> None:
+        self._bell.ring()
+
+    def on_signal(self, signum, frame) -> None:
+        """Signal handler - no logging, just queue the signal."""
+        self._signals.put(signum)
+        self.wake()
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self) -> int:
+        eng = self.engine
+        self._publish(state="ready")
+        self.publisher.write_now()
+        self.publisher.start()
+        self.control.send({"op": "ready", "policy_version": eng.policy_version,
+                           "adapter": eng.adapter_path, "epoch": self.epoch})
+        log.info("ready: policy version %d, adapter %s", eng.policy_version,
+                 eng.adapter_path or "none")
+        while True:
+            self._handle_signals()
+            self._handle_control()
+            self._handle_prepared()
+            for slot, msg in self.channel.poll():
+                self._dispatch(slot, msg)
+            if eng.has_work():
+                self._route(eng.step())
+            self.channel.flush()
+            self._publish()
+            if self.control.closed.is_set() and not self.stopping:
+                log.warning("control socket closed: the supervisor is gone; stopping")
+                eng.abort_all()
+                self.stopping = True
+            if self.stopping and not eng.has_work() and not self._swap_busy:
+                break
+            hint = eng.wait_hint()
+            if hint is None or hint > 0:
+                self.channel.wait(min(hint if hint is not None else IDLE_WAIT_S, IDLE_WAIT_S))
+        self._drain_outbox()
+        self.publisher.finish(engine_state="down")
+        log.info("stopped")
+        return 0
+
+    def _publish(self, state: Optional[str] = None) -> None:
+        s = self.engine.stats()
+        fields = dict(
+            policy_version=s["policy_version"], adapter_id=s["adapter_path"] or "",
+            queue_depth=s["queue_depth"], num_running=s["num_running"],
+            tokens_generated=s["tokens_generated"], prefill_tokens=s["prefill_tokens"],
+            num_swaps=s["num_swaps"], num_requests=s["num_requests"],
+        )
+        if state is None:
+            swap = self.engine.pending_swap
+            state = "stopping" if self.stopping else (
+                "draining" if swap is not None and swap.mode == "drain" else "ready")
+        fields["engine_state"] = state
+        self.publisher.update(**fields)
+
+    def _drain_outbox(self, timeout: float = 2.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.channel.has_backlog() and time.monotonic() < deadline:
+            self.channel.wait(0.05)
+            self.channel.flush()
+
+    # ------------------------------------------------------------------ requests
+
+    def _dispatch(self, slot: int, msg) -> None:
+        eng = self.engine
+        if isinstance(msg, Hello):
+            # A new worker owns the slot: the old one's requests have nobody to answer.
+            for rid, s in list(self._slot_of.items()):
+                if s == slot and request_generation(rid) != (msg.generation & 0xFFFFFF):
+                    self._forget(rid)
+                    eng.abort(rid)
+            return
+        if isinstance(msg, AbortRequest):
+            if self._slot_of.get(msg.request_id) == slot:
+                eng.abort(msg.request_id)
+            return
+        if not isinstance(msg, (GenerateRequest, ScoreRequest)):
+            return
+        rid = msg.request_id
+        if self.stopping:
+            self.channel.send(slot, ErrorEvent(rid, ERR_OVERLOADED, "the engine is stopping"))
+            return
+        from .core import RequestError
+        from .scheduler import QueueFull
+
+        try:
+            eng.submit(msg)
+        except QueueFull as e:
+            self.channel.send(slot, ErrorEvent(rid, ERR_OVERLOADED, str(e)))
+            return
+        except RequestError as e:
+            self.channel.send(slot, ErrorEvent(rid, ERR_INVALID, str(e), e.field))
+            return
+        except Exception as e:  # never let a request take the engine down
+            log.exception("submit failed")
+            self.channel.send(slot, ErrorEvent(rid, ERR_INTERNAL, f"submit failed: {e}"))
+            return
+        self._slot_of[rid] = slot
+        self._remaining[rid] = msg.n if isinstance(msg, GenerateRequest) else 1
+
+    def _forget(self, rid: int) -> None:
+        self._slot_of.pop(rid, None)
+        self._remaining.pop(rid, None)
+
+    def _route(self, events) -> None:
+        for ev in events:
+            rid = ev.request_id
+            slot = self._slot_of.get(rid)
+            if slot is None:
+                continue  # its worker is gone
+            self.channel.send(slot, ev)
+            if isinstance(ev, SequenceDone):
+                self._remaining[rid] -= 1
+                if self._remaining[rid] <= 0:
+                    self._forget(rid)
+            elif isinstance(ev, (ScoreResult, ErrorEvent)):
+                self._forget(rid)
+
+    # ------------------------------------------------------------------ control
+
+    def _handle_signals(self) -> None:
+        while not self._signals.empty():
+            signum = self._signals.get()
+            log.info("signal %d: stopping (aborting in-flight work)", signum)
+            self._stop(drain=False)
+
+    def _handle_control(self) -> None:
+        while not self.control.inbox.empty():
+            msg = self.control.inbox.get()
+            op = msg.get("op")
+            if op == "swap":
+                self._swaps.append(msg)
+            elif op == "stop":
+                self._stop(drain=bool(msg.get("drain", True)))
+            else:
+                log.warning("unknown control op: %r", msg)
+        if self._swaps and not self._swap_busy:
+            self._start_swap(self._swaps.pop(0))
+
+    def _stop(self, drain: bool) -> None:
+        if not drain:
+            self.engine.abort_all()
+        self.stopping = True
+        self._publish(state="stopping")
+
+    def _start_swap(self, msg: dict) -> None:
+        swap_id, path, mode, version = msg.get("id"), msg.get("path"), msg.get("mode", "drain"), \
+            msg.get("version")
+        self._swap_busy = True
+        started = time.perf_counter()
+        if path is None:
+            self._prepared.put((msg, None, started, 0.0))
+            return
+
+        def read():
+            try:
+                files = self.engine.adapters.read(path)  # numpy only: safe off the engine thread
+            except Exception as e:  # AdapterError or anything unexpected
+                files = e
+            self._prepared.put((msg, files, started, (time.perf_counter() - started) * 1e3))
+            self.wake()
+
+        threading.Thread(target=read, name="engine-adapter-reader", daemon=True).start()
+        log.info("swap %s: reading %s (mode %s, version %s)", swap_id, path, mode, version)
+
+    def _handle_prepared(self) -> None:
+        from .adapter_files import AdapterError
+
+        while not self._prepared.empty():
+            msg, files, started, _read_ms = self._prepared.get()
+            swap_id = msg.get("id")
+            try:
+                if isinstance(files, Exception):
+                    raise files
+                prepared = self.engine.prepare_adapter(files)
+                prepare_ms = (time.perf_counter() - started) * 1e3
+                version = msg.get("version")
+                if not isinstance(version, int) or isinstance(version, bool):
+                    raise ValueError("swap version must be an integer")
+
+                def done(ticket, swap_id=swap_id, prepare_ms=prepare_ms):
+                    self._swap_busy = False
+                    self.control.send({"op": "swap_done", "id": swap_id, "ok": True,
+                                       "policy_version": ticket.policy_version,
+                                       "prepare_ms": round(prepare_ms, 3),
+                                       "commit_ms": round(ticket.commit_ms, 3)})
+                    log.info("swap %s committed: version %d, %s (prepare %.1f ms, commit %.2f ms)",
+                             swap_id, ticket.policy_version, ticket.adapter_path or "base model",
+                             prepare_ms, ticket.commit_ms)
+                    self._publish()
+
+                self.engine.request_swap(prepared, msg.get("mode", "drain"), version, on_done=done)
+            except AdapterError as e:
+                self._swap_failed(swap_id, "not_found" if e.kind == "not_found" else
+                                  "invalid_adapter", str(e))
+            except (ValueError, RuntimeError) as e:
+                self._swap_failed(swap_id, "bad_request", str(e))
+            except Exception as e:
+                log.exception("swap %s failed", swap_id)
+                self._swap_failed(swap_id, "internal", str(e))
+
+    def _swap_failed(self, swap_id, kind: str, message: str) -> None:
+        self._swap_busy = False
+        log.warning("swap %s refused: %s", swap_id, message)
+        self.control.send({"op": "swap_done", "id": swap_id, "ok": False,
+                           "error": {"type": kind, "message": message}})
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m mlxsup.engine",
+                                description="mlxsup's engine process (started by the supervisor)")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--control-fd", type=int, required=True)
+    p.add_argument("--epoch", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = ServerConfig.load(args.run_dir)
+    logging.basicConfig(level=cfg.log_level, stream=sys.stderr,
+                        format="%(asctime)s engine[%(process)d] %(levelname)s %(message)s")
+    from mlxsup.ipc.channel import EngineChannel
+    from mlxsup.ipc.layout import IpcLayout
+
+    from .config import EngineConfig
+    from .core import Engine
+
+    state_path, state_version = read_adapter_state(args.run_dir)
+    adapter = state_path if state_version is not None else cfg.adapter_path
+    model = cfg.model
+    if model is None:
+        from mlxsup.demo import ensure_demo_model
+
+        model = ensure_demo_model()
+    ecfg = dataclasses.replace(EngineConfig.from_server_config(cfg, model=model),
+                               adapter_path=adapter)
+
+    channel = EngineChannel(IpcLayout.load(args.run_dir))
+    channel.control.write(engine_epoch=args.epoch, engine_pid=os.getpid(),
+                          engine_state="starting")
+    log.info("epoch %d: loading %s (adapter %s, version %d)", args.epoch, model,
+             adapter or "none", state_version or 0)
+    t0 = time.perf_counter()
+    engine = Engine(ecfg, policy_version=state_version or 0)
+    log.info("loaded in %.1f s", time.perf_counter() - t0)
+    proc: Optional[EngineProcess] = None
+    control = ControlLink(args.control_fd, wake=lambda: proc.wake() if proc else None)
+    proc = EngineProcess(engine, channel, control, args.epoch)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, proc.on_signal)
+    try:
+        return proc.run()
+    finally:
+        channel.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""The adapter routes: POST /load_adapter, POST /upload_adapter, GET /adapter.
+
+The supervisor is the one authority for swaps: these resources check the request (path inside
+`--adapter-root`, upload size and files) and ask it over the control socket; the version moves
+only when the swap commits. Auth (admin key, or loopback only) is the middleware's job.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+from typing import Optional
+
+import falcon
+
+from mlxsup.api.common import send_json
+from mlxsup.api.errors import ApiError, invalid, not_found, too_large
+from mlxsup.api.media import read_json_object
+from mlxsup.api.uploads import CONFIG_NAME, WEIGHTS_NAME, UploadStore, check_adapter_config, check_safetensors
+from mlxsup.config import SWAP_MODES
+
+log = logging.getLogger("mlxsup.api")
+
+_CHUNK = 1 << 20
+_STATE_FILE = "adapter_state.json"
+
+
+class SupervisorAdapters:
+    """Adapter swaps through the supervisor's control socket."""
+
+    def __init__(self, run_dir: str, timeout_s: float = 600.0):
+        self.run_dir = run_dir
+        self.timeout_s = timeout_s
+
+    async def reload(self, path: Optional[str], mode: str) -> dict:
+        from mlxsup.supervisor.protocol import ControlError, acall
+
+        try:
+            return await acall(self.run_dir, {"op": "reload_adapter", "path": path, "mode": mode},
+                               timeout=self.timeout_s)
+        except ControlError as e:
+            raise ApiError(503, "supervisor_unavailable", str(e), retry_after=2) from None
+
+    def committed(self) -> dict:
+        """The committed-adapter state file (written by the supervisor), or {}."""
+        try:
+            with open(os.path.join(self.run_dir, _STATE_FILE)) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+
+def swap_answer(reply: dict, field: str = "adapter_path") -> dict:
+    """The supervisor's reply as the seed's response, or the fitting ApiError."""
+    if reply.get("ok"):
+        return {
+            "status": "success",
+            "policy_version": reply.get("policy_version"),
+            "message": reply.get("message") or "",
+            "adapter_path": reply.get("adapter"),
+            "mode": reply.get("mode"),
+            "prepare_ms": reply.get("prepare_ms"),
+            "commit_ms": reply.get("commit_ms"),
+        }
+    error = reply.get("error") if isinstance(reply.get("error"), dict) else {}
+    kind = str(error.get("type") or "adapter_error")
+    message = str(error.get("message") or "the adapter swap failed")
+    err_field = {"path": field}.get(error.get("field"), error.get("field") or field)
+    if kind == "not_found":
+        return_error = ApiError(404, "not_found", message, err_field)
+    elif kind in ("engine_unavailable", "engine_restarted", "busy"):
+        return_error = ApiError(503, kind, message, retry_after=2)
+    elif kind == "bad_request":
+        return_error = ApiError(422, "validation_error", message, err_field)
+    else:
+        return_error = ApiError(422, kind, message, err_field)
+    raise return_error
+
+
+def resolve_adapter_path(path: str, adapter_root: Optional[str]) -> str:
+    """The real path of `path` (symlinks resolved), which must lie inside `adapter_root`."""
+    if "\x00" in path:
+        raise invalid("adapter_path", "adapter_path contains a NUL character")
+    expanded = os.path.expanduser(path)
+    if adapter_root is not None:
+        root = os.path.realpath(adapter_root)
+        real = os.path.realpath(os.path.join(root, expanded))
+        if os.path.commonpath([real, root]) != root:
+            raise ApiError(403, "forbidden", "adapter_path resolves outside --adapter-root", "adapter_path")
+    else:
+        real = os.path.realpath(expanded)
+    if not os.path.exists(real):
+        raise not_found(f"adapter path {path} does not exist", "adapter_path")
+    if not os.path.isdir(real):
+        raise invalid("adapter_path", f"adapter path {path} is not a directory")
+    return real
+
+
+class LoadAdapterResource:
+    def __init__(self, adapters: SupervisorAdapters, schema, adapter_root: Optional[str]):
+        self.adapters = adapters
+        self.schema = schema
+        self.adapter_root = adapter_root
+
+    async def on_post(self, req, resp):
+        body = self.schema.check(await read_json_object(req))
+        path = body["adapter_path"]
+        if path is not None:
+            path = resolve_adapter_path(path, self.adapter_root)
+        send_json(resp, swap_answer(await self.adapters.reload(path, body["mode"])))
+
+
+class UploadAdapterResource:
+    """Multipart fields: `adapter_weights` (adapters.safetensors), `adapter_config`
+    (adapter_config.json), optional `mode` (drain/abort/inflight; also a query parameter)."""
+
+    FILES = {"adapter_weights": WEIGHTS_NAME, "adapter_config": CONFIG_NAME}
+
+    def __init__(self, adapters: SupervisorAdapters, store: UploadStore, max_upload_bytes: int):
+        self.adapters = adapters
+        self.store = store
+        self.max_bytes = max_upload_bytes
+
+    async def on_post(self, req, resp):
+        if not (req.content_type or "").lower().startswith("multipart/form-data"):
+            raise ApiError(415, "unsupported_media_type",
+                           "send multipart/form-data with adapter_weights and adapter_config")
+        length = req.content_length
+        if length is not None and length > self.max_bytes:
+            raise too_large(f"upload of {length} bytes exceeds --max-upload-mb "
+                            f"({self.max_bytes >> 20} MiB)")
+        mode = req.get_param("mode") or "drain"
+        tmp = self.store.new_dir()
+        published = None
+        try:
+            mode = await self._receive(req, tmp, mode)
+            check_safetensors(os.path.join(tmp, WEIGHTS_NAME))
+            check_adapter_config(os.path.join(tmp, CONFIG_NAME))
+            async with self.store.lock():
+                published = self.store.publish(tmp)
+                tmp = None
+                try:
+                    reply = await self.adapters.reload(published, mode)
+                except ApiError:
+                    published = None  # the supervisor may have committed it: keep the files
+                    raise
+                if not reply.get("ok"):
+                    swap_answer(reply, field="adapter_weights")  # raises
+                self.store.remove_replaced(keep=published)
+                answer = swap_answer(reply, field="adapter_weights")
+                published = None  # committed: it stays until a later upload replaces it
+        finally:
+            self.store.discard(tmp)
+            self.store.discard(published)
+        send_json(resp, answer)
+
+    async def _receive(self, req, directory: str, mode: str) -> str:
+        try:
+            form = await req.get_media()
+        except falcon.MediaNotFoundError:
+            raise invalid("adapter_weights", "the multipart body is empty") from None
+        seen = set()
+        total = 0
+        async for part in form:
+            name = part.name or ""
+            if name in seen:
+                raise invalid(name, f"multipart field {name!r} given twice")
+            seen.add(name)
+            if name == "mode":
+                mode = (await part.stream.read(64)).decode("utf-8", "replace").strip()
+                continue
+            if name not in self.FILES:
+                raise invalid(name[:64], f"unexpected multipart field {name[:64]!r}; expected "
+                                         "adapter_weights, adapter_config and optionally mode")
+            with self.store.open_file(directory, self.FILES[name]) as out:
+                while True:
+                    chunk = await part.stream.read(_CHUNK)
+                    if not chunk:
+                        break
+                    total += len(chunk)
+                    if total > self.max_bytes:
+                        raise too_large(f"upload exceeds --max-upload-mb ({self.max_bytes >> 20} MiB)", name)
+                    out.write(chunk)
+        for name in self.FILES:
+            if name not in seen:
+                raise invalid(name, f"missing multipart field {name!r}")
+        if mode not in SWAP_MODES:
+            raise invalid("mode", f"mode must be one of {', '.join(SWAP_MODES)}")
+        return mode
+
+
+class AdapterResource:
+    """GET /adapter: what is being served."""
+
+    def __init__(self, adapters: SupervisorAdapters, link):
+        self.adapters = adapters
+        self.link = link
+
+    async def on_get(self, req, resp):
+        state = self.adapters.committed()
+        status = self.link.status()
+        committed_at = state.get("committed_at")
+        loaded_at = None
+        if isinstance(committed_at, (int, float)) and not isinstance(committed_at, bool):
+            loaded_at = datetime.datetime.fromtimestamp(committed_at, datetime.timezone.utc).isoformat()
+        version = status.policy_version if status.link_open else state.get("policy_version", 0)
+        send_json(resp, {
+            "policy_version": version,
+            "adapter_path": state.get("adapter_path"),
+            "adapter_id": status.adapter_id or None,
+            "loaded_at": loaded_at,
+            "committed_version": state.get("policy_version"),
+            "num_swaps": status.num_swaps,
+        })

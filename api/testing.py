@@ -1,0 +1,149 @@
+"""Test doubles for the API's dependencies (as `falcon.testing` is for falcon apps): a fake
+engine link that answers deterministically, and a fake supervisor for the adapter routes.
+
+    app = create_app(config, engine_link=FakeEngineLink(), codec=codec, adapters=FakeAdapters())
+    client = falcon.testing.TestClient(app)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+from typing import Callable, Optional, Sequence
+
+from mlxsup.api.engine_link import EngineStatus
+from mlxsup.api.errors import ApiError
+from mlxsup.ipc.messages import LOGPROBS_NONE, SamplingParams, ScoreResult, SequenceDone, TokenChunk
+
+
+def default_completion(prompt_ids: Sequence[int], params: SamplingParams, seq_index: int) -> list[int]:
+    """A deterministic completion: up to max_tokens ids derived from the prompt."""
+    base = sum(prompt_ids) + 7 * seq_index
+    length = min(params.max_tokens, 4 + seq_index)
+    return [(base + 3 * i) % 200 + 20 for i in range(length)]
+
+
+class FakeEngineLink:
+    """An `EngineLink` without an engine. Settable: `status_fields` (EngineStatus fields),
+    `error` (an ApiError every request raises), `delay_s`, `completion` (prompt, params, seq ->
+    ids). Records `requests` (kind, prompt_ids, params, n, tag) and `aborted` tags."""
+
+    def __init__(self, completion: Optional[Callable] = None, **status_fields):
+        self.status_fields = {"link_open": True, "engine_state": "ready", "heartbeat_age_s": 0.1,
+                              "engine_epoch": 1, "slot": 0, **status_fields}
+        self.completion = completion or default_completion
+        self.error: Optional[ApiError] = None
+        self.delay_s = 0.0
+        self.requests: list = []
+        self.aborted: list = []
+        self.cancelled = 0
+        self.num_starts = 0
+        self.num_closes = 0
+
+    async def start(self):
+        self.num_starts += 1
+
+    async def close(self):
+        self.num_closes += 1
+
+    def status(self) -> EngineStatus:
+        return EngineStatus(**self.status_fields)
+
+    def _sequence(self, prompt_ids, params, seq_index):
+        ids = list(self.completion(prompt_ids, params, seq_index))
+        logprobs = [] if params.logprobs_mode == LOGPROBS_NONE else [-0.5 - 0.01 * i for i in range(len(ids))]
+        finish = "length" if len(ids) >= params.max_tokens else "stop"
+        return ids, logprobs, finish
+
+    async def _begin(self, kind, prompt_ids, params, n, tag):
+        self.requests.append((kind, list(prompt_ids), params, n, tag))
+        try:
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        if self.error is not None:
+            raise self.error
+
+    async def generate(self, prompt_ids, params, *, n=1, min_policy_version=-1, tag=None):
+        await self._begin("generate", prompt_ids, params, n, tag)
+        version = self.status_fields.get("policy_version", 0)
+        out = []
+        for s in range(n):
+            ids, logprobs, finish = self._sequence(prompt_ids, params, s)
+            out.append(SequenceDone(request_id=1, seq_index=s, finish_reason=finish, token_ids=ids,
+                                    logprobs=logprobs, versions=[version] * len(ids),
+                                    num_prompt_tokens=len(prompt_ids), batch_size=n, policy_version=version,
+                                    queue_ms=0.5, ttft_ms=1.0, total_ms=2.0))
+        return out
+
+    async def stream(self, prompt_ids, params, *, n=1, min_policy_version=-1, tag=None):
+        await self._begin("stream", prompt_ids, params, n, tag)
+        version = self.status_fields.get("policy_version", 0)
+        for s in range(n):
+            ids, logprobs, finish = self._sequence(prompt_ids, params, s)
+            for i, t in enumerate(ids):
+                yield TokenChunk(request_id=1, seq_index=s, token_ids=[t],
+                                 logprobs=logprobs[i:i + 1], versions=[version])
+                await asyncio.sleep(0)
+            yield SequenceDone(request_id=1, seq_index=s, finish_reason=finish, token_ids=[], logprobs=[],
+                               versions=[], num_prompt_tokens=len(prompt_ids), batch_size=n,
+                               policy_version=version)
+
+    async def score(self, prompt_ids, completion_ids, *, logprobs_mode, params, tag=None):
+        await self._begin("score", prompt_ids, params, 1, tag)
+        return ScoreResult(request_id=1, logprobs=[-0.25] * len(completion_ids),
+                           policy_version=self.status_fields.get("policy_version", 0))
+
+    async def abort(self, tag):
+        self.aborted.append(tag)
+        return 0
+
+
+class FakeAdapters:
+    """The supervisor's side of the adapter routes: records calls, answers `reply` (default:
+    success, version + 1). `committed()` returns `state`."""
+
+    def __init__(self, run_dir: str = "/nonexistent"):
+        self.run_dir = run_dir
+        self.calls: list = []
+        self.version = 0
+        self.reply: Optional[dict] = None
+        self.state: dict = {}
+
+    async def reload(self, path, mode):
+        self.calls.append((path, mode, os.path.isdir(path) if path else None))
+        if self.reply is not None:
+            return self.reply
+        self.version += 1
+        self.state = {"adapter_path": path, "policy_version": self.version, "committed_at": 1700000000.0}
+        return {"ok": True, "policy_version": self.version, "adapter": path, "mode": mode,
+                "message": f"Loaded adapter from {path}" if path else "Back to the base model"}
+
+    def committed(self) -> dict:
+        return dict(self.state)
+
+
+def status_with(link: FakeEngineLink, **fields) -> None:
+    """Change some EngineStatus fields of a fake link."""
+    known = {f.name for f in dataclasses.fields(EngineStatus)}
+    unknown = set(fields) - known
+    if unknown:
+        raise TypeError(f"unknown EngineStatus fields: {sorted(unknown)}")
+    link.status_fields.update(fields)
+
+
+def make_app(codec, run_dir: str, *, link: Optional[FakeEngineLink] = None,
+             adapters: Optional[FakeAdapters] = None, **config_fields):
+    """(app, link, adapters): the real app over fakes, with a ServerConfig built from
+    `config_fields` (model defaults to "test-model")."""
+    from mlxsup.api.app import create_app
+    from mlxsup.config import ServerConfig
+
+    config_fields.setdefault("model", "test-model")
+    config = ServerConfig(run_dir=run_dir, **config_fields)
+    link = link or FakeEngineLink()
+    adapters = adapters or FakeAdapters(run_dir)
+    return create_app(config, engine_link=link, codec=codec, adapters=adapters), link, adapters

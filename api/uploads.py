@@ -1,0 +1,149 @@
+"""Adapters received by POST /upload_adapter: checked, stored privately, cleaned up.
+
+Each upload is written to `<run_dir>/uploads/.tmp-<id>/` (directories 0700, files 0600), checked
+(safetensors framing only: nothing is unpickled, and pickle/zip checkpoints are refused by their
+magic bytes), then renamed to `uploads/<id>/` and handed to the supervisor. Uploads are
+serialised across workers by a `flock` on `uploads/.lock`, held from the rename to the clean-up,
+so deleting the uploads the new one replaced never races with another upload's swap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import secrets
+import shutil
+import struct
+import time
+from typing import Optional
+
+from mlxsup.api.errors import ApiError, invalid
+from mlxsup.api.media import loads
+
+WEIGHTS_NAME = "adapters.safetensors"
+CONFIG_NAME = "adapter_config.json"
+MAX_CONFIG_BYTES = 1 << 20
+MAX_HEADER_BYTES = 100 << 20
+STALE_TMP_S = 3600.0
+LOCK_WAIT_S = 600.0
+
+SAFETENSORS_DTYPES = {"BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32",
+                      "U32", "F32", "F64", "I64", "U64"}
+
+
+def check_safetensors(path: str, field: str = "adapter_weights") -> int:
+    """Validate the framing of a safetensors file; return its number of tensors."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise invalid(field, f"{field} is too short to be a safetensors file")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len == 0 or header_len > MAX_HEADER_BYTES or header_len > size - 8:
+            if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05"):
+                raise invalid(field, f"{field} is a pickle/zip checkpoint; only safetensors is accepted")
+            raise invalid(field, f"{field} is not a safetensors file (bad header length)")
+        header_bytes = f.read(header_len)
+    try:
+        header = loads(header_bytes, what=f"{field} header")
+    except ApiError:
+        raise invalid(field, f"{field} is not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise invalid(field, f"{field} is not a safetensors file (header is not an object)")
+    data_len = size - 8 - header_len
+    num = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not (isinstance(info, dict) and info.get("dtype") in SAFETENSORS_DTYPES
+                and isinstance(info.get("shape"), list)
+                and all(type(d) is int and d >= 0 for d in info["shape"])
+                and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+                and all(type(o) is int for o in info["data_offsets"])):
+            raise invalid(field, f"{field}: tensor entry {name[:80]!r} is malformed")
+        begin, end = info["data_offsets"]
+        if not (0 <= begin <= end <= data_len):
+            raise invalid(field, f"{field}: tensor {name[:80]!r} lies outside the file (truncated?)")
+        num += 1
+    if num == 0:
+        raise invalid(field, f"{field} holds no tensors")
+    return num
+
+
+def check_adapter_config(path: str, field: str = "adapter_config") -> None:
+    with open(path, "rb") as f:
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise invalid(field, f"{field} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        config = loads(data, what=field)
+    except ApiError as e:
+        raise invalid(field, e.message) from None
+    if not isinstance(config, dict):
+        raise invalid(field, f"{field} must be a JSON object")
+
+
+class UploadStore:
+    def __init__(self, run_dir: str):
+        self.root = os.path.join(run_dir, "uploads")
+
+    def new_dir(self) -> str:
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        name = f".tmp-{time.time_ns():020d}-{secrets.token_hex(4)}"
+        path = os.path.join(self.root, name)
+        os.mkdir(path, 0o700)
+        return path
+
+    def open_file(self, directory: str, name: str):
+        fd = os.open(os.path.join(directory, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        return os.fdopen(fd, "wb")
+
+    def publish(self, tmp_dir: str) -> str:
+        final = os.path.join(self.root, os.path.basename(tmp_dir)[len(".tmp-"):])
+        os.rename(tmp_dir, final)
+        return final
+
+    def discard(self, path: Optional[str]) -> None:
+        if path:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def remove_replaced(self, keep: str) -> list[str]:
+        """After `keep` was committed: delete every other finished upload, and temporary
+        directories left by killed workers."""
+        removed = []
+        now = time.time()
+        for name in os.listdir(self.root):
+            full = os.path.join(self.root, name)
+            if full == keep or name == ".lock" or not os.path.isdir(full):
+                continue
+            if name.startswith(".tmp-"):
+                try:
+                    if now - os.stat(full).st_mtime < STALE_TMP_S:
+                        continue
+                except FileNotFoundError:
+                    continue
+            shutil.rmtree(full, ignore_errors=True)
+            removed.append(full)
+        return removed
+
+    @contextlib.asynccontextmanager
+    async def lock(self, wait_s: float = LOCK_WAIT_S):
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        fd = os.open(os.path.join(self.root, ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            deadline = time.monotonic() + wait_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise ApiError(503, "busy", "another adapter upload is in progress",
+                                       retry_after=5) from None
+                    await asyncio.sleep(0.05)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock

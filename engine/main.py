@@ -369,6 +369,9 @@ class EngineProcess:
 
                 def done(ticket, swap_id=swap_id, prepare_ms=prepare_ms):
                     self._swap_busy = False
+                    # The control block shows the new version before anyone learns of the swap.
+                    self._publish()
+                    self.publisher.write_now()
                     self.control.send({"op": "swap_done", "id": swap_id, "ok": True,
                                        "policy_version": ticket.policy_version,
                                        "prepare_ms": round(prepare_ms, 3),
@@ -376,7 +379,6 @@ class EngineProcess:
                     log.info("swap %s committed: version %d, %s (prepare %.1f ms, commit %.2f ms)",
                              swap_id, ticket.policy_version, ticket.adapter_path or "base model",
                              prepare_ms, ticket.commit_ms)
-                    self._publish()
 
                 self.engine.request_swap(prepared, msg.get("mode", "drain"), version, on_done=done)
             except AdapterError as e:

@@ -89,7 +89,7 @@ def gunicorn_argv(config: ServerConfig) -> list[str]:
         "--timeout", "60",
         "--log-level", config.log_level.lower(),
         "--no-control-socket",
-        "--proc-name", f"mlxsup-api-{config.port}",
+        "--name", f"mlxsup-api-{config.port}",
         "mlxsup.api.asgi:app",
     ]  # fmt: skip
 

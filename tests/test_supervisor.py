@@ -392,3 +392,22 @@ def test_supervisor_never_imports_mlx():
 def test_argparse_namespace_stays_at_the_edge():
     assert isinstance(sup_cli.config_from_args(_parser().parse_args(["start"])), ServerConfig)
     assert not any(isinstance(v, argparse.Namespace) for v in vars(ServerConfig()).values())
+
+
+def test_gunicorn_command_line_is_valid_for_gunicorn():
+    from gunicorn.config import Config
+
+    from mlxsup.supervisor.arbiter import gunicorn_argv
+
+    argv = gunicorn_argv(ServerConfig(host="0.0.0.0", port=8123, workers=3, log_level="DEBUG"))
+    assert argv[1:3] == ["-m", "gunicorn"]
+    cfg = Config()
+    args = cfg.parser().parse_args(argv[3:])
+    for key, value in vars(args).items():
+        if key != "args" and value is not None:
+            cfg.set(key.lower(), value)
+    assert cfg.workers == 3 and cfg.bind == ["0.0.0.0:8123"]
+    assert cfg.worker_class_str == "asgi" and cfg.control_socket_disable is True
+    assert cfg.settings["asgi_loop"].get() == "uvloop"
+    assert args.args == ["mlxsup.api.asgi:app"]
+    assert gunicorn_argv(ServerConfig(host="::1", port=9))[argv.index("--bind") + 1] == "[::1]:9"

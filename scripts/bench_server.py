@@ -619,7 +619,8 @@ def finish(args, results: Results, meta: dict, gpu: bool) -> int:
     print(f"# {title}")
     for m in meta.get("merged_from", [{"command": meta["command"]}]):
         print(f"# {m['command']}")
-    print(f"# results: {path}" + (f", plot: {png}" if png else ", no plot (matplotlib missing)"))
+    why = "nothing measured" if not results.cells else "matplotlib missing"
+    print(f"# results: {path}" + (f", plot: {png}" if png else f", no plot ({why})"))
     for k, v in failed.items():
         print(f"# {k} FAILED: {v.splitlines()[0] if v else v}")
     if checks:

@@ -102,7 +102,7 @@ def table(cells: list[dict]) -> str:
     if swaps:
         lines += ["", "| swap mode | system | swaps ok | swap->probe token p50 / max ms "
                       "| swap->first new token in flight p50 / max ms (est.) | ack p50 / max ms "
-                      "| load ok/err/tmo/cut | multi-version | tok/s |",
+                      "| load ok/err/tmo/cut | multi-version (drain: must be 0) | tok/s |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for c in swaps:
             w = c["swap"]
@@ -245,6 +245,9 @@ def plot(cells: list[dict], path: str, title: str) -> Optional[str]:
         vals = c["swap"].get("inflight_ms") or []
         ax_swap.plot(range(len(vals)), vals, marker="x", linestyle="--",
                      label=f"{c['system']} {c['mode']} (in flight, est.)")
+    from matplotlib.ticker import MaxNLocator
+
+    ax_swap.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_swap.set_xlabel("swap #")
     ax_swap.set_ylabel("swap request -> first token of new version, ms")
     ax_swap.set_title(WORKLOAD_TITLES["swap"])

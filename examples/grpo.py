@@ -58,6 +58,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -447,11 +448,16 @@ def mean_abs_log_ratio(server_logprobs, trainer_logprobs) -> tuple:
 
 
 class Trainer:
-    def __init__(self, cfg: GRPOConfig, client: InferenceClient, model_path: str, log=print):
+    """The loop. HTTP runs on the event loop; every MLX call runs on one dedicated thread
+    (`on_mlx`), so the next batch's requests keep flowing while the trainer computes. (MLX
+    arrays belong to the thread whose stream built them, hence one thread, not a pool.)"""
+
+    def __init__(self, cfg: GRPOConfig, client: InferenceClient, policy: Policy, mlx_thread, log=print):
         self.cfg = cfg
         self.client = client
         self.log = log
-        self.policy = Policy(model_path, cfg)
+        self.policy = policy
+        self.mlx_thread = mlx_thread
         self.targets = number_token_ids(self.policy.tokenizer)
         template = self.policy.tokenizer.apply_chat_template
         self.prompt_ids = [
@@ -463,13 +469,16 @@ class Trainer:
         self.adapter_dirs: list = []
         self.records: list = []
 
+    async def on_mlx(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.mlx_thread, fn, *args)
+
     def prompts_for_step(self) -> list:
         return [self.rng.choice(self.prompt_ids) for _ in range(self.cfg.prompts_per_step)]
 
     async def push_adapter(self, tag: str) -> dict:
         """Save the current LoRA weights and swap them into the server; returns timing."""
         path = os.path.join(os.path.abspath(self.cfg.out), "adapters", tag)
-        await asyncio.to_thread(self.policy.save_adapter, path)
+        await self.on_mlx(self.policy.save_adapter, path)
         t0 = time.perf_counter()
         if self.cfg.upload:
             answer = await self.client.upload_adapter(path, mode=self.cfg.swap_mode)
@@ -494,7 +503,7 @@ class Trainer:
                 r.reward = number_reward(r.completion_ids, self.targets, self.cfg.max_tokens)
 
     def _check_and_train(self, part: Partition) -> dict:
-        """Runs in a worker thread, so the event loop keeps the next batch's requests moving."""
+        """Runs on the MLX thread, so the event loop keeps the next batch's requests moving."""
         by_version: dict = {}
         for g in part.kept:
             by_version.setdefault(g.rollouts[0].version, []).extend(g.rollouts)
@@ -542,7 +551,7 @@ class Trainer:
                     batch.groups, trainer_version, cfg.max_staleness, self.snapshots
                 )
                 t0 = time.perf_counter()
-                stats = await asyncio.to_thread(self._check_and_train, part)
+                stats = await self.on_mlx(self._check_and_train, part)
                 train_s = time.perf_counter() - t0
                 if part.kept:
                     swap = await self.push_adapter(f"step-{step:05d}")
@@ -631,28 +640,30 @@ def write_reports(cfg: GRPOConfig, records: list, extra: dict) -> dict:
         "num_dropped_mixed": sum(r["num_dropped_mixed"] for r in records),
         **extra,
     }
-    log_path = os.path.join(cfg.out, "grpo_log.json")
-    with open(log_path, "w") as f:
-        json.dump({"config": asdict(cfg), "summary": summary, "steps": records}, f, indent=2)
+    curve = os.path.join(cfg.out, "reward_curve.txt")
+    with open(curve, "w") as f:
+        f.write(text_chart(rewards) + "\n")
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
+    except ImportError:
+        pass
+    else:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot(range(len(rewards)), rewards, marker=".")
-        ax.set_xlabel("step (policy version)")
+        ax.set_xlabel("step (one policy version each)")
         ax.set_ylabel("mean reward")
         ax.set_title("GRPO through mlxsup")
         fig.tight_layout()
         curve = os.path.join(cfg.out, "reward_curve.png")
         fig.savefig(curve, dpi=120)
-    except ImportError:
-        curve = os.path.join(cfg.out, "reward_curve.txt")
-        with open(curve, "w") as f:
-            f.write(text_chart(rewards) + "\n")
+        plt.close(fig)
+    log_path = os.path.join(cfg.out, "grpo_log.json")
     summary["log"], summary["curve"] = log_path, curve
+    with open(log_path, "w") as f:
+        json.dump({"config": asdict(cfg), "summary": summary, "steps": records}, f, indent=2)
     return summary
 
 
@@ -746,8 +757,11 @@ def parse_args(argv=None) -> GRPOConfig:
 
 async def train(cfg: GRPOConfig, url: str, model_path: str, log=print) -> dict:
     async with InferenceClient(url, timeout=600) as client:
-        trainer = Trainer(cfg, client, model_path, log=log)
-        records = await trainer.run()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx") as mlx_thread:
+            loop = asyncio.get_running_loop()
+            policy = await loop.run_in_executor(mlx_thread, Policy, model_path, cfg)
+            trainer = Trainer(cfg, client, policy, mlx_thread, log=log)
+            records = await trainer.run()
     return write_reports(cfg, records, {"url": url, "model": model_path})
 
 
@@ -764,9 +778,8 @@ def main(argv=None) -> int:
             summary = asyncio.run(train(cfg, server.url, model_path))
     else:
         summary = asyncio.run(train(cfg, cfg.url, model_path))
-    if summary.get("curve", "").endswith(".txt"):
-        with open(summary["curve"]) as f:
-            print(f.read())
+    with open(os.path.join(cfg.out, "reward_curve.txt")) as f:
+        print(f.read())
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -135,8 +135,11 @@ def _error_from_response(response: httpx.Response) -> InferenceError:
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         err = body["error"]
         message, etype, field = err.get("message"), err.get("type"), err.get("field")
-    elif isinstance(body, dict) and "detail" in body:  # FastAPI-style servers
-        message = str(body["detail"])
+    elif isinstance(body, dict):  # e.g. /health's {"status": "unavailable", "reason": ...}
+        for key in ("message", "reason", "detail"):  # "detail": FastAPI-style servers
+            if body.get(key):
+                message = str(body[key])
+                break
     if not message:
         text = body if isinstance(body, str) else json.dumps(body)
         message = text.strip()[:500] or response.reason_phrase or "error"
@@ -385,9 +388,12 @@ class InferenceClient:
         """GET /health. Raises (OverloadedError after retries) while the server is not ready."""
         return await self._request("GET", "/health", timeout=timeout)
 
-    async def metrics(self, *, timeout: Optional[float] = None) -> Union[dict, str]:
-        """GET /metrics: a dict when the server answers JSON, else the text (e.g. Prometheus)."""
-        return await self._request("GET", "/metrics", timeout=timeout)
+    async def metrics(self, *, format: str = "json", timeout: Optional[float] = None) -> Union[dict, str]:
+        """GET /metrics: a dict (`format="json"`), or the Prometheus text (`"prometheus"`)."""
+        accept = {"json": "application/json", "prometheus": "text/plain"}.get(format)
+        if accept is None:
+            raise ValueError("format must be 'json' or 'prometheus'")
+        return await self._request("GET", "/metrics", timeout=timeout, headers={"Accept": accept})
 
     async def wait_until_ready(self, timeout: float = 60.0, interval: float = 0.2) -> dict:
         """Poll /health until the server answers healthy; return that answer.
@@ -433,7 +439,7 @@ class InferenceClient:
         **kwargs: Any,
     ) -> Any:
         retries = self.max_retries if retries is None else retries
-        headers = self._auth_headers(admin)
+        headers = {**self._auth_headers(admin), **kwargs.pop("headers", {})}
         extra = {} if timeout is None else {"timeout": timeout}
         attempt = 0
         while True:

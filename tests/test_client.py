@@ -15,6 +15,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 
 from mlxsup.client import (
@@ -228,10 +229,11 @@ def test_metrics_json_or_text_and_score(local):
 
     async def main():
         async with InferenceClient(local.url) as client:
-            assert (await client.metrics()) == "mlxsup_requests_total 3\n"
+            assert (await client.metrics(format="prometheus")) == "mlxsup_requests_total 3\n"
             assert (await client.score([1, 2], [3]))["logprobs"] == [-1.0]
 
     run(main())
+    assert local.requests[0]["headers"]["accept"] == "text/plain"
     assert json.loads(local.requests[1]["body"]) == {"prompt_ids": [1, 2], "completion_ids": [3]}
 
 
@@ -397,7 +399,7 @@ def test_wait_until_ready_polls_until_healthy(local):
 
 
 def test_wait_until_ready_times_out(local):
-    local.on("/health", err(503, "starting", "engine loading"))
+    local.on("/health", (503, {"Retry-After": "1"}, {"status": "unavailable", "reason": "engine loading"}))
 
     async def main():
         async with InferenceClient(local.url) as client:
@@ -405,3 +407,92 @@ def test_wait_until_ready_times_out(local):
 
     with pytest.raises(TimeoutError, match="engine loading"):
         run(main())
+
+
+# ------------------------------------------------------------------ against a real server
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    from e2e_support import assert_nothing_left, start_server, stop_server
+
+    srv = start_server(tmp_path_factory.mktemp("client-e2e"), tiny_model_dir, "--max-tokens", "16", workers=1)
+    try:
+        yield srv
+    finally:
+        stop_server(srv)
+    assert_nothing_left(srv)
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory):
+    from e2e_support import make_adapter
+
+    return make_adapter(tmp_path_factory.mktemp("client-adapter") / "a", tiny_model_dir, seed=3)
+
+
+def test_real_server_seed_example_and_groups(server):
+    async def main():
+        async with InferenceClient(server.url) as client:
+            assert (await client.wait_until_ready(timeout=30))["status"] == "healthy"
+            one = await client.generate(prompt="What is reinforcement learning?", temperature=0.7, max_tokens=8,
+                                        policy_version=1, step_id=100)
+            assert (one["policy_version"], one["step_id"]) == (1, 100)
+            assert 1 <= len(one["completion_ids"]) <= 8 and isinstance(one["text"], str)
+            group = await client.generate_results(
+                messages=[{"role": "user", "content": "hi"}], n=3, temperature=1.0, max_tokens=6, logprobs=1
+            )
+            assert len(group) == 3
+            assert all(len(r["logprobs"]) == len(r["completion_ids"]) for r in group)
+            many = await client.generate_results(prompt=["a", "b"], max_tokens=4)
+            assert [r["prompt_index"] for r in many] == [0, 1]
+            # the processed log-probs of a sample equal /score's teacher-forced ones
+            r = group[0]
+            scored = await client.score(r["prompt_ids"], r["completion_ids"], temperature=1.0)
+            assert np.allclose(scored["logprobs"], r["logprobs"], atol=1e-4)
+            metrics = await client.metrics()
+            assert "current_policy_version" in metrics
+            assert "current_policy_version" in await client.metrics(format="prometheus")
+
+    run(main())
+
+
+def test_real_server_errors_are_typed(server):
+    async def main():
+        async with InferenceClient(server.url) as client:
+            with pytest.raises(ValidationError) as info:
+                await client.generate(prompt="x", max_token=3)  # the typo the schema must catch
+            assert info.value.field == "max_token" and info.value.status == 422
+            with pytest.raises(ValidationError) as info:
+                await client.generate(prompt="x", temperature=-1)
+            assert info.value.field == "temperature"
+            with pytest.raises(NotFoundError):
+                await client.load_adapter("/nonexistent/adapter")
+
+    run(main())
+
+
+def test_real_server_adapter_swaps_bump_the_version(server, adapter_dir):
+    async def main():
+        async with InferenceClient(server.url) as client:
+            start = (await client.metrics())["current_policy_version"]
+            loaded = await client.load_adapter(adapter_dir)
+            assert loaded["policy_version"] == start + 1
+            uploaded = await client.upload_adapter(adapter_dir)
+            assert uploaded["policy_version"] == start + 2
+            after = await client.generate(prompt="x", max_tokens=2)
+            assert after["generated_by_version"] == start + 2
+            back = await client.load_adapter(None)  # the base model again: a new version
+            assert back["policy_version"] == start + 3
+
+    run(main())
+
+
+def test_real_server_concurrent_requests_reuse_connections(server):
+    async def main():
+        async with InferenceClient(server.url, max_connections=4) as client:
+            results = await asyncio.gather(*(client.generate(prompt=f"p{i}", max_tokens=4, temperature=1.0)
+                                             for i in range(12)))
+            assert len(results) == 12
+
+    run(main())

@@ -26,7 +26,7 @@ import collections
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional, Protocol, Sequence, Union
 
 from mlxsup.api.aborts import AbortBoard, tag_key

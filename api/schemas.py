@@ -12,7 +12,6 @@ from __future__ import annotations
 from mlxsup.api.errors import invalid
 from mlxsup.api.validate import (
     AnyOf,
-    Anything,
     Array,
     Boolean,
     Field,

@@ -9,7 +9,7 @@ requests and cannot drift from them. Errors name the field by its path (`prompt[
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from mlxsup.api.errors import ApiError, invalid
@@ -251,17 +251,6 @@ def _same_type(kind: Kind, value) -> bool:
     if isinstance(kind, AnyOf):
         return any(_same_type(o, value) for o in kind.options)
     return True
-
-
-@dataclass
-class Anything(Kind):
-    """Accepted and ignored (OpenAI parameters we do not implement)."""
-
-    def check(self, value, path):
-        return value
-
-    def schema(self):
-        return {}
 
 
 @dataclass

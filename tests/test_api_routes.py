@@ -282,3 +282,21 @@ def test_openapi_document_is_valid_json_schema_for_the_requests(setup):
     validator = jsonschema.Draft202012Validator(schema)
     assert validator.is_valid({"prompt": "hi", "n": 2, "stop": ["x"], "policy_version": "v"})
     assert not validator.is_valid({"prompt": "hi", "max_token": 3})
+
+
+def test_one_failing_prompt_cancels_the_others(codec, tmp_path):
+    import asyncio
+
+    class OneFails(FakeEngineLink):
+        async def generate(self, prompt_ids, params, **kw):
+            if prompt_ids == codec.encode("bad"):
+                await asyncio.sleep(0.05)
+                raise ApiError(422, "validation_error", "engine refused it", "prompt_ids")
+            self.delay_s = 5.0
+            return await super().generate(prompt_ids, params, **kw)
+
+    link = OneFails()
+    app, link, _ = make_app(codec, str(tmp_path), link=link)
+    r = testing.TestClient(app).simulate_post("/generate", json={"prompt": ["ok", "bad", "fine"]})
+    assert r.status_code == 422 and r.json["error"]["message"] == "engine refused it"
+    assert link.cancelled == 2  # the other prompts' engine requests were cancelled (so aborted)

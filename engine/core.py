@@ -46,6 +46,9 @@ from .sequence import RequestState, Sequence, SeqStatus
 log = logging.getLogger("mlxsup.engine")
 
 
+MAX_N = 4096  # samples per request; the API allows fewer
+
+
 class RequestError(ValueError):
     """A request the engine refuses (HTTP 422); `field` names the offending field."""
 
@@ -142,6 +145,8 @@ class Engine:
                                    f"context of {self.context_length}", "completion_ids")
             state = RequestState(request, now)
         elif isinstance(request, GenerateRequest):
+            if request.n > MAX_N:
+                raise RequestError(f"n must be at most {MAX_N}", "n")
             n_prompt = len(request.prompt_ids)
             max_tokens = request.params.max_tokens
             if self.context_length:

@@ -9,9 +9,10 @@ generators do. A row that finished at step t is therefore computed once more at 
 dropped.
 
 Prefill runs `prompt[:-1]` of every new request in one right-padded pass (mlx-lm's
-prepare/finalize protocol rolls the padding to the left), then the last prompt token alone,
-so the vocabulary projection runs for one position per request. A request's `n` samples
-share that work: its cache row and logits are replicated `n` times before sampling.
+prepare/finalize protocol rolls the padding to the left); the last prompt token goes into the
+next decode step with the running rows, so the vocabulary projection runs only there and
+joining costs no extra pass over the weights. A request's `n` samples share the prefill: its
+cache row is replicated `n` times.
 """
 
 from __future__ import annotations
@@ -39,10 +40,9 @@ def _merge(caches: Sequence[list]) -> list:
 @dataclass
 class GroupPrefix:
     """A request's prompt state kept for samples admitted later (a group larger than the
-    free rows): one cache row holding the whole prompt and the logits after it."""
+    free rows): one cache row per layer holding `prompt[:-1]`."""
 
     cache: list
-    logits: mx.array  # (1, vocab)
 
 
 @dataclass
@@ -95,11 +95,12 @@ class ModelRunner:
     def _clear(self) -> None:
         self.seq_ids: list[int] = []
         self.params: list[SamplingParams] = []
+        self.fresh: list[bool] = []  # rows whose pending token is their last prompt token
         self.cache: Optional[list] = None
         self.keys: Optional[mx.array] = None
         self.ctx: Optional[mx.array] = None
         self.rows: Optional[sampling.RowParams] = None
-        self.pending: Optional[tuple[mx.array, mx.array]] = None
+        self.pending: Optional[tuple[mx.array, mx.array]] = None  # (tokens, logprobs) (B,)
         self.pending_version = 0
 
     @property
@@ -110,25 +111,33 @@ class ModelRunner:
 
     def step(self, admissions: Sequence[Admission], version: int
              ) -> tuple[Optional[StepOutput], dict[int, GroupPrefix]]:
-        """Queue the next decode step of the current rows, add `admissions` as new rows
-        (prefill and first token), and return the tokens of the step queued last time, plus
-        the saved prefixes (by index into `admissions`)."""
+        """Add `admissions` as new rows (their prompts prefilled), queue the next decode step
+        of every row, and return the tokens of the step queued last time, plus the prompt
+        states saved for samples admitted later (by index into `admissions`).
+
+        The pending tokens are both the last step's output and the next step's input; a new
+        row's pending token is its last prompt token, so its first sampled token comes out
+        of the shared decode step (no forward pass of its own) and is reported one step on."""
         with mx.stream(self.stream):
-            prev = None
-            if self.pending is not None:
-                prev = (list(self.seq_ids), self.pending, self.pending_version)
-                self.pending = self._decode()
-                self.pending_version = version
-                mx.async_eval(*self.pending, self.keys)
-            prefixes: dict[int, GroupPrefix] = {}
-            if admissions:
-                prefixes = self._admit(admissions, version)
-            out = None
-            if prev is not None:
-                seq_ids, (tokens, logprobs), prev_version = prev
-                mx.eval(tokens, logprobs)
-                out = StepOutput(seq_ids, tokens.tolist(), logprobs.tolist(), prev_version)
-        return out, prefixes
+            prefixes = self._admit(admissions) if admissions else {}
+            if self.pending is None:
+                return None, prefixes
+            seq_ids, fresh = list(self.seq_ids), self.fresh
+            out, out_version = self.pending, self.pending_version
+            self.pending = self._decode()
+            self.pending_version = version
+            self.fresh = [False] * len(seq_ids)
+            mx.async_eval(*self.pending, self.keys)
+            mx.eval(*out)
+            tokens, logprobs = out[0].tolist(), out[1].tolist()
+        keep = [i for i, f in enumerate(fresh) if not f]
+        if not keep:
+            return None, prefixes
+        if len(keep) < len(seq_ids):
+            seq_ids = [seq_ids[i] for i in keep]
+            tokens = [tokens[i] for i in keep]
+            logprobs = [logprobs[i] for i in keep]
+        return StepOutput(seq_ids, tokens, logprobs, out_version), prefixes
 
     def _decode(self) -> tuple[mx.array, mx.array]:
         inputs = self.pending[0]
@@ -139,8 +148,8 @@ class ModelRunner:
         tokens, logprobs, self.keys = sampling.sample(logits, self.rows, self.keys, self.ctx)
         return tokens, logprobs
 
-    def _prefill(self, admissions: Sequence[Admission]) -> tuple[list, mx.array]:
-        """Caches holding each prompt and the logits after its last token, one row each."""
+    def _prefill(self, admissions: Sequence[Admission]) -> list:
+        """Batch caches holding `prompt[:-1]` of each admission, one row each."""
         model = self.model
         cache = _merge([make_prompt_cache(model) for _ in admissions])
         heads = [list(a.prompt_ids[:-1]) for a in admissions]
@@ -159,58 +168,50 @@ class ModelRunner:
             if max(padding) > 0:
                 for c in cache:
                     c.finalize()
-        last = mx.array([[a.prompt_ids[-1]] for a in admissions], dtype=mx.int32)
-        logits = model(last, cache=cache)[:, -1, :]
-        return cache, logits
+        return cache
 
-    def _admit(self, admissions: Sequence[Admission], version: int) -> dict[int, GroupPrefix]:
+    def _admit(self, admissions: Sequence[Admission]) -> dict[int, GroupPrefix]:
         fresh = [i for i, a in enumerate(admissions) if a.prefix is None]
         reused = [i for i, a in enumerate(admissions) if a.prefix is not None]
         order = fresh + reused
-        cache, logits = None, []
-        if fresh:
-            cache, fresh_logits = self._prefill([admissions[i] for i in fresh])
-            logits.append(fresh_logits)
+        cache = self._prefill([admissions[i] for i in fresh]) if fresh else None
         if reused:
             prefix_cache = _merge([admissions[i].prefix.cache for i in reused])
-            logits += [admissions[i].prefix.logits for i in reused]
             if cache is None:
                 cache = prefix_cache
             else:
                 for c, p in zip(cache, prefix_cache):
                     c.extend(p)
-        logits = mx.concatenate(logits, axis=0) if len(logits) > 1 else logits[0]
 
         prefixes = {}
         for row, i in enumerate(order):
-            if admissions[i].save_prefix:
-                prefixes[i] = GroupPrefix([c.extract(row) for c in cache], logits[row : row + 1])
+            if admissions[i].save_prefix and len(admissions[i].prompt_ids) > 1:
+                prefixes[i] = GroupPrefix([c.extract(row) for c in cache])
 
-        # One row per sample: replicate each request's cache row and logits.
+        # One row per sample: replicate each request's cache row.
         rows = [row for row, i in enumerate(order) for _ in admissions[i].seq_ids]
-        seq_ids = [s for i in order for s in admissions[i].seq_ids]
-        seeds = [s for i in order for s in admissions[i].seeds]
-        params = [admissions[i].params for i in order for _ in admissions[i].seq_ids]
-        prompts = [admissions[i].prompt_ids for i in order for _ in admissions[i].seq_ids]
         if rows != list(range(len(order))):
             for c in cache:
                 c.filter(rows)
-            logits = logits[mx.array(rows)]
-
-        new_rows = sampling.RowParams.build(params, self.vocab_size)
-        ctx = sampling.context_rows(prompts, params, new_rows.context_size, self.vocab_size)
-        ctx = mx.array(ctx) if ctx is not None else None
-        keys = sampling.keys_for(seeds)
-        tokens, logprobs, keys = sampling.sample(logits, new_rows, keys, ctx)
-        mx.async_eval(tokens, logprobs, keys)
-        self._join(seq_ids, params, cache, keys, ctx, (tokens, logprobs), version)
+        samples = [(admissions[i], s) for i in order for s in range(len(admissions[i].seq_ids))]
+        seq_ids = [a.seq_ids[s] for a, s in samples]
+        seeds = [a.seeds[s] for a, s in samples]
+        params = [a.params for a, _ in samples]
+        heads = [a.prompt_ids[:-1] for a, _ in samples]
+        width = max((p.repetition_context_size for p in params if p.repetition_penalty != 1.0),
+                    default=0)
+        ctx = sampling.context_rows(heads, params, width, self.vocab_size)
+        pending = (mx.array([a.prompt_ids[-1] for a, _ in samples], dtype=mx.int32),
+                   mx.zeros((len(samples),), dtype=mx.float32))
+        self._join(seq_ids, params, cache, sampling.keys_for(seeds),
+                   mx.array(ctx) if ctx is not None else None, pending)
         return prefixes
 
-    def _join(self, seq_ids, params, cache, keys, ctx, pending, version) -> None:
+    def _join(self, seq_ids, params, cache, keys, ctx, pending) -> None:
         if not self.seq_ids:
             self.seq_ids, self.params = list(seq_ids), list(params)
             self.cache, self.keys, self.ctx, self.pending = cache, keys, ctx, pending
-            self.pending_version = version
+            self.fresh = [True] * len(seq_ids)
         else:
             for c, n in zip(self.cache, cache):
                 c.extend(n)
@@ -219,6 +220,7 @@ class ModelRunner:
             self.pending = tuple(mx.concatenate([a, b]) for a, b in zip(self.pending, pending))
             self.seq_ids += seq_ids
             self.params += params
+            self.fresh += [True] * len(seq_ids)
         self.rows = sampling.RowParams.build(self.params, self.vocab_size)
 
     def _concat_ctx(self, a, b, rows_a, rows_b):
@@ -257,6 +259,7 @@ class ModelRunner:
             self.pending = tuple(a[idx] for a in self.pending)
         self.seq_ids = [self.seq_ids[i] for i in keep]
         self.params = [self.params[i] for i in keep]
+        self.fresh = [self.fresh[i] for i in keep]
         self.rows = sampling.RowParams.build(self.params, self.vocab_size)
 
     def reset(self) -> None:

@@ -1,0 +1,117 @@
+"""The batched sampler on synthetic logits: the processed distribution follows the documented
+order (penalty, temperature, top-k, top-p, min-p), draws follow that distribution, and a
+row's draws depend only on its own key."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from _engine_helpers import reference_logprob
+from mlxsup.engine import sampling
+from mlxsup.ipc.messages import SamplingParams
+
+pytestmark = pytest.mark.timeout(60)
+
+V = 64
+
+
+def logits_rows(n, seed=0, scale=2.0):
+    rng = np.random.default_rng(seed)
+    # Well-separated values: no truncation border falls within rounding.
+    base = np.sort(rng.permutation(V).astype(np.float32) * (scale / V))
+    return np.stack([rng.permutation(base) for _ in range(n)])
+
+
+CASES = [
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.5),
+    SamplingParams(temperature=1.3, top_k=7),
+    SamplingParams(temperature=0.8, top_p=0.6),
+    SamplingParams(temperature=1.0, top_k=20, top_p=0.5),
+    SamplingParams(temperature=0.9, min_p=0.3),
+    SamplingParams(temperature=1.0, repetition_penalty=1.5, repetition_context_size=3),
+    SamplingParams(temperature=0.0),
+    SamplingParams(temperature=0.0, repetition_penalty=3.0, repetition_context_size=5),
+]
+
+
+def test_processed_logprobs_match_numpy_reference():
+    x = logits_rows(len(CASES))
+    x[6, 5] = -1.0  # a negative logit in the penalty window: multiplied, not divided
+    history = [[5, 9, 9, 11, 3]] * len(CASES)
+    rows = sampling.RowParams.build(CASES, V, modes=["processed"] * len(CASES))
+    ctx = mx.array(sampling.context_rows(history, CASES, rows.context_size, V))
+    for token in range(V):
+        got = np.array(sampling.score(mx.array(x), mx.array([token] * len(CASES)), rows, ctx))
+        for i, p in enumerate(CASES):
+            want, _ = reference_logprob(x[i].astype(np.float64), token, p, history[i], "processed")
+            if math.isinf(want):
+                assert got[i] == -math.inf, (i, token)
+            else:
+                assert abs(got[i] - want) < 1e-5, (i, token, got[i], want)
+
+
+def test_raw_mode_ignores_processing():
+    x = logits_rows(len(CASES), seed=1)
+    rows = sampling.RowParams.build(CASES, V, modes=["raw"] * len(CASES))
+    got = np.array(sampling.score(mx.array(x), mx.array([3] * len(CASES)), rows, None))
+    want = x[:, 3] - np.log(np.exp(x.astype(np.float64)).sum(-1))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("params", [CASES[1], CASES[2], CASES[3], CASES[5]])
+def test_draws_follow_the_processed_distribution(params):
+    n = 20000
+    x = np.repeat(logits_rows(1, seed=2), n, axis=0)
+    rows = sampling.RowParams.build([params] * n, V)
+    keys = sampling.keys_for([sampling.mix_seed(7, i) for i in range(n)])
+    tokens, lps, _ = sampling.sample(mx.array(x), rows, keys, None)
+    tokens, lps = np.array(tokens), np.array(lps)
+    probs = np.exp([reference_logprob(x[0].astype(np.float64), t, params, [], "processed")[0]
+                    for t in range(V)])
+    freq = np.bincount(tokens, minlength=V) / n
+    assert np.abs(freq - probs).max() < 0.015
+    assert np.all(probs[tokens] > 0)  # never a truncated token
+    np.testing.assert_allclose(lps, np.log(probs[tokens]), atol=1e-5)
+
+
+def test_row_draws_depend_only_on_their_key():
+    x = logits_rows(5, seed=3)
+    params = [SamplingParams(temperature=1.0)] * 5
+    seeds = [sampling.mix_seed(s, 0) for s in (1, 2, 3, 4, 5)]
+    full, _, next_keys = sampling.sample(mx.array(x), sampling.RowParams.build(params, V),
+                                         sampling.keys_for(seeds), None)
+    for i in range(5):
+        alone, _, k = sampling.sample(mx.array(x[i : i + 1]), sampling.RowParams.build(params[:1], V),
+                                      sampling.keys_for(seeds[i : i + 1]), None)
+        assert alone.item() == full[i].item()
+        assert np.array_equal(np.array(k[0]), np.array(next_keys[i]))
+
+
+def test_greedy_rows_take_the_argmax_with_logprob_zero():
+    x = logits_rows(3, seed=4)
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0),
+              SamplingParams(temperature=0.0)]
+    tokens, lps, _ = sampling.sample(mx.array(x), sampling.RowParams.build(params, V),
+                                     sampling.keys_for([1, 2, 3]), None)
+    assert tokens[0].item() == int(np.argmax(x[0])) and tokens[2].item() == int(np.argmax(x[2]))
+    assert lps[0].item() == 0.0 and lps[2].item() == 0.0 and lps[1].item() < 0
+
+
+def test_push_context_keeps_each_rows_window():
+    ctx = mx.array(sampling.context_rows([[1, 2, 3, 4], [5, 6]],
+                                         [SamplingParams(repetition_penalty=1.2, repetition_context_size=3),
+                                          SamplingParams(repetition_penalty=1.2, repetition_context_size=2)],
+                                         3, V))
+    assert ctx.tolist() == [[2, 3, 4], [V, 5, 6]]
+    ctx = sampling.push_context(ctx, mx.array([7, 8]), mx.array([3, 2]), V)
+    assert ctx.tolist() == [[3, 4, 7], [V, 6, 8]]
+
+
+def test_mix_seed_gives_distinct_seeds():
+    seeds = {sampling.mix_seed(42, i) for i in range(1000)}
+    assert len(seeds) == 1000 and all(0 <= s < 2**64 for s in seeds)

@@ -52,7 +52,8 @@ EXIT_ERROR = 1
 EXIT_BOOT_ERROR = 3  # the engine or the API never came up; restarting would only spin
 
 TICK_S = 0.25
-ENGINE_BOOT_TIMEOUT_S = 600.0  # loading a large model from a cold disk takes minutes
+ENGINE_BOOT_TIMEOUT_S = 1800.0  # a first start may download the model (a Hugging Face repo id)
+ENGINE_RESTART_TIMEOUT_S = 600.0  # a restart loads from the local cache
 ENGINE_HEARTBEAT_TIMEOUT_S = 10.0
 ENGINE_STOP_TIMEOUT_S = 60.0
 MAX_ENGINE_BOOT_FAILURES = 5  # consecutive restarts that never became ready
@@ -380,8 +381,9 @@ class Arbiter:
                 self.spawn_engine()
             return
         if not self.is_engine_ready:
-            if self.engine.uptime_s(now) > ENGINE_BOOT_TIMEOUT_S:
-                log.error("engine epoch %d not ready after %.0fs; killing it", self.epoch, ENGINE_BOOT_TIMEOUT_S)
+            limit = ENGINE_RESTART_TIMEOUT_S if self.has_engine_been_ready else ENGINE_BOOT_TIMEOUT_S
+            if self.engine.uptime_s(now) > limit:
+                log.error("engine epoch %d not ready after %.0fs; killing it", self.epoch, limit)
                 self._signal_child(self.engine, signal.SIGKILL)
             return
         silent_s = self.ipc.heartbeat_age_s()

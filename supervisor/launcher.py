@@ -42,7 +42,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_BOOT_ERROR = 3
 EXIT_IN_USE = 4
-START_WAIT_S = 900.0  # the supervisor itself gives up on a slow engine after 600 s
+START_WAIT_S = 2000.0  # the supervisor itself gives up on an engine not ready after 1800 s
 STOP_WAIT_S = 120.0
 
 

@@ -29,8 +29,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def mlxsup(*args, timeout=120, check=False) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", "mlxsup", *args], capture_output=True, text=True, timeout=timeout)
+def mlxsup(*args, timeout=120, check=False, env=None) -> subprocess.CompletedProcess:
+    out = subprocess.run(
+        [sys.executable, "-m", "mlxsup", *args], capture_output=True, text=True, timeout=timeout,
+        env=None if env is None else dict(os.environ, **env),
+    )  # fmt: skip
     if check and out.returncode != 0:
         raise AssertionError(f"mlxsup {' '.join(args)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
     return out

@@ -119,3 +119,26 @@ def test_api_worker_sigkill_is_replaced_and_its_slot_reused(server):
             r = c.post("/generate", json={"prompt": f"still fine {i}", "max_tokens": 8})
             assert r.status_code == 200, r.text
     assert server.status()["engine"]["restarts"] <= 1  # the engine did not notice
+
+
+def test_sighup_reloads_the_workers(server):
+    workers = set(server.pids("api-worker"))
+    os.kill(server.status()["supervisor_pid"], signal.SIGHUP)
+    wait_for(lambda: (w := set(server.pids("api-worker"))) and len(w) == 2 and not (w & workers),
+             timeout=60, what="new workers after SIGHUP")  # fmt: skip
+    with server.client() as c:
+        wait_for(lambda: c.post("/generate", json={"prompt": "after HUP", "max_tokens": 4}).status_code == 200,
+                 timeout=30, what="requests after SIGHUP")  # fmt: skip
+
+
+def test_killed_gunicorn_master_is_restarted(server):
+    before = server.status()
+    (master,) = server.pids("api-master")
+    os.kill(master, signal.SIGKILL)
+    wait_for(lambda: server.status()["api_restarts"] == before["api_restarts"] + 1, timeout=60, what="API restart")
+    with server.client() as c:
+        wait_for(lambda: c.post("/generate", json={"prompt": "new master", "max_tokens": 4}).status_code == 200,
+                 timeout=60, what="requests through the new master")  # fmt: skip
+    after = server.status()
+    assert after["engine"]["epoch"] == before["engine"]["epoch"]  # the engine was not touched
+    assert server.pids("api-master") != [master] and len(server.pids("api-worker")) == 2

@@ -12,6 +12,7 @@ import time
 
 import pytest
 from e2e_support import (
+    Server,
     assert_nothing_left,
     free_port,
     instance_segments,
@@ -80,19 +81,28 @@ def test_two_instances_stop_and_supervisor_kill(tiny_model_dir, tmp_path):
             stop_server(b)
 
 
-def test_second_start_is_refused_while_one_runs(tiny_model_dir, tmp_path):
-    srv = start_server(tmp_path, tiny_model_dir, workers=1)
+def test_demo_model_by_default_and_a_second_start_is_refused(tmp_path):
+    # No --model: the demo model, built into the (here private) cache on first use.
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    port = free_port()
+    out = mlxsup("start", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", env=env, timeout=300)
+    srv = Server(run_dir=str(tmp_path / "cache" / "mlxsup" / f"run-{port}"), port=port, model="demo")
+    srv.segments = instance_segments(srv.run_dir)
     try:
-        out = mlxsup("start", "--model", tiny_model_dir, "--host", "127.0.0.1", "--port", str(srv.port + 1),
-                     "--run-dir", srv.run_dir)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert os.path.join(str(tmp_path / "cache"), "mlxsup", "demo-model") in out.stdout
+        with srv.client() as c:
+            assert c.post("/generate", json={"prompt": "1 + 2 =", "max_tokens": 4}).status_code == 200
+        out = mlxsup("start", "--model", str(tmp_path), "--host", "127.0.0.1", "--port", str(port), env=env)
         assert out.returncode == 4 and "already runs" in out.stderr
-        out = mlxsup("start", "--model", tiny_model_dir, "--host", "127.0.0.1", "--port", str(srv.port),
-                     "--run-dir", str(tmp_path / "other"))  # fmt: skip
+        out = mlxsup("start", "--host", "127.0.0.1", "--port", str(port), "--run-dir", str(tmp_path / "other"), env=env)
         assert out.returncode == 1 and "cannot listen" in out.stderr  # the port is taken
         assert is_healthy(srv)
+        out = mlxsup("stop", "--port", str(port), env=env)  # found by its port
+        assert out.returncode == 0, out.stderr
+        assert_nothing_left(srv)
     finally:
         stop_server(srv)
-    assert_nothing_left(srv)
 
 
 def test_model_that_cannot_load_is_a_boot_failure(tmp_path):

@@ -18,7 +18,6 @@ import os
 import secrets
 import signal
 import socket
-import sys
 import time
 from typing import Callable, Optional
 
@@ -38,6 +37,8 @@ from mlxsup.supervisor.children import (
     spawn,
     write_children,
 )
+from mlxsup.supervisor.commands import GUNICORN_GRACEFUL_S, describe_exit, engine_argv, gunicorn_argv
+from mlxsup.supervisor.control_server import ControlServer
 from mlxsup.supervisor.engine_link import EngineLink
 from mlxsup.supervisor.health import get_health, is_healthy
 from mlxsup.supervisor.rundir import PID_NAME, log_size, log_tail, write_pid
@@ -58,51 +59,11 @@ ENGINE_HEARTBEAT_TIMEOUT_S = 10.0
 ENGINE_STOP_TIMEOUT_S = 60.0
 MAX_ENGINE_BOOT_FAILURES = 5  # consecutive restarts that never became ready
 API_BOOT_TIMEOUT_S = 120.0
-GUNICORN_GRACEFUL_S = 30
 SWAP_ENGINE_WAIT_S = 120.0  # a swap waits this long for a restarting engine
 SAMPLE_S = 2.0
 
 ENGINE_LOG = "engine.log"
 API_LOG = "api.log"
-
-
-def describe_exit(returncode: int) -> str:
-    if returncode < 0:
-        try:
-            return f"killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"killed by signal {-returncode}"
-    return f"exit code {returncode}"
-
-
-def gunicorn_argv(config: ServerConfig) -> list[str]:
-    """The gunicorn master's command line: asgi workers on uvloop, no control socket (two
-    instances would share its default path), no pid file (the supervisor is the pid owner)."""
-    host = config.host
-    bind = f"[{host}]:{config.port}" if ":" in host else f"{host}:{config.port}"
-    return [
-        sys.executable, "-m", "gunicorn",
-        "--worker-class", "asgi",
-        "--asgi-loop", "uvloop",
-        "--workers", str(config.workers),
-        "--bind", bind,
-        "--graceful-timeout", str(GUNICORN_GRACEFUL_S),
-        "--timeout", "60",
-        "--log-level", config.log_level.lower(),
-        "--no-control-socket",
-        "--name", f"mlxsup-api-{config.port}",
-        "mlxsup.api.asgi:app",
-    ]  # fmt: skip
-
-
-def engine_argv(config: ServerConfig, control_fd: int, epoch: int) -> list[str]:
-    """The engine's command line: a fresh interpreter (never a fork of this process)."""
-    return [
-        sys.executable, "-m", "mlxsup.engine",
-        "--run-dir", config.run_dir,
-        "--control-fd", str(control_fd),
-        "--epoch", str(epoch),
-    ]  # fmt: skip
 
 
 class Arbiter:
@@ -147,7 +108,7 @@ class Arbiter:
         self._last_sample = 0.0
         self._engine_log_at = self._api_log_at = 0
         self.ipc = None
-        self.control_server: Optional[asyncio.AbstractServer] = None
+        self.control_server: Optional[ControlServer] = None
         self.is_running = True
         self.is_stopping = False
         self.is_graceful = True
@@ -205,13 +166,8 @@ class Arbiter:
         self.swaps = SwapCoordinator(self.run_dir, state)
         self.ipc = ipc_glue.create(self.run_dir, self.instance_id, config.num_slots)
         self.publish_state()
-        sock_path = protocol.socket_path(self.run_dir)
-        if os.path.exists(sock_path):
-            os.unlink(sock_path)
-        self.control_server = await asyncio.start_unix_server(
-            self._serve_control, path=sock_path, limit=protocol.MAX_LINE
-        )
-        os.chmod(sock_path, 0o600)
+        self.control_server = ControlServer(protocol.socket_path(self.run_dir), self.handle_request)
+        await self.control_server.start()
         log.info(
             "supervisor %d: instance %s, run dir %s, model %s, policy version %d (%s)",
             os.getpid(), self.instance_id, self.run_dir, config.model,
@@ -545,27 +501,8 @@ class Arbiter:
 
     # ------------------------------------------------------------------ control socket
 
-    async def _serve_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            line = await reader.readline()
-            try:
-                request = orjson.loads(line)
-                if not isinstance(request, dict):
-                    raise ValueError("not an object")
-            except (ValueError, orjson.JSONDecodeError) as e:
-                reply = error_reply("bad_request", f"one JSON object per line expected: {e}")
-            else:
-                reply = await self.handle_request(request)
-            writer.write(orjson.dumps(reply) + b"\n")
-            await writer.drain()
-        except (OSError, ValueError, asyncio.LimitOverrunError):
-            pass
-        except Exception:
-            log.exception("control request failed")
-        finally:
-            writer.close()
-
     async def handle_request(self, request: dict) -> dict:
+        """Dispatch one control-socket request by its `op`."""
         op = request.get("op")
         if op == "reload_adapter":
             return await self.swaps.reload(request.get("path"), request.get("mode", "drain"), self._ready_link)

@@ -397,7 +397,7 @@ def test_argparse_namespace_stays_at_the_edge():
 def test_gunicorn_command_line_is_valid_for_gunicorn():
     from gunicorn.config import Config
 
-    from mlxsup.supervisor.arbiter import gunicorn_argv
+    from mlxsup.supervisor.commands import gunicorn_argv
 
     argv = gunicorn_argv(ServerConfig(host="0.0.0.0", port=8123, workers=3, log_level="DEBUG"))
     assert argv[1:3] == ["-m", "gunicorn"]

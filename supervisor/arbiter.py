@@ -126,7 +126,7 @@ class Arbiter:
         except Exception as e:  # a bug: still tell the launcher and clean up what we can
             log.exception("supervisor failed")
             self.exit_code = EXIT_ERROR
-            self._notify({"ok": False, "error": f"supervisor failed: {e!r}"})
+            self._notify({"ok": False, "error": f"supervisor failed: {e!r}", "exit_code": EXIT_ERROR})
             self._emergency_cleanup()
         return self.exit_code
 
@@ -446,7 +446,11 @@ class Arbiter:
             task.cancel()
         if self.control_server is not None:
             self.control_server.close()
-        self._notify({"ok": False, "error": self.stop_reason or "the server was stopped before it was healthy"})
+        self._notify({
+            "ok": False,
+            "error": self.stop_reason or "the server was stopped before it was healthy",
+            "exit_code": self.exit_code or EXIT_ERROR,
+        })
         self._remove_run_files()
         log.info("stopped")
 

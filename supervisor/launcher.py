@@ -279,7 +279,7 @@ def _daemon_main(
     except BaseException:
         traceback.print_exc()
         try:
-            os.write(notify_fd, json.dumps({"ok": False, "error": "the supervisor crashed; see supervisor.log"}).encode() + b"\n")
+            os.write(notify_fd, json.dumps({"ok": False, "error": "the supervisor crashed; see supervisor.log", "exit_code": EXIT_ERROR}).encode() + b"\n")
         except OSError:
             pass
     finally:

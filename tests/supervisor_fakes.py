@@ -9,6 +9,7 @@ Behaviour switches (environment, inherited through the supervisor):
     FAKE_ENGINE=boot_fail        exit 3 before ready
     FAKE_ENGINE=restart_fail     epochs > 1 exit before ready
     FAKE_ENGINE=no_heartbeat     stop writing the control block after ready
+    FAKE_ENGINE=slow_boot        take 3 s before ready
     FAKE_API=boot_fail           exit 1 at once
     FAKE_HEARTBEAT_TIMEOUT_S, FAKE_MAX_BOOT_FAILURES   override the supervisor's limits
 Swaps: a path whose name starts with "bad" is refused, "slow" takes 0.5 s, "die" kills the
@@ -46,6 +47,8 @@ def run_engine(args) -> int:
     if behaviour == "boot_fail" or (behaviour == "restart_fail" and args.epoch > 1):
         print("fake engine: cannot load the model (on purpose)", file=sys.stderr, flush=True)
         return 3
+    if behaviour == "slow_boot":
+        time.sleep(3.0)
     with open(os.path.join(args.run_dir, "adapter_state.json")) as f:
         state = json.load(f)
     layout = IpcLayout.load(args.run_dir)

@@ -207,6 +207,21 @@ def test_engine_that_cannot_restart_stops_the_server(instance):
     assert "failed to restart 2 times in a row" in log
 
 
+def test_stop_during_start(tmp_path):
+    run_dir, port = tmp_path / "run", free_port()
+    argv = [sys.executable, FAKES, "start", "--run-dir", str(run_dir), "--port", str(port)]
+    starting = subprocess.Popen(argv, env=dict(os.environ, FAKE_ENGINE="slow_boot"), stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: status(run_dir)["state"] == "starting", what="the supervisor to be up")
+        assert mlxsup("stop", "--run-dir", str(run_dir)).returncode == 0
+        _, err = starting.communicate(timeout=30)
+    finally:
+        if starting.poll() is None:
+            starting.kill()
+    assert starting.returncode == 1 and "stopped before it was healthy" in err
+    assert_nothing_left(run_dir)
+
+
 def test_api_boot_failure_stops_with_the_reason(tmp_path):
     run_dir = tmp_path / "run"
     out = start(run_dir, free_port(), {"FAKE_API": "boot_fail"})

@@ -99,9 +99,10 @@ class Engine:
         if config.cache_limit_mb is not None:
             mx.set_cache_limit(config.cache_limit_mb * 2**20)
         self.adapters = AdapterManager(model)  # before the runner's probe forward
-        self.runner = ModelRunner(model, prefill_step_size=config.prefill_step_size)
-        self.vocab_size = self.runner.vocab_size
         self.context_length = context_length(model)
+        self.runner = ModelRunner(model, prefill_step_size=config.prefill_step_size,
+                                  max_window=self.context_length or 1 << 16)
+        self.vocab_size = self.runner.vocab_size
         self.scheduler = Scheduler(
             max_batch=config.max_batch, max_queue=config.max_queue,
             flush_interval_s=config.flush_interval_ms / 1e3,
@@ -135,6 +136,8 @@ class Engine:
         self._check_ids(request.prompt_ids, "prompt_ids")
         now = time.monotonic()
         if isinstance(request, ScoreRequest):
+            if not request.prompt_ids:
+                raise RequestError("prompt_ids must not be empty", "prompt_ids")
             self._check_ids(request.completion_ids, "completion_ids")
             if request.logprobs_mode not in (LOGPROBS_RAW, LOGPROBS_PROCESSED):
                 raise RequestError("logprobs_mode of a score request must be 'raw' or "
@@ -266,7 +269,7 @@ class Engine:
         now = time.monotonic()
         plan = self.scheduler.schedule(now, self.policy_version)
         for state in plan.expired:
-            self._requests.pop(state.request_id, None)
+            self._forget(state)
             events.append(ErrorEvent(
                 state.request_id, ERR_TIMEOUT,
                 f"policy version {state.min_policy_version} not reached within the wait "
@@ -311,15 +314,20 @@ class Engine:
             save_prefix=state.num_unadmitted > 0,
         )
 
+    def _forget(self, state: RequestState) -> None:
+        self._requests.pop(state.request_id, None)
+        for seq in state.seqs:
+            self._seqs.pop(seq.seq_id, None)
+        state.prefix = None
+
     def _fail_running(self, message: str, events: list[Event]) -> None:
         self.runner.reset()
         for state in self.scheduler.running_requests():
             for seq in state.seqs:
                 if seq.status != SeqStatus.FINISHED:
                     self.scheduler.finish(seq)
-                    self._seqs.pop(seq.seq_id, None)
             self.scheduler.remove_waiting(state)
-            self._requests.pop(state.request_id, None)
+            self._forget(state)
             events.append(ErrorEvent(state.request_id, ERR_INTERNAL, message))
 
     def _postprocess(self, out: StepOutput, events: list[Event]) -> None:
@@ -390,8 +398,7 @@ class Engine:
             queue_ms=ms(seq.admitted_at), ttft_ms=ms(seq.first_token_at), total_ms=ms(now),
         ))
         if last:
-            state.prefix = None
-            self._requests.pop(state.request_id, None)
+            self._forget(state)
 
     def _run_scores(self, states: list[RequestState], events: list[Event]) -> None:
         items = [ScoreItem(s.request.prompt_ids, s.request.completion_ids, s.request.params,

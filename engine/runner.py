@@ -78,9 +78,10 @@ class ScoreItem:
 class ModelRunner:
     """Owns the model's execution: the batch's caches, keys and pending step."""
 
-    def __init__(self, model: nn.Module, prefill_step_size: int = 2048):
+    def __init__(self, model: nn.Module, prefill_step_size: int = 2048, max_window: int = 1 << 16):
         self.model = model
         self.prefill_step_size = prefill_step_size
+        self.max_window = max_window  # widest repetition-penalty window kept per row
         self.stream = mx.new_stream(mx.default_device())
         with mx.stream(self.stream):
             probe = model(mx.array([[0]]))
@@ -198,8 +199,8 @@ class ModelRunner:
         seeds = [a.seeds[s] for a, s in samples]
         params = [a.params for a, _ in samples]
         heads = [a.prompt_ids[:-1] for a, _ in samples]
-        width = max((p.repetition_context_size for p in params if p.repetition_penalty != 1.0),
-                    default=0)
+        width = min(self.max_window, max(
+            (p.repetition_context_size for p in params if p.repetition_penalty != 1.0), default=0))
         ctx = sampling.context_rows(heads, params, width, self.vocab_size)
         pending = (mx.array([a.prompt_ids[-1] for a, _ in samples], dtype=mx.int32),
                    mx.zeros((len(samples),), dtype=mx.float32))
@@ -313,7 +314,8 @@ class ModelRunner:
             logits = self.model(x)
             rows_logits = logits[mx.array(b_idx), mx.array(pos)]
             rows = sampling.RowParams.build(params, self.vocab_size, modes=modes)
-            ctx = sampling.context_rows(histories, params, rows.context_size, self.vocab_size)
+            width = min(rows.context_size, max(len(h) for h in histories))
+            ctx = sampling.context_rows(histories, params, width, self.vocab_size)
             ctx = mx.array(ctx) if ctx is not None else None
             lp = sampling.score(rows_logits, mx.array(targets), rows, ctx).tolist()
         for i, start, end in spans:

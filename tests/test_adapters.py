@@ -382,3 +382,22 @@ def test_memory_flat_over_swaps_and_requests(tiny_model_dir, tmp_path):
     assert eng.stats()["num_swaps"] == 60
     assert mem <= mem0 + 64 * 1024, (mem0, mem)
     assert rss <= rss0 + 32 * 2**20, (rss0, rss)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_adapters_on_a_quantized_model_match_mlx_lm(tiny_model_dir, tmp_path, dora):
+    import mlx.nn as nn
+    from mlx_lm import load
+    from mlx_lm.tuner.utils import load_adapters
+
+    model, tok = load(tiny_model_dir)
+    nn.quantize(model, group_size=32, bits=4)
+    eng = Engine(EngineConfig(model=tiny_model_dir, max_batch=4, flush_interval_ms=0),
+                 model=model, tokenizer=tok)
+    assert eng.adapters.layer_specs  # quantized linears are adaptable too
+    path = make_adapter(eng, tmp_path / "a", rank=4, select=["o_proj", "up_proj"], dora=dora)
+    ref, _ = load(tiny_model_dir)
+    nn.quantize(ref, group_size=32, bits=4)
+    load_adapters(ref, path)
+    eng.adapters.commit(eng.prepare_adapter(path))
+    np.testing.assert_allclose(logits_of(eng.model), logits_of(ref), atol=2e-5, rtol=1e-5)

@@ -107,6 +107,8 @@ class GRPOConfig:
     max_tokens: int = 24
     temperature: float = 1.0
     clip_eps: float = 0.2
+    warmup_steps: int = 5  # linear learning-rate warm-up
+    max_grad_norm: float = 1.0
     lora_rank: int = 8
     lora_scale: float = 20.0
     lora_layers: int = 0  # 0: every layer
@@ -135,6 +137,8 @@ class GRPOConfig:
             raise ValueError("clip_eps must be in (0, 1)")
         if self.lr <= 0:
             raise ValueError("lr must be > 0")
+        if self.warmup_steps < 0 or self.max_grad_norm <= 0:
+            raise ValueError("warmup_steps must be >= 0 and max_grad_norm > 0")
         if self.max_staleness < 0:
             raise ValueError("max_staleness must be >= 0")
         if self.keep_adapters < self.max_staleness + 2:
@@ -382,7 +386,17 @@ class Policy:
         }
         linear_to_lora_layers(self.model, num_layers, self.lora_config["lora_parameters"])
         self.model.eval()
-        self.optimizer = optim.Adam(learning_rate=cfg.lr)
+        # Warm-up: Adam's first steps move every weight by about lr whatever the gradient's
+        # size, which on the random demo model shifted log-probs by ~1.4 nats per token, far
+        # outside the clip range of the next (one-step-stale) batch.
+        lr = cfg.lr
+        if cfg.warmup_steps:
+            lr = optim.join_schedules(
+                [optim.linear_schedule(cfg.lr / cfg.warmup_steps, cfg.lr, cfg.warmup_steps),
+                 optim.linear_schedule(cfg.lr, cfg.lr, 1)],
+                [cfg.warmup_steps],
+            )
+        self.optimizer = optim.Adam(learning_rate=lr, bias_correction=True)  # as PyTorch's
         self._grad = nn.value_and_grad(self.model, grpo_loss)
 
     def weights(self) -> dict:
@@ -415,7 +429,7 @@ class Policy:
         (loss, (abs_log_ratio, clip_frac)), grads = self._grad(
             self.model, inputs, targets, mask, old, adv, self.cfg.temperature, self.cfg.clip_eps
         )
-        grad_norm = mx.sqrt(sum((g * g).sum() for _, g in tree_flatten(grads)))
+        grads, grad_norm = optim.clip_grad_norm(grads, self.cfg.max_grad_norm)
         self.optimizer.update(self.model, grads)
         mx.eval(self.model.trainable_parameters(), self.optimizer.state, loss, grad_norm)
         return {
@@ -437,14 +451,17 @@ class Policy:
 # ---------------------------------------------------------------------------- the loop
 
 
-def mean_abs_log_ratio(server_logprobs, trainer_logprobs) -> tuple:
-    pairs = zip(server_logprobs, trainer_logprobs)
-    diffs = np.concatenate(
-        [np.abs(np.asarray(s, np.float64) - np.asarray(t, np.float64)) for s, t in pairs] or [np.zeros(0)]
-    )
-    if diffs.size == 0:
-        return float("nan"), float("nan")
-    return float(diffs.mean()), float(diffs.max())
+def compare_logprobs(server_logprobs, trainer_logprobs) -> dict:
+    """Mean and max |server - trainer| over every token, and the worst token's two values
+    (a large gap on a token of log-prob -30 is float32 rounding; on -0.5 it is a bug)."""
+    server = np.concatenate([np.asarray(s, np.float64) for s in server_logprobs] or [np.zeros(0)])
+    trainer = np.concatenate([np.asarray(t, np.float64) for t in trainer_logprobs] or [np.zeros(0)])
+    if server.size == 0:
+        return {"mean": math.nan, "max": math.nan, "worst": None}
+    diffs = np.abs(server - trainer)
+    i = int(diffs.argmax())
+    return {"mean": float(diffs.mean()), "max": float(diffs[i]),
+            "worst": {"server": float(server[i]), "trainer": float(trainer[i])}}
 
 
 class Trainer:
@@ -512,10 +529,10 @@ class Trainer:
         for v, rollouts in sorted(by_version.items()):
             trainer_lp = self.policy.logprobs_under(self.snapshots[v], rollouts)
             server_lp = [r.logprobs for r in rollouts]
-            check[str(v)] = mean_abs_log_ratio(server_lp, trainer_lp)
+            check[str(v)] = compare_logprobs(server_lp, trainer_lp)["mean"]
             all_server += server_lp
             all_trainer += trainer_lp
-        same_mean, same_max = mean_abs_log_ratio(all_server, all_trainer)
+        same = compare_logprobs(all_server, all_trainer)
         train = {}
         rollouts = [r for g in part.kept for r in g.rollouts]
         for g in part.kept:
@@ -523,7 +540,8 @@ class Trainer:
                 r.advantage = a
         if rollouts:
             train = self.policy.train_step(rollouts)
-        return {"same_version_abs_log_ratio": same_mean, "same_version_max_abs_log_ratio": same_max,
+        return {"same_version_abs_log_ratio": same["mean"], "same_version_max_abs_log_ratio": same["max"],
+                "same_version_worst_token": same["worst"],
                 "per_version_abs_log_ratio": check, **train}
 
     async def run(self) -> list:
@@ -581,6 +599,12 @@ class Trainer:
                     **stats,
                 }
                 self.records.append(record)
+                if record["same_version_abs_log_ratio"] > 1e-3:
+                    self.log(
+                        f"WARNING: the server's log-probs differ from the trainer's for the same version "
+                        f"(mean |log ratio| {record['same_version_abs_log_ratio']:.2e}): is the server "
+                        f"serving the trainer's --model, with no truncation (top_p/top_k/min_p)?"
+                    )
                 if not cfg.quiet:
                     self.log(
                         f"step {step:3d}  reward {record['mean_reward']:.3f}  "
@@ -733,6 +757,8 @@ def parse_args(argv=None) -> GRPOConfig:
     p.add_argument("--max-tokens", type=int, default=GRPOConfig.max_tokens)
     p.add_argument("--temperature", type=float, default=GRPOConfig.temperature)
     p.add_argument("--clip-eps", type=float, default=GRPOConfig.clip_eps)
+    p.add_argument("--warmup-steps", type=int, default=GRPOConfig.warmup_steps)
+    p.add_argument("--max-grad-norm", type=float, default=GRPOConfig.max_grad_norm)
     p.add_argument("--lora-rank", type=int, default=GRPOConfig.lora_rank)
     p.add_argument("--lora-scale", type=float, default=GRPOConfig.lora_scale)
     p.add_argument("--lora-layers", type=int, default=GRPOConfig.lora_layers, help="0: every layer")
@@ -749,7 +775,7 @@ def parse_args(argv=None) -> GRPOConfig:
     return GRPOConfig(
         url=a.url, start=a.start, model=a.model, out=a.out, steps=a.steps, group_size=a.group_size,
         prompts_per_step=a.prompts_per_step, lr=a.lr, max_tokens=a.max_tokens, temperature=a.temperature,
-        clip_eps=a.clip_eps, lora_rank=a.lora_rank, lora_scale=a.lora_scale, lora_layers=a.lora_layers,
+        clip_eps=a.clip_eps, warmup_steps=a.warmup_steps, max_grad_norm=a.max_grad_norm, lora_rank=a.lora_rank, lora_scale=a.lora_scale, lora_layers=a.lora_layers,
         max_staleness=a.max_staleness, upload=a.upload, swap_mode=a.swap_mode, seed=a.seed,
         server_max_batch=a.server_max_batch, server_run_dir=a.server_run_dir, quiet=a.quiet,
     )

@@ -17,8 +17,14 @@ pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
-    srv = start_server(tmp_path_factory.mktemp("e2e-faults"), tiny_model_dir, "--max-tokens", "64", workers=2)
+def start_adapter(tiny_model_dir, tmp_path_factory):
+    return make_adapter(tmp_path_factory.mktemp("start-adapter") / "a", tiny_model_dir, seed=21)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory, start_adapter):
+    srv = start_server(tmp_path_factory.mktemp("e2e-faults"), tiny_model_dir, "--max-tokens", "64",
+                       "--adapter-path", start_adapter, workers=2)  # fmt: skip
     try:
         yield srv
     finally:
@@ -40,6 +46,14 @@ def _load(server, stop: threading.Event, results: list, index: int) -> None:
                 results.append((r.status_code, dict(r.headers), r.json()))
             except Exception as e:  # noqa: BLE001 - recorded and failed on below
                 results.append((None, {}, repr(e)))
+
+
+def test_started_on_the_adapter_path_as_version_0(server, start_adapter):
+    st = server.status()
+    assert st["policy_version"] == 0 and st["adapter"] == start_adapter
+    assert st["engine"]["adapter_id"] == start_adapter
+    with server.client() as c:
+        assert c.get("/adapter").json()["policy_version"] == 0
 
 
 def test_engine_sigkill_under_load(server, tiny_model_dir, tmp_path):

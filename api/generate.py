@@ -73,7 +73,10 @@ class GenerateResource:
                     "metadata": {
                         "batch_size": done.batch_size,
                         "latency_ms": latency_ms,
-                        "current_policy_version": current,
+                        # the seed's trainers read this to find stale rollouts: it is the
+                        # version that generated the tokens, not whatever serves now
+                        "current_policy_version": done.policy_version,
+                        "server_policy_version": current,
                         "queue_ms": round(done.queue_ms, 3),
                         "ttft_ms": round(done.ttft_ms, 3),
                     },

@@ -39,7 +39,7 @@ def _components() -> dict:
         "finish_reason": {"enum": ["stop", "length", "abort"]},
         "metadata": _obj({
             "batch_size": _INT, "latency_ms": _NUM, "current_policy_version": _INT,
-            "queue_ms": _NUM, "ttft_ms": _NUM,
+            "server_policy_version": _INT, "queue_ms": _NUM, "ttft_ms": _NUM,
         }, required=["batch_size", "latency_ms", "current_policy_version"]),
         "generated_by_version": {"type": "integer", "description": "version of the first token"},
         "token_versions": {"type": "array", "items": _INT, "description": "version of each token"},

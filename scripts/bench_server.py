@@ -46,7 +46,7 @@ sys.path.insert(0, HERE)
 
 from bench_lib import report  # noqa: E402
 from bench_lib.loadgen import Item, MlxsupGenerate, OpenAICompletions, closed_loop  # noqa: E402
-from bench_lib.monitor import TreeMonitor, wait_idle  # noqa: E402
+from bench_lib.monitor import TreeMonitor, cpu_delta, wait_idle  # noqa: E402
 from bench_lib.systems import MlxLmServer, MlxsupServer, mlxsup_import_env  # noqa: E402
 
 ALL_SYSTEMS = ("mlxsup", "mlxsup-tuned", "mlx_lm", "mlx_lm-tuned", "raw")
@@ -213,6 +213,8 @@ class Results:
         open(self.records_path, "w").close()
 
     def add(self, cell: dict, records: list[dict]) -> None:
+        # Others' work on the machine skews a CPU run: keep the load next to each figure.
+        cell.setdefault("loadavg_1m_after", round(os.getloadavg()[0], 2))
         self.cells.append(cell)
         with open(self.records_path, "a") as f:
             for r in records:
@@ -341,7 +343,7 @@ def run_server_system(name, args, model, env, work: Workloads, monitor: TreeMoni
             monitor.end()
             cell = {"system": name, "workload": workload, "concurrency": conc,
                     "route": proto.path + (" (stream)" if getattr(proto, "stream", False) else ""),
-                    "peak_rss_mb": monitor.peaks(section), "cpu_s": monitor.cpu_seconds(name) - cpu0,
+                    "peak_rss_mb": monitor.peaks(section), "cpu_s": cpu_delta(monitor.cpu_seconds(name), cpu0),
                     **extra}
             recs = [r.as_dict() for r in records]
             cell["stats"] = report.summarize(recs, elapsed, args.max_tokens)
@@ -422,7 +424,11 @@ def merge_rounds(cells: list[dict], workload: str, args) -> dict:
         for k, v in c.get("peak_rss_mb", {}).items():
             peaks[k] = max(peaks.get(k, 0), v)
     merged["peak_rss_mb"] = peaks
-    merged["cpu_s"] = sum(c.get("cpu_s", 0) for c in cells)
+    cpu: dict = {}
+    for c in cells:
+        for k, v in (c.get("cpu_s") or {}).items():
+            cpu[k] = round(cpu.get(k, 0.0) + v, 3)
+    merged["cpu_s"] = cpu
     return merged
 
 
@@ -483,7 +489,7 @@ def run_raw(args, model, env, work: Workloads, monitor: TreeMonitor, results: Re
                     monitor.begin(f"raw/{parts[1]}")
                 elif len(parts) == 2 and parts[0] == "@end":
                     monitor.end()
-                    cpu_marks[parts[1]] = monitor.cpu_seconds(name) - cpu_marks.get(parts[1], 0.0)
+                    cpu_marks[parts[1]] = cpu_delta(monitor.cpu_seconds(name), cpu_marks.get(parts[1], {}))
                     log(f"raw: {parts[1]} done")
 
         reader = threading.Thread(target=follow, daemon=True)
@@ -562,6 +568,7 @@ def meta_of(args, model, env) -> dict:
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),
         "versions": {p: version(p) for p in ("mlx", "mlx-lm", "mlx-cuda-13", "httpx", "mlxsup")},
         "git": {"rev": rev, "dirty": dirty},
@@ -659,6 +666,7 @@ def main(argv=None) -> int:
     finally:
         monitor.close()
     meta["wall_s"] = time.perf_counter() - t0
+    meta["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return finish(args, results, meta, gpu=args.gpu)
 
 

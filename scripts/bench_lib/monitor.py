@@ -110,17 +110,21 @@ class TreeMonitor:
             _raise(peaks, list(by_role.items()) + [("total", total)])
             peaks["samples"] = peaks.get("samples", 0) + 1
 
-    def cpu_seconds(self, name: str) -> float:
-        """User + system CPU seconds of the live processes of tree `name` so far."""
+    def cpu_seconds(self, name: str) -> dict[str, float]:
+        """User + system CPU seconds so far of the live processes of tree `name`, per role and
+        in total (subtract two readings for an interval: where the time went)."""
         root = self._roots.get(name)
-        total = 0.0
+        out = {"total": 0.0}
         for proc in self._procs(root) if root else []:
             try:
                 t = proc.cpu_times()
-                total += t.user + t.system
             except psutil.Error:
-                pass
-        return total
+                continue
+            role = self._roles_cache.get(proc.pid) or self.role_of(proc, root)
+            out[role] = out.get(role, 0.0) + t.user + t.system
+            out["total"] += t.user + t.system
+        return out
+
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -171,3 +175,7 @@ def wait_idle(pids: list[int], max_wait: float = 60.0, threshold_pct: float = 20
         if used / window * 100 < threshold_pct:
             break
     return time.monotonic() - t0
+
+
+def cpu_delta(after: dict, before: dict) -> dict:
+    return {k: round(v - before.get(k, 0.0), 3) for k, v in after.items()}

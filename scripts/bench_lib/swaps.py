@@ -25,6 +25,7 @@ import httpx
 from bench_lib import report
 from bench_lib.adapters import write_adapter
 from bench_lib.loadgen import closed_loop
+from bench_lib.monitor import cpu_delta
 
 
 def run_swaps(server, args, model, work, main, native, mode, monitor, name):
@@ -69,7 +70,7 @@ def run_swaps(server, args, model, work, main, native, mode, monitor, name):
     }
     cell = {"system": name, "workload": "swap", "mode": mode, "concurrency": conc,
             "route": native.path, "interval_s": args.swap_interval,
-            "peak_rss_mb": monitor.peaks(section), "cpu_s": monitor.cpu_seconds(name) - cpu0,
+            "peak_rss_mb": monitor.peaks(section), "cpu_s": cpu_delta(monitor.cpu_seconds(name), cpu0),
             "swap": swap, "stats": stats}
     return cell, recs
 

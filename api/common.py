@@ -91,9 +91,10 @@ def prompt_ids_from(codec: TextCodec, *, text=None, ids=None, messages=None,
     raise invalid(text_name, f"give one of: {', '.join(names)}")
 
 
-def check_lengths(codec: TextCodec, prompts: list[list[int]], max_tokens: int, field: str) -> None:
+def check_lengths(codec: TextCodec, prompts: list[list[int]], max_tokens: int, field: str,
+                  max_tokens_field: str = "max_tokens") -> None:
     for i, ids in enumerate(prompts):
-        codec.check_length(len(ids), max_tokens, field if len(prompts) == 1 else f"{field}[{i}]")
+        codec.check_length(len(ids), max_tokens, field if len(prompts) == 1 else f"{field}[{i}]", max_tokens_field)
 
 
 async def gather_or_cancel(coros) -> list:

@@ -284,7 +284,9 @@ class ChatCompletionsResource(_OpenAIResource):
 
 
 def _job(codec, body, prompts, texts, max_tokens, wants_logprobs, model_name) -> _Job:
-    check_lengths(codec, prompts, max_tokens, "messages" if "messages" in body else "prompt")
+    # Name the field the client gave (chat takes max_completion_tokens, which wins over max_tokens).
+    max_tokens_field = "max_completion_tokens" if body.get("max_completion_tokens") else "max_tokens"
+    check_lengths(codec, prompts, max_tokens, "messages" if "messages" in body else "prompt", max_tokens_field)
     stops = stop_list(body["stop"])
     params = sampling_params(body, max_tokens=max_tokens, stops=stops,
                              logprobs_mode=logprobs_mode_for(wants_logprobs, body["logprobs_mode"]))

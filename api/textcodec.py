@@ -114,14 +114,16 @@ class TextCodec:
                 raise invalid(f"{field}[{i}]", f"{field}[{i}] is not a token id of this model "
                                                f"(vocabulary size {vocab})")
 
-    def check_length(self, num_prompt_tokens: int, max_tokens: int, field: str = "prompt") -> None:
+    def check_length(self, num_prompt_tokens: int, max_tokens: int, field: str = "prompt",
+                     max_tokens_field: str = "max_tokens") -> None:
         ctx = self.context_length
         if ctx is None:
             return
         if num_prompt_tokens >= ctx:
             raise invalid(field, f"{field} is {num_prompt_tokens} tokens; the model's context is {ctx}")
         if max_tokens > ctx:
-            raise invalid("max_tokens", f"max_tokens {max_tokens} exceeds the model's context of {ctx} tokens")
+            raise invalid(max_tokens_field,
+                          f"{max_tokens_field} {max_tokens} exceeds the model's context of {ctx} tokens")
 
     # ---------------------------------------------------------------- decoding
 

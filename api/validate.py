@@ -198,7 +198,7 @@ class TokenIds(Kind):
             raise invalid(path, f"{path} has more than {self.max_items} token ids")
         for i, v in enumerate(value):
             if type(v) is not int or not (0 <= v < 2**31):
-                raise invalid(f"{path}[{i}]", f"{path}[{i}] must be a token id (an integer >= 0)")
+                raise invalid(f"{path}[{i}]", f"{path}[{i}] must be a token id (an integer from 0 to 2147483647)")
         return value
 
     def schema(self):
@@ -224,7 +224,9 @@ class AnyOf(Kind):
             except ApiError as e:
                 errors.append(e)
         if errors:
-            raise max(errors, key=lambda e: len(e.field))
+            # Deepest path first; at equal depth the later position (the option that accepted
+            # more items): [1, 2**31] is a bad token id at [1], not a non-string at [0].
+            raise max(errors, key=lambda e: (len(e.field), e.field))
         raise invalid(path, f"{path} must be {self.describe or 'of another type'}, not {_type_name(value)}")
 
     def schema(self):

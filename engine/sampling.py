@@ -14,7 +14,8 @@ The processed distribution of a row, applied in this order to the model's logits
 `processed` log-prob = log-softmax of the surviving `z` at the sampled token; `raw` log-prob =
 log-softmax of `l` (no penalty, T=1, no truncation). Temperature 0 is greedy: the argmax of
 the penalised logits, whose processed log-prob is 0 (the sampler's distribution is a point
-mass); scoring a token that is not the argmax under T=0 gives -inf.
+mass); scoring a token that is not the argmax under T=0 gives -inf. Temperatures below
+`GREEDY_BELOW` are greedy too: `l * (1/T)` would overflow float32 into inf and NaN.
 
 Sampling draws one uniform `u` per row from the row's own key chain (threefry; the key is
 split once per token), and picks the first token whose cumulative probability reaches `u`
@@ -55,6 +56,11 @@ _split_keys = mx.vmap(lambda k: mx.random.split(k, 2))
 _uniform_per_key = mx.vmap(lambda k: mx.random.uniform(key=k))
 
 
+# Temperatures below this are greedy: 1/T times a logit would overflow float32 (inf - inf is
+# NaN), which gave token 0 with NaN log-probs. Well above it, softmax(l/T) is already a point mass.
+GREEDY_BELOW = 1e-30
+
+
 @dataclass
 class RowParams:
     """The sampling parameters of a batch's rows as arrays, plus flags that let a batch
@@ -82,7 +88,7 @@ class RowParams:
     def build(cls, params: Sequence[SamplingParams], vocab_size: int, modes=None) -> "RowParams":
         """`modes` overrides each row's logprobs_mode (scoring carries its own)."""
         modes = modes if modes is not None else [p.logprobs_mode for p in params]
-        greedy = [p.temperature == 0 for p in params]
+        greedy = [p.temperature < GREEDY_BELOW for p in params]
         top_k = [p.top_k if 0 < p.top_k < vocab_size else 0 for p in params]
         penalised = [p.repetition_penalty != 1.0 for p in params]
         identity = [

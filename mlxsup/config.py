@@ -84,7 +84,11 @@ class ServerConfig:
         os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
         path = os.path.join(self.run_dir, "config.json")
         tmp = path + ".tmp"
-        with open(tmp, "w") as f:
+        # Owner-only: the file holds --api-key and --admin-key, and a run directory made
+        # beforehand (or by an older version) may be readable by other local users.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as f:
             f.write(self.to_json())
         os.replace(tmp, path)
         return path

@@ -85,7 +85,9 @@ class AuthMiddleware:
         self.admin_key = admin_key.encode() if admin_key else None
 
     async def process_request(self, req, resp):
-        path = req.path
+        # The path as falcon's router matches it: the router ignores leading slashes, so
+        # "//load_adapter" reaches /load_adapter and must meet the same checks.
+        path = "/" + req.path.lstrip("/")
         if path in OPEN_ROUTES:
             return
         presented = _presented(req)

@@ -35,7 +35,7 @@ from mlxsup.ipc.messages import (
     TokenChunk,
 )
 
-from .adapter_files import AdapterError, AdapterFiles
+from .adapter_files import AdapterFiles
 from .adapters import AdapterManager, PreparedAdapter
 from .config import EngineConfig
 from .runner import Admission, ModelRunner, ScoreItem, StepOutput, context_length

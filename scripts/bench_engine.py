@@ -3,6 +3,7 @@
 
   batch     engine tokens/s against a plain mlx-lm BatchGenerator loop at batch 1, 8, 32
             (T=1, every token's log-prob returned by both; prefill included)
+  overhead  the same two loops' time per step on the tiny demo model (the loop's own cost)
   grpo      8 prompts x n=8 (one prefill per prompt) against the same 64 sequences fed as
             64 separate requests
   adapters  prepare (read + validate + load) and commit latency of rank 8, 16 and 64 LoRA
@@ -121,6 +122,32 @@ def bench_batch(model, tok, model_dir, args, rows):
               f"{ratio:.3f}x", flush=True)
 
 
+def bench_overhead(args, rows, tmp):
+    """Per-step time on the tiny demo model, where the model costs next to nothing: the
+    loop's own overhead, steady under CPU contention that blurs the 75M-model figures."""
+    from mlx_lm import load
+
+    from mlxsup.demo import build_demo_model
+
+    path = build_demo_model(os.path.join(tmp, "tiny"), seed=0, preset="tiny")
+    model, tok = load(path)
+    rng = random.Random(5)
+    for batch in (1, 8, 32):
+        prompts = _prompts(batch, rng, 32, 96, vocab=500)
+        engine = make_engine(model, tok, path, batch)
+        run_engine(engine, prompts[:1], 4)
+        run_plain(model, [], prompts[:1], 4, batch)
+        plain, eng = [], []
+        for _ in range(5):
+            ntok, dt = run_plain(model, [], prompts, 128, batch)
+            plain.append(dt * 1e3 / (ntok / batch))
+            ntok, dt = run_engine(engine, prompts, 128)
+            eng.append(dt * 1e3 / (ntok / batch))
+        rows.append(("overhead", f"tiny model, batch {batch}: ms per step, plain / engine",
+                     f"{min(plain):.2f} / {min(eng):.2f} ms", f"{min(plain) / min(eng):.2f}x"))
+        print(f"overhead batch {batch}: plain {min(plain):.2f} ms/step, engine {min(eng):.2f}", flush=True)
+
+
 def bench_grpo(model, tok, model_dir, args, rows):
     rng = random.Random(1)
     prompts = _prompts(8, rng, args.grpo_prompt, args.grpo_prompt)
@@ -233,11 +260,15 @@ def bench_memory(model, tok, model_dir, args, rows, tmp):
             done += len(batch)
             gc.collect()
             marks.append((done, proc.memory_info().rss / 2**20, mx.get_active_memory() / 2**20))
-        a, b = marks[1], marks[-1]
-        rows.append(("memory", f"{done} requests (demo model): RSS after {a[0]} / {b[0]}",
-                     f"{a[1]:.1f} / {b[1]:.1f} MiB", f"{b[1] - a[1]:+.1f} MiB"))
-        rows.append(("memory", f"{done} requests: MLX active after {a[0]} / {b[0]}",
-                     f"{a[2]:.1f} / {b[2]:.1f} MiB", f"{b[2] - a[2]:+.2f} MiB"))
+        half = len(marks) // 2
+        first, second = marks[1:half], marks[half:]  # the first 500 warm the allocator up
+        for i, what in ((1, "RSS"), (2, "MLX active")):
+            lo1, hi1 = min(m[i] for m in first), max(m[i] for m in first)
+            lo2, hi2 = min(m[i] for m in second), max(m[i] for m in second)
+            rows.append(("memory", f"{done} requests (demo model): {what} range, requests "
+                         f"{first[0][0]}-{first[-1][0]} / {second[0][0]}-{second[-1][0]}",
+                         f"{lo1:.1f}-{hi1:.1f} / {lo2:.1f}-{hi2:.1f} MiB",
+                         f"max {hi2 - hi1:+.1f} MiB"))
         print(f"requests: {marks}", flush=True)
 
 
@@ -245,7 +276,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", default=os.path.join(tempfile.gettempdir(), "mlxsup-bench75m"))
     p.add_argument("--preset", default="bench75m")
-    p.add_argument("--only", default="batch,grpo,adapters,memory")
+    p.add_argument("--only", default="batch,overhead,grpo,adapters,memory")
     p.add_argument("--reps", type=int, default=2, help="runs per cell; the best is reported")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--grpo-prompt", type=int, default=256)
@@ -273,6 +304,8 @@ def main() -> int:
         sections = set(args.only.split(","))
         if "batch" in sections:
             bench_batch(model, tok, args.model_dir, args, rows)
+        if "overhead" in sections:
+            bench_overhead(args, rows, tmp)
         if "grpo" in sections:
             bench_grpo(model, tok, args.model_dir, args, rows)
         if "adapters" in sections:
@@ -280,8 +313,8 @@ def main() -> int:
         if "memory" in sections:
             bench_memory(model, tok, args.model_dir, args, rows, tmp)
     print()
-    print(f"| section | measurement | result | vs goal |")
-    print(f"|---|---|---|---|")
+    print("| section | measurement | result | vs goal |")
+    print("|---|---|---|---|")
     for section, what, value, note in rows:
         print(f"| {section} | {what} | {value} | {note} |")
     if args.json:

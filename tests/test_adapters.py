@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from _engine_helpers import check_fidelity, done_events, run
+from _engine_helpers import check_fidelity
 from mlxsup.engine import AdapterError, Engine, EngineConfig
 from mlxsup.engine.adapter_files import write_adapter
 from mlxsup.ipc.messages import GenerateRequest, SamplingParams, SequenceDone

@@ -8,6 +8,13 @@ import sys
 from mlxsup.config import ServerConfig
 
 GUNICORN_GRACEFUL_S = 30
+# Idle keep-alive connections are kept this long. gunicorn's default (2 s) is shorter than
+# common clients' idle expiry (httpx 5 s, so the openai SDK and mlxsup.client): a client that
+# reuses a connection just as the server closes it loses its POST ("Server disconnected without
+# sending a response"), which a CPU-starved client under load does often (scripts/load_test.py
+# lost 15 of 2,000). Not longer: on stop, gunicorn waits for idle connections to close (up to
+# --graceful-timeout), so an idle client delays `mlxsup stop` by up to this long.
+GUNICORN_KEEPALIVE_S = 10
 
 
 def describe_exit(returncode: int) -> str:
@@ -32,6 +39,7 @@ def gunicorn_argv(config: ServerConfig) -> list[str]:
         "--bind", bind,
         "--graceful-timeout", str(GUNICORN_GRACEFUL_S),
         "--timeout", "60",
+        "--keep-alive", str(GUNICORN_KEEPALIVE_S),
         "--log-level", config.log_level.lower(),
         "--no-control-socket",
         "--name", f"mlxsup-api-{config.port}",

@@ -296,7 +296,11 @@ class Engine:
                 elif state.num_unadmitted == 0:
                     state.prefix = None
             if out is not None:
-                self._postprocess(out, events)
+                try:
+                    self._postprocess(out, events)
+                except Exception as e:  # a bug: fail the batch rather than the engine
+                    log.exception("postprocessing failed")
+                    self._fail_running(f"engine step failed: {e}", events)
         if plan.scores:
             self._run_scores(plan.scores, events)
         if self.counters["num_steps"] % self.config.clear_cache_every == 0 or not self.has_work():

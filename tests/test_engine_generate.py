@@ -365,3 +365,25 @@ def test_qwen2_model_generates_with_exact_logprobs(tiny_model_dir, tmp_path):
     for r in reqs:
         [d] = done_events(events, r.request_id)
         check_fidelity(eng.model, r.prompt_ids, d.token_ids, d.logprobs, r.params, "processed")
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_lives_on(tiny_model_dir, monkeypatch):
+    eng = make_engine(tiny_model_dir, max_batch=4)
+    victims = [req([3, 4], max_tokens=50) for _ in range(2)]
+    for r in victims:
+        eng.submit(r)
+    eng.step()
+    real_step = eng.runner.step
+
+    def broken(*a, **k):
+        raise RuntimeError("simulated device failure")
+
+    monkeypatch.setattr(eng.runner, "step", broken)
+    events = eng.step()
+    errors = [e for e in events if isinstance(e, ErrorEvent)]
+    assert {e.request_id for e in errors} == {r.request_id for r in victims}
+    assert all(e.code == "internal" and "simulated" in e.message for e in errors)
+    monkeypatch.setattr(eng.runner, "step", real_step)
+    assert not eng.has_work() and eng.runner.num_rows == 0
+    [[done]] = eng.generate([[5, 6]], SamplingParams(max_tokens=3))
+    assert done.finish_reason == "length"

@@ -79,8 +79,11 @@ def add_start_arguments(p: argparse.ArgumentParser) -> None:
     more.add_argument("--foreground", action="store_true", help="run in this terminal instead of as a daemon")
     more.add_argument("--blas", choices=("auto", "off"), default=d["blas"], help="preload an optimized BLAS into the engine on Linux (default: auto)")
     sec = p.add_argument_group("security")
-    sec.add_argument("--api-key", default=None, help="required as a Bearer token on every route but /health")
-    sec.add_argument("--admin-key", default=None, help="required on adapter routes (default: loopback clients only)")
+    # The environment variables keep keys out of the command line, which any local user can read with ps.
+    sec.add_argument("--api-key", default=os.environ.get("MLXSUP_API_KEY") or None,
+                     help="required as a Bearer token on every route but /health (or env MLXSUP_API_KEY)")
+    sec.add_argument("--admin-key", default=os.environ.get("MLXSUP_ADMIN_KEY") or None,
+                     help="required on adapter routes (default: loopback clients only; or env MLXSUP_ADMIN_KEY)")
     sec.add_argument("--adapter-root", default=None, help="/load_adapter paths must resolve inside this directory")
     sec.add_argument("--max-upload-mb", type=int, default=d["max_upload_mb"], help=f"largest /upload_adapter body (default: {d['max_upload_mb']})")
 

@@ -67,13 +67,14 @@ class Server:
 
 
 def start_server(
-    tmp_path, model: str, *extra: str, workers: int = 2, host: str = "127.0.0.1", name: str = "run"
+    tmp_path, model: str, *extra: str, workers: int = 2, host: str = "127.0.0.1", name: str = "run",
+    env: dict | None = None,
 ) -> Server:
     run_dir = str(tmp_path / name)
     port = free_port()
     out = mlxsup(
         "start", "--model", model, "--host", host, "--port", str(port), "--run-dir", run_dir,
-        "--workers", str(workers), *extra, timeout=300,
+        "--workers", str(workers), *extra, timeout=300, env=env,
     )  # fmt: skip
     server = Server(run_dir=run_dir, port=port, model=model, start_output=out)
     server.segments = instance_segments(run_dir)

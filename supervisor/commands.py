@@ -42,6 +42,8 @@ def gunicorn_argv(config: ServerConfig) -> list[str]:
         "--keep-alive", str(GUNICORN_KEEPALIVE_S),
         "--log-level", config.log_level.lower(),
         "--no-control-socket",
+        # a client that hangs up is cancelled at once, so its sequences leave the batch now
+        "--asgi-disconnect-grace-period", "0",
         "--name", f"mlxsup-api-{config.port}",
         "mlxsup.api.asgi:app",
     ]  # fmt: skip

@@ -134,8 +134,9 @@ def _weights(preset: DemoPreset, vocab_size: int, seed: int) -> dict[str, np.nda
     return w
 
 
-def _save_safetensors(path: str, tensors: dict[str, np.ndarray], dtype: str) -> None:
-    """Write safetensors with numpy alone (bfloat16 as the top half of float32)."""
+def save_safetensors(path: str, tensors: dict[str, np.ndarray], dtype: str = "float32") -> None:
+    """Write safetensors with numpy alone (bfloat16 as the top half of float32); the demo
+    model and the benchmark's adapters are written with it."""
     header, blobs, offset = {}, [], 0
     for name in sorted(tensors):
         arr = np.ascontiguousarray(tensors[name])
@@ -203,7 +204,7 @@ def build_demo_model(out_dir: str, seed: int = 0, preset: str = "demo") -> str:
         json.dump({"bos_token": BOS, "eos_token": EOT, "pad_token": PAD}, f, indent=2)
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
         json.dump({"bos_token_id": ids[BOS], "eos_token_id": [ids[EOT]]}, f, indent=2)
-    _save_safetensors(os.path.join(out_dir, "model.safetensors"), _weights(p, vocab_size, seed), p.dtype)
+    save_safetensors(os.path.join(out_dir, "model.safetensors"), _weights(p, vocab_size, seed), p.dtype)
     return out_dir
 
 

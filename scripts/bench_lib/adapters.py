@@ -12,25 +12,9 @@ import os
 
 import numpy as np
 
+from mlxsup.demo import save_safetensors
+
 KEYS = ("self_attn.q_proj", "self_attn.v_proj")
-
-
-def _save_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
-    header, blobs, offset = {}, [], 0
-    for name in sorted(tensors):
-        data = np.ascontiguousarray(tensors[name], dtype=np.float32).tobytes()
-        header[name] = {"dtype": "F32", "shape": list(tensors[name].shape),
-                        "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    header["__metadata__"] = {"format": "mlx"}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for blob in blobs:
-            f.write(blob)
 
 
 def write_adapter(model_dir: str, out_dir: str, seed: int, rank: int = 8, scale: float = 20.0,
@@ -54,7 +38,7 @@ def write_adapter(model_dir: str, out_dir: str, seed: int, rank: int = 8, scale:
             tensors[name + ".lora_a"] = rng.uniform(-bound, bound, (hidden, rank)).astype(np.float32)
             tensors[name + ".lora_b"] = (rng.standard_normal((rank, out_dims[key])) * 0.05).astype(np.float32)
     os.makedirs(out_dir, exist_ok=True)
-    _save_safetensors(os.path.join(out_dir, "adapters.safetensors"), tensors)
+    save_safetensors(os.path.join(out_dir, "adapters.safetensors"), tensors)
     config = {
         "fine_tune_type": "lora",
         "num_layers": num_layers,

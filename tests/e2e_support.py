@@ -130,6 +130,18 @@ def assert_nothing_left(server: Server) -> None:
         s.bind(("127.0.0.1", server.port))
 
 
+@contextlib.contextmanager
+def running_server(tmp_path, model: str, *extra: str, **kwargs):
+    """`start_server` for a `with` block: stopped whatever happens, and checked to have left
+    nothing behind (processes, segments, sockets) once stopped."""
+    server = start_server(tmp_path, model, *extra, **kwargs)
+    try:
+        yield server
+    finally:
+        stop_server(server)
+    assert_nothing_left(server)
+
+
 def wait_for(predicate, timeout: float = 60.0, what: str = "condition", interval: float = 0.1):
     deadline = time.monotonic() + timeout
     last_error = None

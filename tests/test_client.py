@@ -414,14 +414,10 @@ def test_wait_until_ready_times_out(local):
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    from e2e_support import assert_nothing_left, start_server, stop_server
+    from e2e_support import running_server
 
-    srv = start_server(tmp_path_factory.mktemp("client-e2e"), tiny_model_dir, "--max-tokens", "16", workers=1)
-    try:
+    with running_server(tmp_path_factory.mktemp("client-e2e"), tiny_model_dir, "--max-tokens", "16", workers=1) as srv:
         yield srv
-    finally:
-        stop_server(srv)
-    assert_nothing_left(srv)
 
 
 @pytest.fixture(scope="module")

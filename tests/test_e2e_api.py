@@ -11,7 +11,7 @@ import os
 
 import httpx
 import pytest
-from e2e_support import assert_nothing_left, make_adapter, mlxsup, start_server, stop_server
+from e2e_support import make_adapter, mlxsup, running_server
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -20,12 +20,8 @@ PROMPT = "What is machine learning?"
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    srv = start_server(tmp_path_factory.mktemp("e2e-api"), tiny_model_dir, "--max-tokens", "24", workers=2)
-    try:
+    with running_server(tmp_path_factory.mktemp("e2e-api"), tiny_model_dir, "--max-tokens", "24", workers=2) as srv:
         yield srv
-    finally:
-        stop_server(srv)
-    assert_nothing_left(srv)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from e2e_support import assert_nothing_left, make_adapter, start_server, stop_server, wait_for
+from e2e_support import make_adapter, running_server, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -23,13 +23,9 @@ def start_adapter(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory, start_adapter):
-    srv = start_server(tmp_path_factory.mktemp("e2e-faults"), tiny_model_dir, "--max-tokens", "64",
-                       "--adapter-path", start_adapter, workers=2)  # fmt: skip
-    try:
+    with running_server(tmp_path_factory.mktemp("e2e-faults"), tiny_model_dir, "--max-tokens", "64",
+                        "--adapter-path", start_adapter, workers=2) as srv:  # fmt: skip
         yield srv
-    finally:
-        stop_server(srv)
-    assert_nothing_left(srv)
 
 
 def _load(server, stop: threading.Event, results: list, index: int) -> None:

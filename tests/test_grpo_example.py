@@ -157,14 +157,10 @@ def _check_log(log: dict, prompts: int = 3, group: int = 4) -> None:
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    from e2e_support import assert_nothing_left, start_server, stop_server
+    from e2e_support import running_server
 
-    srv = start_server(tmp_path_factory.mktemp("grpo-e2e"), tiny_model_dir, "--max-batch", "16", workers=1)
-    try:
+    with running_server(tmp_path_factory.mktemp("grpo-e2e"), tiny_model_dir, "--max-batch", "16", workers=1) as srv:
         yield srv
-    finally:
-        stop_server(srv)
-    assert_nothing_left(srv)
 
 
 @pytest.mark.timeout(200)

@@ -26,7 +26,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from e2e_support import assert_nothing_left, make_adapter, mlxsup, start_server, stop_server
+from e2e_support import make_adapter, mlxsup, running_server
 from test_reliability_helpers import (
     Load,
     make_last_mlp_adapter,
@@ -44,13 +44,9 @@ PROMPT = "The adapter test prompt"
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    srv = start_server(tmp_path_factory.mktemp("rel-adapters"), tiny_model_dir,
-                       "--max-tokens", "16", "--max-batch", "8", workers=2)  # fmt: skip
-    try:
+    with running_server(tmp_path_factory.mktemp("rel-adapters"), tiny_model_dir,
+                        "--max-tokens", "16", "--max-batch", "8", workers=2) as srv:  # fmt: skip
         yield srv
-    finally:
-        stop_server(srv)
-    assert_nothing_left(srv)
 
 
 @pytest.fixture(scope="module")

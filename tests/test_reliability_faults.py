@@ -30,6 +30,7 @@ from e2e_support import (
     is_healthy,
     make_adapter,
     mlxsup,
+    running_server,
     start_server,
     stop_server,
     wait_for,
@@ -45,12 +46,8 @@ RETRYABLE_503 = {"engine_unavailable", "engine_restarted", "overloaded", "timeou
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    srv = start_server(tmp_path_factory.mktemp("rel-faults"), tiny_model_dir, "--max-tokens", "32", workers=2)
-    try:
+    with running_server(tmp_path_factory.mktemp("rel-faults"), tiny_model_dir, "--max-tokens", "32", workers=2) as srv:
         yield srv
-    finally:
-        stop_server(srv)
-    assert_nothing_left(srv)
 
 
 def _bodies(k: int = 10) -> list[dict]:

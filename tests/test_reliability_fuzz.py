@@ -20,7 +20,7 @@ import time
 
 import httpx
 import pytest
-from e2e_support import assert_nothing_left, start_server, stop_server
+from e2e_support import running_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -100,13 +100,9 @@ SETTINGS = settings(max_examples=90, deadline=None, derandomize=True, suppress_h
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    srv = start_server(tmp_path_factory.mktemp("rel-fuzz"), tiny_model_dir, "--max-tokens", "8", "--max-batch", "16",
-                       workers=2)  # fmt: skip
-    try:
+    with running_server(tmp_path_factory.mktemp("rel-fuzz"), tiny_model_dir, "--max-tokens", "8", "--max-batch", "16",
+                        workers=2) as srv:  # fmt: skip
         yield srv
-    finally:
-        stop_server(srv)
-    assert_nothing_left(srv)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import stat
 import httpx
 import psutil
 import pytest
-from e2e_support import assert_nothing_left, make_adapter, start_server, stop_server
+from e2e_support import make_adapter, running_server
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -55,27 +55,19 @@ def adapters(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def keyed(tiny_model_dir, tmp_path_factory, adapters):
     """0.0.0.0 with an API key and an adapter root, no admin key (adapter routes: loopback only)."""
-    srv = start_server(tmp_path_factory.mktemp("rel-sec-keyed"), tiny_model_dir, "--api-key", API_KEY,
-                       "--adapter-root", adapters["root"], "--max-tokens", "4", workers=1, host="0.0.0.0")  # fmt: skip
-    try:
+    with running_server(tmp_path_factory.mktemp("rel-sec-keyed"), tiny_model_dir, "--api-key", API_KEY,
+                        "--adapter-root", adapters["root"], "--max-tokens", "4", workers=1, host="0.0.0.0") as srv:  # fmt: skip
         yield srv
-    finally:
-        stop_server(srv)
-    assert_nothing_left(srv)
 
 
 @pytest.fixture(scope="module")
 def admin(tiny_model_dir, tmp_path_factory):
     """0.0.0.0 with both keys and a 1 MiB upload cap."""
     # keys through the environment, so they never appear on a command line
-    srv = start_server(tmp_path_factory.mktemp("rel-sec-admin"), tiny_model_dir, "--max-upload-mb", "1",
-                       "--max-tokens", "4", workers=1, host="0.0.0.0",
-                       env={"MLXSUP_API_KEY": API_KEY, "MLXSUP_ADMIN_KEY": ADMIN_KEY})  # fmt: skip
-    try:
+    with running_server(tmp_path_factory.mktemp("rel-sec-admin"), tiny_model_dir, "--max-upload-mb", "1",
+                        "--max-tokens", "4", workers=1, host="0.0.0.0",
+                        env={"MLXSUP_API_KEY": API_KEY, "MLXSUP_ADMIN_KEY": ADMIN_KEY}) as srv:  # fmt: skip
         yield srv
-    finally:
-        stop_server(srv)
-    assert_nothing_left(srv)
 
 
 def bearer(key):

@@ -235,6 +235,17 @@ def _version_of(data: dict):
     return None
 
 
+def _describe(e: BaseException) -> str:
+    """The exception and its causes: httpx's ReadError says nothing by itself; down the chain
+    it is a reset connection or an unexpected close."""
+    parts, seen = [], set()
+    while e is not None and id(e) not in seen and len(parts) < 5:
+        seen.add(id(e))
+        parts.append(f"{type(e).__name__}({e})" if str(e) else type(e).__name__)
+        e = e.__cause__ or e.__context__
+    return " <- ".join(parts)[:240]
+
+
 async def closed_loop(base_url: str, protocol: Protocol, items: list[Item], concurrency: int,
                       num_requests: int, duration_s: float, grace_s: float,
                       request_timeout: float, on_chunk: Optional[Callable] = None,
@@ -262,7 +273,7 @@ async def closed_loop(base_url: str, protocol: Protocol, items: list[Item], conc
                     rec.timeout = True
                     rec.error = f"timeout: {type(e).__name__}"
                 except (httpx.HTTPError, OSError, ValueError, KeyError) as e:
-                    rec.error = f"{type(e).__name__}: {str(e)[:200]}"
+                    rec.error = _describe(e)
                 if rec.t_end is None and not rec.cut:
                     rec.t_end = time.perf_counter() - t0
 

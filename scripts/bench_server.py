@@ -121,6 +121,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="before each measured level, an unmeasured pass of the same shape (concurrency, "
                         "prompt lengths; 16 tokens): MLX compiles kernels per shape the first time it "
                         "meets one (on CUDA for seconds), which is start-up cost, not serving speed")
+    p.add_argument("--warm-full", action=argparse.BooleanOptionalAction, default=None,
+                   help="make that pass the level's full shape (as many requests, full max tokens; "
+                        "other prompts): default on with --gpu, where a 16-token pass left seconds of "
+                        "compiling inside measured levels; off on the CPU (one wave of 16 tokens)")
     p.add_argument("--settle", type=float, default=60.0,
                    help="at most this many seconds waiting for a server to go idle between cells")
     p.add_argument("--out", help="output folder (default bench-out/<date>-<profile>)")
@@ -136,6 +140,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.profile = profile
+    if args.warm_full is None:
+        args.warm_full = profile == "gpu"
     if args.systems is None:
         args.systems = GPU_SYSTEMS if profile == "gpu" else DEFAULT_SYSTEMS
     args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c]
@@ -262,10 +268,12 @@ class Workloads:
                      for r in range(args.grpo_rounds)]
         self.mixed = mixed_prompts(tok, args.seed + 2000, args.mixed_requests, args.mixed_min, args.mixed_max)
         self.warm = fixed_prompts(tok, args.seed + 3000, 8, args.prompt_tokens)
-        top = max(args.concurrency + [args.grpo_prompts * args.grpo_n, args.mixed_concurrency, 8])
+        top = max([requests_for(args, c) for c in args.concurrency]
+                  + [args.grpo_prompts * args.grpo_n, args.mixed_concurrency, 8])
         self.warm_levels = fixed_prompts(tok, args.seed + 5000, top, args.prompt_tokens)
-        self.warm_mixed = mixed_prompts(tok, args.seed + 6000, args.mixed_concurrency, args.mixed_min,
-                                        args.mixed_max)
+        self.warm_mixed = mixed_prompts(tok, args.seed + 6000,
+                                        args.mixed_requests if args.warm_full else args.mixed_concurrency,
+                                        args.mixed_min, args.mixed_max)
 
     @staticmethod
     def items(prompts, n=1, max_tokens=None) -> list[Item]:
@@ -274,6 +282,10 @@ class Workloads:
     def warm_for(self, workload: str, count: int):
         """Unmeasured prompts of the same shape as `workload`'s (never its own prompts)."""
         return (self.warm_mixed if workload == "mixed" else self.warm_levels)[:count]
+
+
+def warm_tokens(args) -> int:
+    return args.max_tokens if args.warm_full else min(16, args.max_tokens)
 
 
 def requests_for(args, conc: int) -> int:
@@ -344,11 +356,12 @@ def run_server_system(name, args, model, env, work: Workloads, monitor: TreeMoni
                                     2, 2, 60, 30, args.request_timeout))
         settle(server, args)
 
-        def warm_level(workload, proto, conc, n=1, copies=1):
+        def warm_level(workload, proto, conc, num, n=1, copies=1):
             if not args.warm_levels:
                 return
-            prompts = work.warm_for(workload, max(1, conc // copies))
-            items = [it for it in work.items(prompts, n=n, max_tokens=min(16, args.max_tokens))
+            count = num if args.warm_full else conc
+            prompts = work.warm_for(workload, max(1, count // copies))
+            items = [it for it in work.items(prompts, n=n, max_tokens=warm_tokens(args))
                      for _ in range(copies)]
             asyncio.run(closed_loop(server.base_url, proto, items, conc, len(items), args.duration,
                                     args.grace, args.request_timeout))
@@ -375,14 +388,15 @@ def run_server_system(name, args, model, env, work: Workloads, monitor: TreeMoni
 
         if "single" in args.workloads:
             for conc in args.concurrency:
-                warm_level("single", main, conc)
+                warm_level("single", main, conc, requests_for(args, conc))
                 measure("single", work.items(work.single[conc]), main, conc, requests_for(args, conc))
         if "grpo" in args.workloads:
             grpo_all = []
             if server.supports_n:
-                warm_level("grpo", native, args.grpo_prompts, n=args.grpo_n)
+                warm_level("grpo", native, args.grpo_prompts, args.grpo_prompts, n=args.grpo_n)
             else:
-                warm_level("grpo", native, args.grpo_prompts * args.grpo_n, copies=args.grpo_n)
+                warm_level("grpo", native, args.grpo_prompts * args.grpo_n, args.grpo_prompts * args.grpo_n,
+                           copies=args.grpo_n)
             for rnd, prompts in enumerate(work.grpo):
                 if server.supports_n:
                     items, conc = work.items(prompts, n=args.grpo_n), len(prompts)
@@ -395,7 +409,7 @@ def run_server_system(name, args, model, env, work: Workloads, monitor: TreeMoni
             results.cells[:] = [c for c in results.cells if c not in grpo_all]
             results.add(merge_rounds(grpo_all, "grpo", args), [])
         if "mixed" in args.workloads:
-            warm_level("mixed", main, args.mixed_concurrency)
+            warm_level("mixed", main, args.mixed_concurrency, args.mixed_requests)
             measure("mixed", work.items(work.mixed), main, args.mixed_concurrency, args.mixed_requests)
         if "swap" in args.workloads and server.kind == "mlxsup":
             from bench_lib.swaps import run_swaps
@@ -472,20 +486,20 @@ def run_raw(args, model, env, work: Workloads, monitor: TreeMonitor, results: Re
     def reqs(prompts, n=1):
         return [{"ids": list(p.ids), "n": n} for p in prompts]
 
-    def warm_job(workload, conc, n=1):
+    def warm_job(workload, conc, num, n=1):
         """The unmeasured pass of the same shape before a measured job (see --warm-levels)."""
         if not args.warm_levels:
             return []
-        prompts = work.warm_for(workload, conc)
+        prompts = work.warm_for(workload, num if args.warm_full else conc)
         return [{"name": f"warmup/{workload}-{conc}", "requests": reqs(prompts, n), "concurrency": conc,
                  "num_requests": len(prompts), "duration_s": args.duration, "grace_s": args.grace,
-                 "max_tokens": min(16, args.max_tokens)}]
+                 "max_tokens": warm_tokens(args)}]
 
     jobs = [{"name": "warmup/0", "requests": reqs(work.warm), "concurrency": 4, "num_requests": 8,
              "duration_s": 120, "grace_s": 60, "max_tokens": min(16, args.max_tokens)}]
     if "single" in args.workloads:
         for conc in args.concurrency:
-            jobs += warm_job("single", conc)
+            jobs += warm_job("single", conc, requests_for(args, conc))
             jobs.append({"name": f"single/{conc}", "requests": reqs(work.single[conc]), "concurrency": conc,
                          "num_requests": requests_for(args, conc), "duration_s": args.duration,
                          "grace_s": args.grace})
@@ -494,18 +508,18 @@ def run_raw(args, model, env, work: Workloads, monitor: TreeMonitor, results: Re
                 jobs.append({"name": "warmup/generate_step", "kind": "generate_step",
                              "requests": reqs(work.warm_for("single", 2)), "concurrency": 1, "num_requests": 2,
                              "duration_s": args.duration, "grace_s": args.grace,
-                             "max_tokens": min(16, args.max_tokens)})
+                             "max_tokens": warm_tokens(args)})
             jobs.append({"name": "generate_step/1", "kind": "generate_step", "requests": reqs(work.single[1]),
                          "concurrency": 1, "num_requests": requests_for(args, 1),
                          "duration_s": args.duration, "grace_s": args.grace})
     if "grpo" in args.workloads:
-        jobs += warm_job("grpo", args.grpo_prompts, n=args.grpo_n)
+        jobs += warm_job("grpo", args.grpo_prompts, args.grpo_prompts, n=args.grpo_n)
         for rnd, prompts in enumerate(work.grpo):
             jobs.append({"name": f"grpo-round{rnd}/{len(prompts)}", "requests": reqs(prompts, args.grpo_n),
                          "concurrency": len(prompts), "num_requests": len(prompts),
                          "duration_s": args.request_timeout, "grace_s": 0})
     if "mixed" in args.workloads:
-        jobs += warm_job("mixed", args.mixed_concurrency)
+        jobs += warm_job("mixed", args.mixed_concurrency, args.mixed_requests)
         jobs.append({"name": f"mixed/{args.mixed_concurrency}", "requests": reqs(work.mixed),
                      "concurrency": args.mixed_concurrency, "num_requests": args.mixed_requests,
                      "duration_s": args.duration, "grace_s": args.grace})
@@ -648,7 +662,19 @@ def merge(args) -> int:
     cells = {}
     for r in runs:  # a later run's cell replaces an earlier one of the same system and shape
         results.systems.update(r.get("systems", {}))
-        for c in r.get("cells", []):
+        run_cells = list(r.get("cells", []))
+        # A run stopped between GRPO rounds left its finished rounds only: pool them.
+        rounds: dict = {}
+        for c in run_cells:
+            if c["workload"].startswith("grpo-round"):
+                rounds.setdefault(c["system"], []).append(c)
+        run_args = argparse.Namespace(**r["meta"]["args"])
+        for system, group in rounds.items():
+            run_cells = [c for c in run_cells if c not in group]
+            pooled = merge_rounds(group, "grpo", run_args)
+            pooled["partial"] = f"{len(group)} of {run_args.grpo_rounds} rounds"
+            run_cells.append(pooled)
+        for c in run_cells:
             cells[(c["system"], c["workload"], c.get("concurrency"), c.get("mode"))] = c
     results.cells.extend(cells.values())
     return finish(args, results, meta, gpu=meta.get("profile") == "gpu")

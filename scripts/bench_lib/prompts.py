@@ -100,18 +100,31 @@ def _words() -> list[str]:
 
 
 def make_prompt(tok: Tokenizer, rng: random.Random, num_tokens: int) -> Prompt:
-    """A prompt of about `num_tokens` tokens (BOS included): random words, cut at the token
-    boundary, decoded and re-encoded (a cut can re-merge, so the count may be off by one)."""
+    """A prompt of exactly `num_tokens` tokens (BOS included) where the tokenizer allows:
+    random words, cut at a token boundary, decoded and re-encoded. A cut can re-merge into one
+    token fewer, so nearby cuts are tried until the round trip gives the exact count: with
+    equal lengths no batch needs padding, whose new shapes MLX would compile mid-measurement
+    (seen on CUDA: 6.8 s before the first token of a level that had one 99-token prompt)."""
     words = _words()
     num_tokens = max(2, num_tokens)
     want = max(1, num_tokens - tok.num_added())
-    text = ""
-    ids: list[int] = []
-    while len(ids) < want + 8:
-        text += " ".join(rng.choice(words) for _ in range(max(8, want))) + " "
-        ids = tok.encode_plain(text)
-    text = tok.decode(ids[:want]).strip()
-    return Prompt(text=text, ids=tuple(tok.encode(text)))
+    best = None
+    for _ in range(20):  # fresh words when no cut of these round-trips to the exact count
+        text = ""
+        ids: list[int] = []
+        while len(ids) < want + 16:
+            text += " ".join(rng.choice(words) for _ in range(max(8, want))) + " "
+            ids = tok.encode_plain(text)
+        for cut in (want, want + 1, want - 1, want + 2, want - 2):
+            if cut < 1:
+                continue
+            candidate = tok.decode(ids[:cut]).strip()
+            encoded = tuple(tok.encode(candidate))
+            if len(encoded) == num_tokens:
+                return Prompt(text=candidate, ids=encoded)
+            if best is None or abs(len(encoded) - num_tokens) < abs(len(best.ids) - num_tokens):
+                best = Prompt(text=candidate, ids=encoded)
+    return best
 
 
 def fixed_prompts(tok: Tokenizer, seed: int, count: int, num_tokens: int) -> list[Prompt]:

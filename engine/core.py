@@ -38,6 +38,7 @@ from mlxsup.ipc.messages import (
 from .adapter_files import AdapterFiles
 from .adapters import AdapterManager, PreparedAdapter
 from .config import EngineConfig
+from .memory import HeapTrimmer
 from .runner import Admission, ModelRunner, ScoreItem, StepOutput, context_length
 from .sampling import mix_seed
 from .scheduler import SWAP_MODES, QueueFull, Scheduler
@@ -122,6 +123,7 @@ class Engine:
         self._next_internal_id = 1 << 63
         self._outbox: list[Event] = []
         self._swap: Optional[SwapTicket] = None
+        self._trimmer = HeapTrimmer()
         self.counters = dict(tokens_generated=0, prefill_tokens=0, num_swaps=0,
                              num_requests=0, num_steps=0)
 
@@ -303,7 +305,10 @@ class Engine:
                     self._fail_running(f"engine step failed: {e}", events)
         if plan.scores:
             self._run_scores(plan.scores, events)
-        if self.counters["num_steps"] % self.config.clear_cache_every == 0 or not self.has_work():
+        if not self.has_work():  # going idle: MLX's buffer cache, then the heap, back to the OS
+            mx.clear_cache()
+            self._trimmer.trim()
+        elif self.counters["num_steps"] % self.config.clear_cache_every == 0:
             mx.clear_cache()
         return events
 

@@ -13,6 +13,12 @@ prepare/finalize protocol rolls the padding to the left); the last prompt token 
 next decode step with the running rows, so the vocabulary projection runs only there and
 joining costs no extra pass over the weights. A request's `n` samples share the prefill: its
 cache row is replicated `n` times.
+
+A batch of one row runs *solo*: its caches become mlx-lm's plain single-sequence caches
+(`BatchKVCache.extract`), which need no attention mask, no per-row offsets and take the fused
+attention kernel; they are merged back into batch caches when another row joins. On the H100
+a 1B model decoded one sequence at 7.7 ms a token with the batch caches and at the speed of
+mlx-lm's own single-stream `generate_step` (2.9 ms) without them.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 
 from mlxsup.ipc.messages import SamplingParams
 
@@ -35,6 +41,10 @@ _SCORE_LOGITS_BYTES = 256 * 2**20
 def _merge(caches: Sequence[list]) -> list:
     """Per-layer batch caches from per-request caches (mlx-lm's `merge` class methods)."""
     return [type(layer[0]).merge(list(layer)) for layer in zip(*caches)]
+
+
+# Batch caches whose single row runs solo as a plain cache (extract, then merge back).
+_SOLO_CACHES = (BatchKVCache,)
 
 
 @dataclass
@@ -103,6 +113,7 @@ class ModelRunner:
         self.rows: Optional[sampling.RowParams] = None
         self.pending: Optional[tuple[mx.array, mx.array]] = None  # (tokens, logprobs) (B,)
         self.pending_version = 0
+        self.solo = False  # the one row's caches are plain caches, not batch caches
 
     @property
     def num_rows(self) -> int:
@@ -120,11 +131,14 @@ class ModelRunner:
         row's pending token is its last prompt token, so its first sampled token comes out
         of the shared decode step (no forward pass of its own) and is reported one step on."""
         with mx.stream(self.stream):
+            if admissions:
+                self._go_solo(False)
             prefixes = self._admit(admissions) if admissions else {}
             if self.pending is None:
                 return None, prefixes
             seq_ids, fresh = list(self.seq_ids), self.fresh
             out, out_version = self.pending, self.pending_version
+            self._go_solo(len(seq_ids) == 1)
             self.pending = self._decode()
             self.pending_version = version
             self.fresh = [False] * len(seq_ids)
@@ -139,6 +153,14 @@ class ModelRunner:
             tokens = [tokens[i] for i in keep]
             logprobs = [logprobs[i] for i in keep]
         return StepOutput(seq_ids, tokens, logprobs, out_version), prefixes
+
+    def _go_solo(self, solo: bool) -> None:
+        """Switch the caches between batch and plain single-sequence form."""
+        if solo == self.solo or (solo and not all(
+                isinstance(c, _SOLO_CACHES) and c.keys is not None for c in self.cache)):
+            return
+        self.cache = [c.extract(0) for c in self.cache] if solo else _merge([self.cache])
+        self.solo = solo
 
     def _decode(self) -> tuple[mx.array, mx.array]:
         inputs = self.pending[0]

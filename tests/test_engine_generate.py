@@ -194,6 +194,37 @@ def test_seeded_request_same_tokens_whatever_the_batch(engine):
     assert g1[0].token_ids == alone.token_ids
 
 
+def test_a_lone_sequence_runs_solo_and_rejoins_the_batch(engine):
+    """One row decodes on plain caches (solo); a row joining merges them back into batch
+    caches, and when it leaves the survivor goes solo again, with exact log-probs and the
+    same tokens as a run alone throughout."""
+    params = dict(temperature=1.0, seed=77, max_tokens=30, logprobs_mode="processed")
+    prompt = [5, 17, 33, 2, 41, 8, 9]
+    ref = done_events(run(engine, [r0 := req(prompt, **params)]), r0.request_id)[0]
+    a, b = req(prompt, **params), req([3, 4, 5, 6], temperature=1.0, max_tokens=6,
+                                    logprobs_mode="processed")
+    engine.submit(a)
+    events, modes = [], []
+    for i in range(200):
+        if i == 8:
+            engine.submit(b)
+        events += engine.step()
+        modes.append((engine.runner.num_rows, engine.runner.solo))
+        if any(isinstance(e, SequenceDone) and e.request_id == a.request_id for e in events):
+            break
+    assert (1, True) in modes[:8]  # alone: solo
+    joined = modes.index((2, False))
+    assert (1, True) in modes[joined:]  # b finished: solo again
+    done_a = [e for e in events if isinstance(e, SequenceDone) and e.request_id == a.request_id][0]
+    done_b = [e for e in events if isinstance(e, SequenceDone) and e.request_id == b.request_id][0]
+    assert done_a.token_ids == ref.token_ids
+    np.testing.assert_allclose(done_a.logprobs, ref.logprobs, atol=1e-5)
+    check_fidelity(engine.model, a.prompt_ids, done_a.token_ids, done_a.logprobs, a.params,
+                   "processed")
+    check_fidelity(engine.model, b.prompt_ids, done_b.token_ids, done_b.logprobs, b.params,
+                   "processed")
+
+
 # ------------------------------------------------------------------ stopping
 
 

@@ -62,8 +62,7 @@ def swap_answer(reply: dict, field: str = "adapter_path") -> dict:
             "message": reply.get("message") or "",
             "adapter_path": reply.get("adapter"),
             "mode": reply.get("mode"),
-            "prepare_ms": reply.get("prepare_ms"),
-            "commit_ms": reply.get("commit_ms"),
+            **{k: reply.get(k) for k in ("read_ms", "prepare_ms", "wait_ms", "commit_ms")},
         }
     error = reply.get("error") if isinstance(reply.get("error"), dict) else {}
     kind = str(error.get("type") or "adapter_error")

@@ -54,8 +54,12 @@ def _components() -> dict:
     }, required=["type", "message", "field"])})
     swap = _obj({
         "status": {"const": "success"}, "policy_version": _INT, "message": _STR,
-        "adapter_path": _NULL_STR, "mode": _STR, "prepare_ms": {"type": ["number", "null"]},
-        "commit_ms": {"type": ["number", "null"]},
+        "adapter_path": _NULL_STR, "mode": _STR,
+        **{k: {"type": ["number", "null"], "description": d} for k, d in (
+            ("read_ms", "reading and validating the adapter files"),
+            ("prepare_ms", "from the engine's receipt of the swap until it could commit (read included)"),
+            ("wait_ms", "waiting for the step boundary (drain: for in-flight sequences)"),
+            ("commit_ms", "the commit itself"))},
     }, required=["status", "policy_version", "message"])
     return {
         "GenerateResult": result,

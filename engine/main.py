@@ -246,29 +246,35 @@ class EngineProcess:
         from .adapter_files import AdapterError
 
         while not self._prepared.empty():
-            msg, files, started, _read_ms = self._prepared.get()
+            msg, files, started, read_ms = self._prepared.get()
             swap_id = msg.get("id")
             try:
                 if isinstance(files, Exception):
                     raise files
                 prepared = self.engine.prepare_adapter(files)
-                prepare_ms = (time.perf_counter() - started) * 1e3
+                ready = time.perf_counter()
+                prepare_ms = (ready - started) * 1e3
                 version = msg.get("version")
                 if not isinstance(version, int) or isinstance(version, bool):
                     raise ValueError("swap version must be an integer")
 
-                def done(ticket, swap_id=swap_id, prepare_ms=prepare_ms):
+                def done(ticket, swap_id=swap_id, prepare_ms=prepare_ms, read_ms=read_ms,
+                         ready=ready):
                     self._swap_busy = False
+                    wait_ms = (time.perf_counter() - ready) * 1e3 - ticket.commit_ms
                     # The control block shows the new version before anyone learns of the swap.
                     self._publish()
                     self.publisher.write_now()
                     self.control.send({"op": "swap_done", "id": swap_id, "ok": True,
                                        "policy_version": ticket.policy_version,
+                                       "read_ms": round(read_ms, 3),
                                        "prepare_ms": round(prepare_ms, 3),
+                                       "wait_ms": round(wait_ms, 3),
                                        "commit_ms": round(ticket.commit_ms, 3)})
-                    log.info("swap %s committed: version %d, %s (prepare %.1f ms, commit %.2f ms)",
-                             swap_id, ticket.policy_version, ticket.adapter_path or "base model",
-                             prepare_ms, ticket.commit_ms)
+                    log.info("swap %s committed: version %d, %s (read %.1f ms, prepare %.1f ms, "
+                             "wait %.1f ms, commit %.2f ms)", swap_id, ticket.policy_version,
+                             ticket.adapter_path or "base model", read_ms, prepare_ms, wait_ms,
+                             ticket.commit_ms)
 
                 self.engine.request_swap(prepared, msg.get("mode", "drain"), version, on_done=done)
             except AdapterError as e:

@@ -20,6 +20,11 @@ from mlxsup.supervisor.state import AdapterState, write_state
 
 log = logging.getLogger("mlxsup.supervisor")
 
+# Where a swap's time went, from the engine's swap_done: reading the files (another thread),
+# ready to commit (read + MLX arrays), waiting for the step boundary (drain: for in-flight
+# sequences), the commit itself.
+TIMINGS = ("read_ms", "prepare_ms", "wait_ms", "commit_ms")
+
 
 def error_reply(kind: str, message: str, field: Optional[str] = None, **extra) -> dict:
     err = {"type": kind, "message": message}
@@ -105,8 +110,7 @@ class SwapCoordinator:
                 "adapter": path,
                 "mode": mode,
                 "message": f"Loaded adapter from {path}" if path else "Back to the base model",
-                "prepare_ms": reply.get("prepare_ms"),
-                "commit_ms": reply.get("commit_ms"),
+                **{k: reply.get(k) for k in TIMINGS},
             }
 
     def _commit(self, state: AdapterState) -> None:

@@ -102,8 +102,9 @@ def table(cells: list[dict]) -> str:
     if swaps:
         lines += ["", "| swap mode | system | swaps ok | swap->probe token p50 / max ms "
                       "| swap->first new token in flight p50 / max ms (est.) | ack p50 / max ms "
+                      "| engine read / ready / wait ms p50 "
                       "| load ok/err/tmo/cut | multi-version (drain: must be 0) | tok/s |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for c in swaps:
             w = c["swap"]
             s = c["stats"]
@@ -112,6 +113,8 @@ def table(cells: list[dict]) -> str:
                 f"| {_fmt(w['probe_p50_ms'], 0)} / {_fmt(w['probe_max_ms'], 0)} "
                 f"| {_fmt(w['inflight_p50_ms'], 0)} / {_fmt(w['inflight_max_ms'], 0)} "
                 f"| {_fmt(w['ack_p50_ms'], 0)} / {_fmt(w['ack_max_ms'], 0)} "
+                f"| {_fmt(w.get('read_p50_ms'), 1)} / {_fmt(w.get('prepare_p50_ms'), 1)} / "
+                f"{_fmt(w.get('wait_p50_ms'), 1)} "
                 f"| {s['ok']}/{s['errors']}/{s['timeouts']}/{s['cut']} | {w['multi_version_completions']} "
                 f"| {_fmt(s['tokens_per_s'], 1)} |"
             )

@@ -28,6 +28,10 @@ from bench_lib.loadgen import closed_loop
 from bench_lib.monitor import cpu_delta
 
 
+# The engine's account of each swap, from /load_adapter's answer (docs/api.md).
+ENGINE_TIMINGS = ("read_ms", "prepare_ms", "wait_ms", "commit_ms")
+
+
 def run_swaps(server, args, model, work, main, native, mode, monitor, name):
     adapter_dirs = [os.path.abspath(write_adapter(model, os.path.join(args.out, "adapters", tag), seed))
                     for tag, seed in (("a", 1), ("b", 2))]
@@ -66,6 +70,8 @@ def run_swaps(server, args, model, work, main, native, mode, monitor, name):
         "inflight_p50_ms": report.percentile(inflight, 50),
         "inflight_max_ms": max(inflight) if inflight else None,
         "multi_version_completions": multi,
+        **{f"{k[:-3]}_p50_ms": report.percentile(
+            [s[k] for s in swaps if s.get(k) is not None], 50) for k in ENGINE_TIMINGS},
         "detail": swaps,
     }
     cell = {"system": name, "workload": "swap", "mode": mode, "concurrency": conc,
@@ -124,7 +130,9 @@ async def _run(base_url, proto, items, conc, args, adapter_dirs, mode, probe_tex
                 s["ack_ms"] = (t_ack - s["t_request"]) * 1000.0
                 s["status"] = r.status_code
                 if r.status_code == 200:
-                    s["version"] = r.json().get("policy_version")
+                    body = r.json()
+                    s["version"] = body.get("policy_version")
+                    s.update({k: body.get(k) for k in ENGINE_TIMINGS})
                     s["ok"] = s["version"] is not None
                     version = s["version"] if s["ok"] else version
                 else:

@@ -34,6 +34,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import threading
@@ -559,6 +560,10 @@ def run_raw(args, model, env, work: Workloads, monitor: TreeMonitor, results: Re
         except subprocess.TimeoutExpired:
             proc.kill()
             rc = proc.wait()
+        except BaseException:  # a signal (SystemExit) or ^C: the loop must not outlive us
+            proc.kill()
+            proc.wait()
+            raise
         reader.join(timeout=5)
         info["peak_rss_mb"] = monitor.tree_peaks(name)
         monitor.unwatch(name)
@@ -710,8 +715,15 @@ def finish(args, results: Results, meta: dict, gpu: bool) -> int:
     return 1 if failed and len(failed) == len(results.systems) else 0
 
 
+def _exit_on_signal(signum, frame) -> None:
+    # SystemExit unwinds through the `finally` blocks that stop the servers under test.
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)
     os.makedirs(args.out, exist_ok=True)
     if args.merge:
         return merge(args)

@@ -51,6 +51,8 @@ def mlxsup_import_env(repo_root: str, work_dir: str) -> dict:
         if os.path.isdir(os.path.join(repo_root, sub)):
             _symlink(os.path.join(repo_root, sub), os.path.join(pkg, sub))
     sys.path.insert(0, shim)
+    for name in [m for m in sys.modules if m == "mlxsup" or m.startswith("mlxsup.")]:
+        del sys.modules[name]  # find_spec imported the bare folder: import again from the shim
     old = os.environ.get("PYTHONPATH", "")
     return {"PYTHONPATH": shim + (os.pathsep + old if old else "")}
 

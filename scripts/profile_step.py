@@ -1,0 +1,243 @@
+#!/usr/bin/env python3
+"""Where a decode step's time goes at small batches (issue 7: concurrency 1 against mlx-lm's
+single-stream `generate_step`).
+
+One process, one model, the same prompt; per-token decode time (first token excluded) of:
+
+  generate_step   mlx-lm's single-stream generator (plain `KVCache`, its own sampler)
+  batchgen        mlx-lm's `BatchGenerator` (batch caches, one row)
+  engine          mlxsup's `Engine` in-process (scheduler, runner, per-row sampler with
+                  log-probs, postprocessing; no IPC, no HTTP)
+
+and the parts: the model's forward with a plain and with a batch cache (graph built and
+evaluated per call, no pipelining), mlxsup's sampler against mlx-lm's categorical sampler on
+the same logits, and a cProfile of the engine's loop (time inside `mlx.core.eval` is the wait
+for the device; the rest is host work that the pipelining must hide).
+
+    python scripts/profile_step.py                          # bench75m on this machine
+    python scripts/profile_step.py --preset bench1b --batch 1,8 --json out.json   # the GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+
+def _ensure_blas() -> None:
+    if os.environ.get("MLXSUP_BLAS_LIB") or os.environ.get("MLXSUP_BLAS", "").lower() == "off":
+        return
+    from mlxsup.blas import engine_env
+
+    env = engine_env(os.environ, "auto")
+    if env.get("MLXSUP_BLAS_LIB"):
+        os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+
+def per_token_ms(stamps: list[float]) -> float:
+    """Median gap between consecutive token arrivals, in ms (the first token excluded)."""
+    gaps = [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]
+    return statistics.median(gaps[1:] if len(gaps) > 2 else gaps)
+
+
+def time_generate_step(model, prompt, max_tokens, reps):
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    out = []
+    for _ in range(reps):
+        stamps = []
+        for _tok, _lp in generate_step(mx.array(prompt), model, max_tokens=max_tokens):
+            stamps.append(time.perf_counter())
+        out.append(per_token_ms(stamps))
+    return min(out)
+
+
+def time_batchgen(model, prompt, max_tokens, reps, batch):
+    from mlx_lm.generate import BatchGenerator
+    from mlx_lm.sample_utils import make_sampler
+
+    out = []
+    for _ in range(reps):
+        gen = BatchGenerator(model, max_tokens=max_tokens, sampler=make_sampler(temp=1.0),
+                             completion_batch_size=batch, prefill_batch_size=batch)
+        gen.insert([list(prompt)] * batch, [max_tokens] * batch)
+        stamps = []
+        while True:
+            _, responses = gen.next()
+            if responses:
+                stamps.append(time.perf_counter())
+            if responses and all(r.finish_reason is not None for r in responses):
+                break
+        gen.close()
+        out.append(per_token_ms(stamps))
+    return min(out)
+
+
+def time_engine(engine, prompt, max_tokens, reps, batch, profile=None):
+    from mlxsup.ipc.messages import GenerateRequest, SamplingParams, SequenceDone, TokenChunk
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=1.0, logprobs_mode="processed")
+    out = []
+    for rep in range(reps):
+        rid = 1000 + rep
+        engine.submit(GenerateRequest(rid, list(prompt), params, n=batch, stream=True))
+        stamps, done = [], 0
+        if profile is not None:
+            profile.enable()
+        while done < batch:
+            events = engine.step()
+            if any(isinstance(e, TokenChunk) for e in events):
+                stamps.append(time.perf_counter())
+            done += sum(isinstance(e, SequenceDone) for e in events)
+            if not events:
+                hint = engine.wait_hint()
+                if hint:
+                    time.sleep(min(hint, 0.001))
+        if profile is not None:
+            profile.disable()
+        out.append(per_token_ms(stamps))
+    return min(out)
+
+
+def lean_sampler(logits, rows, keys, ctx):
+    """mlx-lm's sampling (one global stream, categorical) in place of the per-row one: what the
+    engine's loop costs with the cheapest sampler that still returns log-probs."""
+    import mlx.core as mx
+
+    lp = logits.astype(mx.float32)
+    lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
+    tokens = mx.random.categorical(lp).astype(mx.int32)
+    return tokens, mx.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0], keys
+
+
+def time_calls(fn, reps=50):
+    import mlx.core as mx
+
+    for _ in range(3):
+        mx.eval(fn())
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        mx.eval(fn())
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
+def parts(model, prompt, batch, vocab):
+    """Forward with each cache kind and the two samplers, each built and evaluated per call."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.sample_utils import make_sampler
+
+    from mlxsup.engine import sampling
+    from mlxsup.engine.runner import _merge
+    from mlxsup.ipc.messages import SamplingParams
+
+    res = {}
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array([prompt] * 1), cache=cache))
+    x = mx.array([[prompt[-1]]])
+    if batch == 1:
+        res["forward_kvcache_ms"] = time_calls(lambda: model(x, cache=cache))  # cache grows; fine
+    bcache = _merge([make_prompt_cache(model) for _ in range(batch)])
+    mx.eval(model(mx.array([prompt] * batch), cache=bcache))
+    xb = mx.array([[prompt[-1]]] * batch)
+    res["forward_batchcache_ms"] = time_calls(lambda: model(xb, cache=bcache))
+    logits = mx.random.normal((batch, vocab)).astype(mx.bfloat16 if "16" in str(
+        next(iter(_leaves(model))).dtype) else mx.float32)
+    rows = sampling.RowParams.build([SamplingParams(temperature=1.0)] * batch, vocab)
+    keys = sampling.keys_for(list(range(batch)))
+    res["sampler_mlxsup_ms"] = time_calls(lambda: sampling.sample(logits, rows, keys, None)[:2])
+    cat = make_sampler(temp=1.0)
+    res["sampler_mlx_lm_ms"] = time_calls(
+        lambda: (cat(logits - mx.logsumexp(logits, axis=-1, keepdims=True)),
+                 logits - mx.logsumexp(logits, axis=-1, keepdims=True)))
+    return res
+
+
+def _leaves(model):
+    from mlx.utils import tree_flatten
+
+    return (v for _, v in tree_flatten(model.parameters()))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="an mlx-lm model directory (default: the --preset demo model)")
+    p.add_argument("--preset", default="bench75m")
+    p.add_argument("--batch", default="1", help="batch sizes, comma-separated (default 1)")
+    p.add_argument("--prompt-tokens", type=int, default=100)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--json", help="write the figures here too")
+    args = p.parse_args(argv)
+    import tempfile
+
+    from bench_lib.systems import mlxsup_import_env
+
+    mlxsup_import_env(REPO, tempfile.mkdtemp(prefix="mlxsup-profile-"))  # no install needed
+    _ensure_blas()
+
+    import mlx.core as mx
+    from mlx_lm import load
+
+    from mlxsup.demo import ensure_demo_model
+    from mlxsup.engine.config import EngineConfig
+    from mlxsup.engine.core import Engine
+
+    path = args.model or ensure_demo_model(
+        os.path.expanduser(f"~/.cache/mlxsup/bench-{args.preset}-seed0"), preset=args.preset)
+    model, tok = load(path)
+    vocab = model(mx.array([[0]])).shape[-1]
+    prompt = [10 + (i * 7919) % (vocab - 20) for i in range(args.prompt_tokens)]
+    print(f"model {path}, device {mx.default_device()}, vocab {vocab}", flush=True)
+    report = {"model": path, "device": str(mx.default_device()), "batches": {}}
+    for batch in [int(b) for b in args.batch.split(",")]:
+        row = {}
+        engine = Engine(EngineConfig(model=path, max_batch=max(batch, 1), flush_interval_ms=0.0),
+                        model=model, tokenizer=tok)
+        time_engine(engine, prompt, 16, 1, batch)  # warm-up: shapes compiled
+        if batch == 1:
+            row["generate_step_ms"] = time_generate_step(model, prompt, args.max_tokens, args.reps)
+        row["batchgen_ms"] = time_batchgen(model, prompt, args.max_tokens, args.reps, batch)
+        row["engine_ms"] = time_engine(engine, prompt, args.max_tokens, args.reps, batch)
+        from mlxsup.engine import runner as runner_mod
+
+        real = runner_mod.sampling.sample
+        runner_mod.sampling.sample = lean_sampler
+        try:
+            row["engine_lean_sampler_ms"] = time_engine(engine, prompt, args.max_tokens,
+                                                        args.reps, batch)
+        finally:
+            runner_mod.sampling.sample = real
+        prof = cProfile.Profile()
+        row["engine_profiled_ms"] = time_engine(engine, prompt, args.max_tokens, 1, batch, prof)
+        row.update(parts(model, prompt, batch, vocab))
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
+        row["profile_top"] = s.getvalue()
+        report["batches"][batch] = row
+        print(f"\n== batch {batch}: per-token ms (tokens/s per sequence)")
+        for k, v in row.items():
+            if k.endswith("_ms"):
+                print(f"  {k:24s} {v:8.3f} ms" + (f"  ({1e3 / v:7.1f} tok/s)" if k in (
+                    "generate_step_ms", "batchgen_ms", "engine_ms") else ""))
+        print(row["profile_top"], flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,8 +8,8 @@ step queued last time, so Python's bookkeeping overlaps the model's compute, as 
 generators do. A row that finished at step t is therefore computed once more at t+1 and
 dropped.
 
-Prefill runs `prompt[:-1]` of every new request in one right-padded pass (mlx-lm's
-prepare/finalize protocol rolls the padding to the left); the last prompt token goes into the
+Prefill runs `prompt[:-1]` of the new requests in right-padded passes, one per group of similar
+lengths (mlx-lm's prepare/finalize protocol rolls the padding to the left); the last prompt token goes into the
 next decode step with the running rows, so the vocabulary projection runs only there and
 joining costs no extra pass over the weights. A request's `n` samples share the prefill: its
 cache row is replicated `n` times.
@@ -45,6 +45,24 @@ def _merge(caches: Sequence[list]) -> list:
 
 # Batch caches whose single row runs solo as a plain cache (extract, then merge back).
 _SOLO_CACHES = (BatchKVCache,)
+
+# Prompts prefilled in one padded pass differ in length by at most this factor (or by
+# _PREFILL_GAP tokens): a 1,000-token prompt admitted with thirty short ones would otherwise pad
+# all of them to 1,000 tokens.
+_PREFILL_SLACK = 1.25
+_PREFILL_GAP = 32
+
+
+def length_groups(lengths: Sequence[int]) -> list[range]:
+    """Runs of `lengths` (sorted ascending) whose padding to their longest stays within
+    `_PREFILL_SLACK` x the shortest or `_PREFILL_GAP` tokens."""
+    groups, start = [], 0
+    for i in range(1, len(lengths) + 1):
+        if i == len(lengths) or lengths[i] > max(lengths[start] * _PREFILL_SLACK,
+                                                 lengths[start] + _PREFILL_GAP):
+            groups.append(range(start, i))
+            start = i
+    return groups
 
 
 @dataclass
@@ -194,10 +212,19 @@ class ModelRunner:
         return cache
 
     def _admit(self, admissions: Sequence[Admission]) -> dict[int, GroupPrefix]:
-        fresh = [i for i, a in enumerate(admissions) if a.prefix is None]
+        # Prompts of similar length are prefilled together (padding wastes compute).
+        fresh = sorted((i for i, a in enumerate(admissions) if a.prefix is None),
+                       key=lambda i: len(admissions[i].prompt_ids))
         reused = [i for i, a in enumerate(admissions) if a.prefix is not None]
         order = fresh + reused
-        cache = self._prefill([admissions[i] for i in fresh]) if fresh else None
+        cache = None
+        for group in length_groups([len(admissions[i].prompt_ids) for i in fresh]):
+            part = self._prefill([admissions[fresh[j]] for j in group])
+            if cache is None:
+                cache = part
+            else:
+                for c, p in zip(cache, part):
+                    c.extend(p)
         if reused:
             prefix_cache = _merge([admissions[i].prefix.cache for i in reused])
             if cache is None:

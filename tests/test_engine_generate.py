@@ -238,6 +238,22 @@ def test_stop_token_id_ends_with_that_token(engine):
     assert done.token_ids == free.token_ids[: first + 1]
 
 
+def test_ignore_eos_runs_past_the_eos_token(tiny_model_dir):
+    eng = make_engine(tiny_model_dir)
+    prompt = [7, 8, 9, 10]
+    first = done_events(run(eng, [r := req(prompt, max_tokens=1)]), r.request_id)[0].token_ids[0]
+    eng.eos_token_ids = frozenset({first})  # greedy: the first token is now an EOS
+    stopped = done_events(run(eng, [r := req(prompt, max_tokens=8)]), r.request_id)[0]
+    assert (stopped.token_ids, stopped.finish_reason) == ([first], "stop")
+    ran = done_events(run(eng, [r := req(prompt, max_tokens=8, ignore_eos=True)]), r.request_id)[0]
+    assert (len(ran.token_ids), ran.finish_reason) == (8, "length")
+    assert ran.token_ids[0] == first
+    # an explicit stop token still stops
+    cut = done_events(run(eng, [r := req(prompt, max_tokens=8, ignore_eos=True,
+                                         stop_token_ids=(first,))]), r.request_id)[0]
+    assert (cut.token_ids, cut.finish_reason) == ([first], "stop")
+
+
 def test_eos_ids_come_from_the_tokenizer(engine):
     assert set(engine.tokenizer.eos_token_ids) <= engine.eos_token_ids
     assert engine.tokenizer.eos_token_id in engine.eos_token_ids
@@ -418,3 +434,25 @@ def test_a_failing_step_fails_its_requests_and_the_engine_lives_on(tiny_model_di
     assert not eng.has_work() and eng.runner.num_rows == 0
     [[done]] = eng.generate([[5, 6]], SamplingParams(max_tokens=3))
     assert done.finish_reason == "length"
+
+
+def test_prompts_of_very_different_lengths_prefill_in_separate_passes(tiny_model_dir, monkeypatch):
+    from mlxsup.engine import runner as runner_mod
+
+    assert [list(g) for g in runner_mod.length_groups([3, 3, 20, 30, 33, 200, 230, 800])] == \
+        [[0, 1, 2, 3, 4], [5, 6], [7]]  # 33 <= 3 + 32; 230 <= 1.25 x 200
+    eng = make_engine(tiny_model_dir)
+    passes = []
+    real = runner_mod.ModelRunner._prefill
+    monkeypatch.setattr(runner_mod.ModelRunner, "_prefill",
+                        lambda self, adm: passes.append(sorted(len(a.prompt_ids) for a in adm))
+                        or real(self, adm))
+    rng = random.Random(11)
+    lengths = [5, 300, 7, 6, 280, 120]
+    reqs = [req([rng.randrange(3, 500) for _ in range(n)], temperature=1.0, max_tokens=5,
+                logprobs_mode="processed") for n in lengths]
+    events = run(eng, reqs)  # admitted in one step
+    assert sorted(passes) == [[5, 6, 7], [120], [280, 300]]
+    for r in reqs:
+        [done] = done_events(events, r.request_id)
+        check_fidelity(eng.model, r.prompt_ids, done.token_ids, done.logprobs, r.params, "processed")

@@ -43,6 +43,7 @@ def sampling_params(body: dict, *, max_tokens: int, logprobs_mode: str, stops: S
             seed=body.get("seed"),
             logprobs_mode=logprobs_mode,
             stop_strings=tuple(stops),
+            ignore_eos=body.get("ignore_eos", False),
         )
     except ValueError as e:  # a range the schema let through; still the client's input
         raise invalid("", str(e)) from None

@@ -105,6 +105,8 @@ def generate_schema(config: ServerConfig) -> Object:
             "n": Field(Integer(minimum=1, maximum=MAX_N), 1, description="samples per prompt"),
             **_sampling_fields(0.0),
             "repetition_context_size": Field(Integer(minimum=1, maximum=1 << 20), 20),
+            "ignore_eos": Field(Boolean(), False, description="keep generating past the tokenizer's "
+                                                              "EOS until max_tokens or a stop"),
             "max_tokens": Field(Integer(minimum=1, maximum=MAX_MAX_TOKENS), config.max_tokens,
                                 description="default: the server's --max-tokens"),
             "logprobs": Field(Integer(minimum=0, maximum=2**31 - 1, accept_bool=True), 0,
@@ -207,6 +209,8 @@ def completions_schema(config: ServerConfig) -> Object:
             "max_tokens": Field(Integer(minimum=1, maximum=MAX_MAX_TOKENS), 16,
                                 description="OpenAI's default, 16"),
             **_sampling_fields(1.0),
+            "ignore_eos": Field(Boolean(), False, description="keep generating past the tokenizer's "
+                                                              "EOS until max_tokens or a stop"),
             "n": Field(Integer(minimum=1, maximum=MAX_N), 1),
             "stream": Field(Boolean(), False),
             "stream_options": Field(STREAM_OPTIONS, None),
@@ -248,6 +252,8 @@ def chat_schema(config: ServerConfig) -> Object:
             "max_completion_tokens": Field(Integer(minimum=1, maximum=MAX_MAX_TOKENS), None,
                                            description="wins over max_tokens when both are given"),
             **_sampling_fields(1.0),
+            "ignore_eos": Field(Boolean(), False, description="keep generating past the tokenizer's "
+                                                              "EOS until max_tokens or a stop"),
             "n": Field(Integer(minimum=1, maximum=MAX_N), 1),
             "stream": Field(Boolean(), False),
             "stream_options": Field(STREAM_OPTIONS, None),

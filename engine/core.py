@@ -366,7 +366,7 @@ class Engine:
 
     def _stop_reason(self, seq: Sequence, token: int) -> Optional[str]:
         params = seq.params
-        if token in self.eos_token_ids or token in params.stop_token_ids:
+        if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
             return FINISH_STOP
         if params.stop_strings:
             # Exact on the decoded completion: the first token whose text completes a stop

@@ -48,7 +48,9 @@ _HEAD = struct.Struct("<BB")
 _U32 = struct.Struct("<I")
 _HELLO = struct.Struct("<IQI")  # slot, generation, pid
 _GENERATE = struct.Struct("<QI?qd")  # request_id, n, stream, min_policy_version, min_policy_wait_s
-_PARAMS = struct.Struct("<ddqddqq?qB")  # see _put_params
+_PARAMS = struct.Struct("<ddqddqqBqB")  # see _put_params
+# Flag bits of the byte before the seed (bit 0 alone was a bool "has seed" at first).
+_HAS_SEED, _IGNORE_EOS = 1, 2
 _SCORE = struct.Struct("<QB")  # request_id, logprobs_mode
 _ABORT = struct.Struct("<Q")
 _CHUNK = struct.Struct("<QI")  # request_id, seq_index
@@ -157,7 +159,7 @@ def _put_params(out: list, p: SamplingParams) -> None:
             p.repetition_penalty,
             p.repetition_context_size,
             p.max_tokens,
-            p.seed is not None,
+            (_HAS_SEED if p.seed is not None else 0) | (_IGNORE_EOS if p.ignore_eos else 0),
             0 if p.seed is None else p.seed,
             _index(LOGPROBS_MODES, p.logprobs_mode),
         )
@@ -236,9 +238,11 @@ def _choice(choices: tuple, index: int) -> str:
 
 
 def _get_params(r: _Reader) -> SamplingParams:
-    (temperature, top_p, top_k, min_p, rep_penalty, rep_context, max_tokens, has_seed, seed, mode) = (
+    (temperature, top_p, top_k, min_p, rep_penalty, rep_context, max_tokens, flags, seed, mode) = (
         r.unpack(_PARAMS)
     )
+    if flags & ~(_HAS_SEED | _IGNORE_EOS):
+        raise CodecError(f"unknown sampling flags {flags:#x}")
     stop_token_ids = tuple(r.array("i"))
     (num_strings,) = r.unpack(_U32)
     if num_strings > len(r.view) - r.pos:  # each string takes at least 4 bytes
@@ -252,10 +256,11 @@ def _get_params(r: _Reader) -> SamplingParams:
         repetition_penalty=rep_penalty,
         repetition_context_size=rep_context,
         max_tokens=max_tokens,
-        seed=seed if has_seed else None,
+        seed=seed if flags & _HAS_SEED else None,
         logprobs_mode=_choice(LOGPROBS_MODES, mode),
         stop_token_ids=stop_token_ids,
         stop_strings=stop_strings,
+        ignore_eos=bool(flags & _IGNORE_EOS),
     )
 
 

@@ -48,6 +48,7 @@ class SamplingParams:
     logprobs_mode: str = LOGPROBS_NONE
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
+    ignore_eos: bool = False  # True: the tokenizer's EOS does not end the sequence
 
     def __post_init__(self):
         if not (math.isfinite(self.temperature) and self.temperature >= 0):

@@ -94,7 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=None, help="prompt length of (a), (b), (d) (default 100)")
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="run every completion to max tokens where the system allows (raw: no stop "
-                        "tokens; mlx_lm: logit_bias -1e9 on EOS; mlxsup has no switch, counted as is)")
+                        "tokens; mlx_lm: logit_bias -1e9 on EOS; mlxsup: its ignore_eos field)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="(a), (c) and the load of (d) through streamed /v1/completions (client-side TTFT); "
                         "--no-stream: mlxsup's /generate and non-streamed /v1/completions")

@@ -227,3 +227,23 @@ def test_unknown_route_and_method(setup):
 
 def test_max_depth_constant_is_what_the_message_says():
     assert MAX_DEPTH == 64
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/generate", {"prompt": "hi"}),
+    ("/v1/completions", {"model": "m", "prompt": "hi"}),
+    ("/v1/chat/completions", {"model": "m", "messages": CHAT}),
+])
+def test_ignore_eos_reaches_the_engine_and_is_off_by_default(setup, path, body):
+    client, link, _ = setup
+    assert client.simulate_post(path, json=body).status_code == 200
+    assert client.simulate_post(path, json={**body, "ignore_eos": True}).status_code == 200
+    assert [r[2].ignore_eos for r in link.requests] == [False, True]
+    check_error(client.simulate_post(path, json={**body, "ignore_eos": "yes"}), 422, "ignore_eos")
+
+
+def test_score_has_no_ignore_eos(setup):
+    client, link, _ = setup
+    body = {**VALID["/score"], "ignore_eos": True}
+    check_error(client.simulate_post("/score", json=body), 422, "ignore_eos")
+    assert not link.requests

@@ -62,6 +62,24 @@ def test_round_trip(msg):
     assert decode(encode(msg)) == msg
 
 
+@pytest.mark.parametrize("seed", [None, 0, 2**63 - 1])
+@pytest.mark.parametrize("ignore_eos", [False, True])
+def test_sampling_flags_round_trip(seed, ignore_eos):
+    params = SamplingParams(seed=seed, ignore_eos=ignore_eos)
+    msg = GenerateRequest(request_id=3, prompt_ids=[1], params=params)
+    assert decode(encode(msg)).params == params
+
+
+def test_unknown_sampling_flags_are_refused():
+    data = bytearray(encode(GenerateRequest(request_id=3, prompt_ids=[1],
+                                            params=SamplingParams(seed=7))))
+    flags_at = data.find(bytes([1]) + (7).to_bytes(8, "little"))  # has-seed flag, then the seed
+    assert flags_at > 0
+    data[flags_at] = 1 | 0x80
+    with pytest.raises(CodecError, match="flags"):
+        decode(bytes(data))
+
+
 def test_packed_arrays_are_accepted_and_lists_come_back():
     chunk = TokenChunk(1, 0, array("i", [5, 6]), array("f", [-1.0, -2.0]), array("I", [1, 1]))
     out = decode(encode(chunk))

@@ -92,6 +92,8 @@ class MlxsupGenerate(Protocol):
                 "temperature": self.temperature}
         if item.n > 1:
             body["n"] = item.n
+        if self.ignore_eos:
+            body["ignore_eos"] = True
         if self.logprobs:
             body["logprobs"] = 1
         return body
@@ -130,9 +132,9 @@ class MlxsupGenerate(Protocol):
 
 
 class OpenAICompletions(Protocol):
-    """POST /v1/completions, streamed (server-sent events) or not. For mlx-lm's server the EOS
-    tokens get a logit bias of -1e9 when `ignore_eos` (it has no ignore_eos flag), so every
-    completion runs to max_tokens; mlxsup ignores logit_bias (documented)."""
+    """POST /v1/completions, streamed (server-sent events) or not. With `ignore_eos` every
+    completion runs to max_tokens: mlxsup gets its `ignore_eos` field, mlx-lm's server (which
+    has none) a logit bias of -1e9 on the EOS tokens."""
 
     path = "/v1/completions"
 
@@ -151,6 +153,8 @@ class OpenAICompletions(Protocol):
             body["stream_options"] = {"include_usage": True}
         if self.ignore_eos and self.is_mlx_lm and self.eos_ids:
             body["logit_bias"] = {str(t): -1e9 for t in self.eos_ids}
+        elif self.ignore_eos and not self.is_mlx_lm:
+            body["ignore_eos"] = True
         if self.logprobs:  # mlx-lm takes a boolean (chat style), mlxsup OpenAI's integer
             body["logprobs"] = True if self.is_mlx_lm else 1
         return body

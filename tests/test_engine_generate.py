@@ -456,3 +456,8 @@ def test_prompts_of_very_different_lengths_prefill_in_separate_passes(tiny_model
     for r in reqs:
         [done] = done_events(events, r.request_id)
         check_fidelity(eng.model, r.prompt_ids, done.token_ids, done.logprobs, r.params, "processed")
+    # On a GPU (or when told) one padded pass takes them all.
+    eng.runner.group_prefill, passes[:] = False, []
+    again = [req(r.prompt_ids, temperature=1.0, max_tokens=5) for r in reqs]
+    run(eng, again)
+    assert passes == [[5, 6, 7, 120, 280, 300]]

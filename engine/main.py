@@ -45,6 +45,10 @@ from .control import ControlLink, Publisher, read_adapter_state
 log = logging.getLogger("mlxsup.engine")
 
 IDLE_WAIT_S = 0.1
+# How long the main loop waits for a swap's adapter files before it queues the next step. The
+# step queued last is computing meanwhile, so a read that finishes in time costs nothing, and
+# the swap commits one decode step earlier (a step queued before the commit runs the old weights).
+SWAP_READ_WAIT_S = 0.05
 
 
 def request_generation(request_id: int) -> int:
@@ -239,8 +243,10 @@ class EngineProcess:
             self._prepared.put((msg, files, started, (time.perf_counter() - started) * 1e3))
             self.wake()
 
-        threading.Thread(target=read, name="engine-adapter-reader", daemon=True).start()
+        reader = threading.Thread(target=read, name="engine-adapter-reader", daemon=True)
+        reader.start()
         log.info("swap %s: reading %s (mode %s, version %s)", swap_id, path, mode, version)
+        reader.join(SWAP_READ_WAIT_S)  # usually done: _handle_prepared commits this iteration
 
     def _handle_prepared(self) -> None:
         from .adapter_files import AdapterError

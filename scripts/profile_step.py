@@ -54,11 +54,14 @@ def per_token_ms(stamps: list[float]) -> float:
 def time_generate_step(model, prompt, max_tokens, reps):
     import mlx.core as mx
     from mlx_lm.generate import generate_step
+    from mlx_lm.sample_utils import make_sampler
 
+    sampler = make_sampler(temp=1.0)  # as the others sample
     out = []
     for _ in range(reps):
         stamps = []
-        for _tok, _lp in generate_step(mx.array(prompt), model, max_tokens=max_tokens):
+        for _tok, _lp in generate_step(mx.array(prompt), model, max_tokens=max_tokens,
+                                       sampler=sampler):
             stamps.append(time.perf_counter())
         out.append(per_token_ms(stamps))
     return min(out)
@@ -85,10 +88,11 @@ def time_batchgen(model, prompt, max_tokens, reps, batch):
     return min(out)
 
 
-def time_engine(engine, prompt, max_tokens, reps, batch, profile=None):
+def time_engine(engine, prompt, max_tokens, reps, batch, profile=None, temperature=1.0):
     from mlxsup.ipc.messages import GenerateRequest, SamplingParams, SequenceDone, TokenChunk
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=1.0, logprobs_mode="processed")
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                            logprobs_mode="processed")
     out = []
     for rep in range(reps):
         rid = 1000 + rep
@@ -165,6 +169,49 @@ def parts(model, prompt, batch, vocab):
     return res
 
 
+def time_server(path, prompt_text, max_tokens, reps, extra_args=()):
+    """`mlxsup start` on the model; sequential /generate requests (one sequence at a time).
+    Returns per-token ms inside the engine (from the answer's metadata), on the client's
+    clock, TTFT and queue ms (medians)."""
+    import socket
+    import subprocess
+    import tempfile
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tempfile.mkdtemp(prefix="mlxsup-profile-run-")
+    cmd = [sys.executable, "-m", "mlxsup", "start", "--model", path, "--host", "127.0.0.1",
+           "--port", str(port), "--run-dir", run_dir, "--log-level", "WARNING", *extra_args]
+    subprocess.run(cmd, check=True, timeout=600, cwd=tempfile.gettempdir())
+    try:
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+        body = {"prompt": prompt_text, "max_tokens": max_tokens, "temperature": 1.0,
+                "ignore_eos": True}
+        for _ in range(3):
+            client.post("/generate", json=body).raise_for_status()
+        engine, wall, ttft, queue = [], [], [], []
+        for _ in range(max(reps, 5)):
+            t0 = time.perf_counter()
+            r = client.post("/generate", json=body)
+            spent = (time.perf_counter() - t0) * 1e3
+            r.raise_for_status()
+            data = r.json()
+            meta, n = data["metadata"], len(data["completion_ids"])
+            engine.append((meta["latency_ms"] - meta["ttft_ms"]) / (n - 1))
+            wall.append(spent / n)
+            ttft.append(meta["ttft_ms"])
+            queue.append(meta["queue_ms"])
+        med = statistics.median
+        return {"server_engine_per_token_ms": med(engine), "server_wall_per_token_ms": med(wall),
+                "server_ttft_ms": med(ttft), "server_queue_ms": med(queue)}
+    finally:
+        subprocess.run([sys.executable, "-m", "mlxsup", "stop", "--run-dir", run_dir],
+                       timeout=120, cwd=tempfile.gettempdir())
+
+
 def _leaves(model):
     from mlx.utils import tree_flatten
 
@@ -180,12 +227,15 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--json", help="write the figures here too")
+    p.add_argument("--server", action="store_true",
+                   help="also time `mlxsup start` on the model at batch 1 (/generate, one at a time)")
     args = p.parse_args(argv)
     import tempfile
 
     from bench_lib.systems import mlxsup_import_env
 
-    mlxsup_import_env(REPO, tempfile.mkdtemp(prefix="mlxsup-profile-"))  # no install needed
+    # No install needed (the GPU machine has none): children get the shim's PYTHONPATH too.
+    os.environ.update(mlxsup_import_env(REPO, tempfile.mkdtemp(prefix="mlxsup-profile-")))
     _ensure_blas()
 
     import mlx.core as mx
@@ -211,6 +261,8 @@ def main(argv=None) -> int:
             row["generate_step_ms"] = time_generate_step(model, prompt, args.max_tokens, args.reps)
         row["batchgen_ms"] = time_batchgen(model, prompt, args.max_tokens, args.reps, batch)
         row["engine_ms"] = time_engine(engine, prompt, args.max_tokens, args.reps, batch)
+        row["engine_greedy_ms"] = time_engine(engine, prompt, args.max_tokens, args.reps, batch,
+                                              temperature=0.0)
         from mlxsup.engine import runner as runner_mod
 
         real = runner_mod.sampling.sample
@@ -223,6 +275,8 @@ def main(argv=None) -> int:
         prof = cProfile.Profile()
         row["engine_profiled_ms"] = time_engine(engine, prompt, args.max_tokens, 1, batch, prof)
         row.update(parts(model, prompt, batch, vocab))
+        if args.server and batch == 1:
+            row.update(time_server(path, tok.decode(prompt), args.max_tokens, args.reps))
         s = io.StringIO()
         pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
         row["profile_top"] = s.getvalue()
@@ -230,8 +284,8 @@ def main(argv=None) -> int:
         print(f"\n== batch {batch}: per-token ms (tokens/s per sequence)")
         for k, v in row.items():
             if k.endswith("_ms"):
-                print(f"  {k:24s} {v:8.3f} ms" + (f"  ({1e3 / v:7.1f} tok/s)" if k in (
-                    "generate_step_ms", "batchgen_ms", "engine_ms") else ""))
+                print(f"  {k:28s} {v:8.3f} ms" + (f"  ({1e3 / v:7.1f} tok/s)" if k in (
+                    "generate_step_ms", "batchgen_ms", "engine_ms", "engine_greedy_ms") else ""))
         print(row["profile_top"], flush=True)
     if args.json:
         with open(args.json, "w") as f:

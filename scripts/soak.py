@@ -398,8 +398,11 @@ def main(argv=None) -> int:
                     help="start the server with MALLOC_MMAP_THRESHOLD_=65536 (glibc): freed large buffers go back "
                          "to the OS at once, so the engine's RSS shows live memory, not the allocator's high-water "
                          "mark (tells allocator retention from a leak)")
-    ap.add_argument("--out", default="soak_result.json")
+    ap.add_argument("--out", default="soak_result.json",
+                    help="the JSON result (a directory: soak_result.json in it)")
     args = ap.parse_args(argv)
+    if os.path.isdir(args.out):
+        args.out = os.path.join(args.out, "soak_result.json")
     if args.fixed_mmap_threshold:
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # inherited by the daemon and its children
     if args.warmup_s is None:

@@ -18,6 +18,7 @@ import falcon
 from mlxsup.api.common import send_json
 from mlxsup.api.errors import ApiError, invalid, not_found, too_large
 from mlxsup.api.media import read_json_object
+from mlxsup.config import SWAP_TIMINGS
 from mlxsup.api.uploads import CONFIG_NAME, WEIGHTS_NAME, UploadStore, check_adapter_config, check_safetensors
 from mlxsup.config import SWAP_MODES
 
@@ -62,7 +63,7 @@ def swap_answer(reply: dict, field: str = "adapter_path") -> dict:
             "message": reply.get("message") or "",
             "adapter_path": reply.get("adapter"),
             "mode": reply.get("mode"),
-            **{k: reply.get(k) for k in ("read_ms", "prepare_ms", "wait_ms", "commit_ms")},
+            **{k: reply.get(k) for k in SWAP_TIMINGS},
         }
     error = reply.get("error") if isinstance(reply.get("error"), dict) else {}
     kind = str(error.get("type") or "adapter_error")

@@ -60,6 +60,11 @@ STOP = AnyOf(
 )
 
 
+# /generate and the OpenAI routes (not /score, which samples nothing).
+IGNORE_EOS = Field(Boolean(), False,
+                   description="keep generating past the tokenizer's EOS until max_tokens or a stop")
+
+
 def _sampling_fields(temperature_default: float) -> dict:
     return {
         "temperature": Field(Number(minimum=0.0, maximum=1e4), temperature_default,
@@ -105,8 +110,7 @@ def generate_schema(config: ServerConfig) -> Object:
             "n": Field(Integer(minimum=1, maximum=MAX_N), 1, description="samples per prompt"),
             **_sampling_fields(0.0),
             "repetition_context_size": Field(Integer(minimum=1, maximum=1 << 20), 20),
-            "ignore_eos": Field(Boolean(), False, description="keep generating past the tokenizer's "
-                                                              "EOS until max_tokens or a stop"),
+            "ignore_eos": IGNORE_EOS,
             "max_tokens": Field(Integer(minimum=1, maximum=MAX_MAX_TOKENS), config.max_tokens,
                                 description="default: the server's --max-tokens"),
             "logprobs": Field(Integer(minimum=0, maximum=2**31 - 1, accept_bool=True), 0,
@@ -209,8 +213,7 @@ def completions_schema(config: ServerConfig) -> Object:
             "max_tokens": Field(Integer(minimum=1, maximum=MAX_MAX_TOKENS), 16,
                                 description="OpenAI's default, 16"),
             **_sampling_fields(1.0),
-            "ignore_eos": Field(Boolean(), False, description="keep generating past the tokenizer's "
-                                                              "EOS until max_tokens or a stop"),
+            "ignore_eos": IGNORE_EOS,
             "n": Field(Integer(minimum=1, maximum=MAX_N), 1),
             "stream": Field(Boolean(), False),
             "stream_options": Field(STREAM_OPTIONS, None),
@@ -252,8 +255,7 @@ def chat_schema(config: ServerConfig) -> Object:
             "max_completion_tokens": Field(Integer(minimum=1, maximum=MAX_MAX_TOKENS), None,
                                            description="wins over max_tokens when both are given"),
             **_sampling_fields(1.0),
-            "ignore_eos": Field(Boolean(), False, description="keep generating past the tokenizer's "
-                                                              "EOS until max_tokens or a stop"),
+            "ignore_eos": IGNORE_EOS,
             "n": Field(Integer(minimum=1, maximum=MAX_N), 1),
             "stream": Field(Boolean(), False),
             "stream_options": Field(STREAM_OPTIONS, None),

@@ -12,8 +12,7 @@ Prefill runs `prompt[:-1]` of the new requests in right-padded passes (on the CP
 group of similar lengths, on a GPU one in all; mlx-lm's prepare/finalize protocol rolls the
 padding to the left); the last prompt token goes into the next decode step with the running
 rows, so the vocabulary projection runs only there and joining costs no extra pass over the
-weights. A request's `n` samples share the prefill: its
-cache row is replicated `n` times.
+weights. A request's `n` samples share the prefill: its cache row is replicated `n` times.
 
 A batch of one row runs *solo*: its caches become mlx-lm's plain single-sequence caches
 (`BatchKVCache.extract`), which need no attention mask, no per-row offsets and take the fused

@@ -11,6 +11,10 @@ from typing import Optional
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SWAP_MODES = ("drain", "abort", "inflight")
+# Where a swap's time went, as the engine's swap_done and /load_adapter's answer report it:
+# reading the files (another thread), receipt to ready (read + MLX arrays), waiting for the
+# step boundary (drain: for in-flight sequences), the commit itself.
+SWAP_TIMINGS = ("read_ms", "prepare_ms", "wait_ms", "commit_ms")
 
 
 def default_run_dir(port: int) -> str:

@@ -14,16 +14,12 @@ import logging
 import os
 from typing import Awaitable, Callable, Optional
 
-from mlxsup.config import SWAP_MODES
+from mlxsup.config import SWAP_MODES, SWAP_TIMINGS
 from mlxsup.supervisor.engine_link import EngineGone, EngineLink
 from mlxsup.supervisor.state import AdapterState, write_state
 
 log = logging.getLogger("mlxsup.supervisor")
 
-# Where a swap's time went, from the engine's swap_done: reading the files (another thread),
-# ready to commit (read + MLX arrays), waiting for the step boundary (drain: for in-flight
-# sequences), the commit itself.
-TIMINGS = ("read_ms", "prepare_ms", "wait_ms", "commit_ms")
 
 
 def error_reply(kind: str, message: str, field: Optional[str] = None, **extra) -> dict:
@@ -110,7 +106,7 @@ class SwapCoordinator:
                 "adapter": path,
                 "mode": mode,
                 "message": f"Loaded adapter from {path}" if path else "Back to the base model",
-                **{k: reply.get(k) for k in TIMINGS},
+                **{k: reply.get(k) for k in SWAP_TIMINGS},
             }
 
     def _commit(self, state: AdapterState) -> None:

@@ -26,10 +26,7 @@ from bench_lib import report
 from bench_lib.adapters import write_adapter
 from bench_lib.loadgen import closed_loop
 from bench_lib.monitor import cpu_delta
-
-
-# The engine's account of each swap, from /load_adapter's answer (docs/api.md).
-ENGINE_TIMINGS = ("read_ms", "prepare_ms", "wait_ms", "commit_ms")
+from mlxsup.config import SWAP_TIMINGS  # the engine's account of each swap in /load_adapter's answer
 
 
 def run_swaps(server, args, model, work, main, native, mode, monitor, name):
@@ -71,7 +68,7 @@ def run_swaps(server, args, model, work, main, native, mode, monitor, name):
         "inflight_max_ms": max(inflight) if inflight else None,
         "multi_version_completions": multi,
         **{f"{k[:-3]}_p50_ms": report.percentile(
-            [s[k] for s in swaps if s.get(k) is not None], 50) for k in ENGINE_TIMINGS},
+            [s[k] for s in swaps if s.get(k) is not None], 50) for k in SWAP_TIMINGS},
         "detail": swaps,
     }
     cell = {"system": name, "workload": "swap", "mode": mode, "concurrency": conc,
@@ -132,7 +129,7 @@ async def _run(base_url, proto, items, conc, args, adapter_dirs, mode, probe_tex
                 if r.status_code == 200:
                     body = r.json()
                     s["version"] = body.get("policy_version")
-                    s.update({k: body.get(k) for k in ENGINE_TIMINGS})
+                    s.update({k: body.get(k) for k in SWAP_TIMINGS})
                     s["ok"] = s["version"] is not None
                     version = s["version"] if s["ok"] else version
                 else:

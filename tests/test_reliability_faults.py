@@ -125,10 +125,10 @@ def test_engine_sigsegv_under_load_answers_every_request_once(server, tiny_model
     try:
         wait_running(server, at_least=4)
         os.kill(server.pids("engine")[0], signal.SIGSEGV)
-        killed_at = gen.count()
+        ok_at_kill = gen.count(200)
         wait_for(lambda: (e := server.status()["engine"])["epoch"] == before["epoch"] + 1 and e["ready"],
                  timeout=90, what="engine restart")  # fmt: skip
-        wait_for(lambda: gen.count() >= killed_at + 12, timeout=60, what="requests after the restart")
+        wait_for(lambda: gen.count(200) >= ok_at_kill + 13, timeout=60, what="results after the restart")
     finally:
         answers = gen.stop()
         for t in stream_threads:

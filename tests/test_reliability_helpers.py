@@ -48,6 +48,7 @@ class Load:
     per_thread: Optional[int] = None
     timeout: float = 90.0
     headers: dict = field(default_factory=dict)
+    pause_after_503: float = 0.05
     answers: list = field(default_factory=list)
 
     def __post_init__(self):
@@ -73,6 +74,10 @@ class Load:
                     a = Answer(body, None, {}, None, repr(e), t0, time.monotonic())
                 with self._lock:
                     self.answers.append(a)
+                if a.status == 503:
+                    # A client backs off on a retryable refusal; spinning on it would only starve
+                    # the restarting engine of CPU on a small machine.
+                    self._stop.wait(self.pause_after_503)
 
     def start(self) -> "Load":
         for t in self._threads:
@@ -94,9 +99,12 @@ class Load:
             t.join(timeout=max(0.1, deadline - time.monotonic()))
         return self.stop(1.0)
 
-    def count(self) -> int:
+    def count(self, status: Optional[int] = None) -> int:
+        """Answers so far (of that HTTP status only, if given)."""
         with self._lock:
-            return len(self.answers)
+            if status is None:
+                return len(self.answers)
+            return sum(1 for a in self.answers if a.status == status)
 
 
 def unique_id(prefix: str = "rel") -> str:

@@ -21,12 +21,19 @@ Sampling draws one uniform `u` per row from the row's own key chain (threefry; t
 split once per token), and picks the first token whose cumulative probability reaches `u`
 (inverse CDF). The draw of a row depends only on its seed, its token index and its logits,
 never on the other rows of the batch.
+
+On a GPU the decode step is bound by building and launching kernels, not by the device, so
+`sample` runs as one `mx.compile`d function per combination of the stages the batch uses
+(its elementwise work fused into fewer kernels; a new batch size traces once). On the CPU,
+where the step is bound by the model's matrix products, it runs op by op (`COMPILE`).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from functools import lru_cache, partial
 from typing import Optional, Sequence
 
 import mlx.core as mx
@@ -84,6 +91,17 @@ class RowParams:
     any_penalty: bool
     raw_differs: bool  # a raw-mode row whose processed distribution is not the raw one
 
+    # What a compiled sampler takes as inputs, and what selects which one (see `sample`).
+    ARRAYS = ("inv_temp", "greedy", "top_k", "top_p", "log_min_p", "penalty", "want_raw")
+    FLAGS = ("all_greedy", "any_greedy", "any_temp", "max_top_k", "any_top_p",
+             "any_min_p", "any_penalty", "raw_differs")
+
+    def arrays(self) -> list:
+        return [getattr(self, name) for name in self.ARRAYS]
+
+    def flags(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.FLAGS)
+
     @classmethod
     def build(cls, params: Sequence[SamplingParams], vocab_size: int, modes=None) -> "RowParams":
         """`modes` overrides each row's logprobs_mode (scoring carries its own)."""
@@ -119,7 +137,8 @@ class RowParams:
             all_greedy=all(greedy),
             any_greedy=any(greedy),
             any_temp=any(not g and p.temperature != 1.0 for p, g in zip(params, greedy)),
-            max_top_k=max(top_k, default=0),
+            # Rounded up to a power of two: fewer distinct samplers to compile, same threshold.
+            max_top_k=min(1 << (max(top_k) - 1).bit_length(), vocab_size) if any(top_k) else 0,
             any_top_p=any(p.top_p < 1.0 for p in params),
             any_min_p=any(p.min_p > 0 for p in params),
             any_penalty=any(penalised),
@@ -197,6 +216,20 @@ def sample(logits: mx.array, rows: RowParams, keys: Optional[mx.array],
            ctx: Optional[mx.array]) -> tuple[mx.array, mx.array, Optional[mx.array]]:
     """Draw one token per row. Returns (tokens int32 (B,), log-prob of each token in its
     row's mode (B,), the rows' next keys)."""
+    if not _compile_enabled() or (rows.any_penalty and ctx is not None):
+        # A penalty window's width is the request's: compiling would trace every width.
+        return _sample(rows, logits, keys, ctx)
+    has_keys = keys is not None
+    fn = _compiled_sampler(rows.flags(), has_keys)
+    args = [logits, *rows.arrays()]
+    if has_keys:
+        args.append(keys)
+    tokens, lp, *next_keys = fn(*args)
+    return tokens, lp, (next_keys[0] if has_keys else keys)
+
+
+def _sample(rows: RowParams, logits: mx.array, keys: Optional[mx.array],
+            ctx: Optional[mx.array]) -> tuple[mx.array, mx.array, Optional[mx.array]]:
     x = logits.astype(mx.float32)
     z = process_logits(x, rows, ctx)
     if rows.all_greedy:
@@ -224,6 +257,48 @@ def sample(logits: mx.array, rows: RowParams, keys: Optional[mx.array],
         )
         lp = mx.where(rows.want_raw, raw[:, 0], lp)
     return tokens, lp, next_keys
+
+
+# None: compile on a GPU only; MLXSUP_COMPILE_SAMPLER=1/0 forces it on or off.
+COMPILE: Optional[bool] = None
+# Compiled samplers kept, most recently used last: one per mix of stages (and stream) a batch
+# used; requests choose the mix, so the oldest go (MLX frees a dropped function's traces).
+_MAX_COMPILED = 32
+_compiled: dict = {}
+
+
+def _compile_enabled() -> bool:
+    if COMPILE is not None:
+        return COMPILE
+    return _compile_default(mx.default_device() == mx.gpu)
+
+
+@lru_cache(maxsize=None)
+def _compile_default(on_gpu: bool) -> bool:
+    env = os.environ.get("MLXSUP_COMPILE_SAMPLER")
+    if env is not None:
+        return env not in ("0", "", "false", "no")
+    return on_gpu
+
+
+def _compiled_sampler(flags: tuple, has_keys: bool):
+    # A compiled graph keeps the stream it was traced on: one per stream.
+    key = (flags, has_keys, str(mx.default_stream(mx.default_device())))
+    fn = _compiled.pop(key, None)
+    if fn is None:
+        fn = mx.compile(partial(_traced_sample, flags, has_keys))
+        while len(_compiled) >= _MAX_COMPILED:
+            _compiled.pop(next(iter(_compiled)))
+    _compiled[key] = fn
+    return fn
+
+
+def _traced_sample(flags, has_keys, logits, *args):
+    arrays, keys = args[:len(RowParams.ARRAYS)], (args[-1] if has_keys else None)
+    rows = RowParams(**dict(zip(RowParams.ARRAYS, arrays)), context_sizes=None, context_size=0,
+                     **dict(zip(RowParams.FLAGS, flags)))
+    tokens, lp, next_keys = _sample(rows, logits, keys, None)
+    return (tokens, lp, next_keys) if has_keys else (tokens, lp)
 
 
 def score(logits: mx.array, targets: mx.array, rows: RowParams,

@@ -45,10 +45,19 @@ def _ensure_blas() -> None:
         os.execve(sys.executable, [sys.executable] + sys.argv, env)
 
 
-def per_token_ms(stamps: list[float]) -> float:
-    """Median gap between consecutive token arrivals, in ms (the first token excluded)."""
+# Mean per-token gaps of the last timed runs, by what was timed: a median hides the slow steps
+# (allocations after the buffer cache was cleared, synchronisations) that a request still pays.
+MEANS: dict = {}
+
+
+def per_token_ms(stamps: list[float], name: str = "") -> float:
+    """Median gap between consecutive token arrivals, in ms (the first token excluded); the
+    mean goes to MEANS[name]."""
     gaps = [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]
-    return statistics.median(gaps[1:] if len(gaps) > 2 else gaps)
+    gaps = gaps[1:] if len(gaps) > 2 else gaps
+    if name:
+        MEANS[name] = min(MEANS.get(name, float("inf")), statistics.fmean(gaps))
+    return statistics.median(gaps)
 
 
 def time_generate_step(model, prompt, max_tokens, reps):
@@ -63,7 +72,7 @@ def time_generate_step(model, prompt, max_tokens, reps):
         for _tok, _lp in generate_step(mx.array(prompt), model, max_tokens=max_tokens,
                                        sampler=sampler):
             stamps.append(time.perf_counter())
-        out.append(per_token_ms(stamps))
+        out.append(per_token_ms(stamps, "generate_step"))
     return min(out)
 
 
@@ -88,7 +97,8 @@ def time_batchgen(model, prompt, max_tokens, reps, batch):
     return min(out)
 
 
-def time_engine(engine, prompt, max_tokens, reps, batch, profile=None, temperature=1.0):
+def time_engine(engine, prompt, max_tokens, reps, batch, profile=None, temperature=1.0,
+                name=""):
     from mlxsup.ipc.messages import GenerateRequest, SamplingParams, SequenceDone, TokenChunk
 
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature,
@@ -111,7 +121,7 @@ def time_engine(engine, prompt, max_tokens, reps, batch, profile=None, temperatu
                     time.sleep(min(hint, 0.001))
         if profile is not None:
             profile.disable()
-        out.append(per_token_ms(stamps))
+        out.append(per_token_ms(stamps, name))
     return min(out)
 
 
@@ -212,6 +222,15 @@ def time_server(path, prompt_text, max_tokens, reps, extra_args=()):
                        timeout=120, cwd=tempfile.gettempdir())
 
 
+def _print_row(batch: int, row: dict) -> None:
+    print(f"\n== batch {batch}: per-token ms (tokens/s per sequence)")
+    for k, v in row.items():
+        if k.endswith("_ms"):
+            print(f"  {k:32s} {v:8.3f} ms" + (f"  ({1e3 / v:7.1f} tok/s)" if k in (
+                "generate_step_ms", "batchgen_ms", "engine_ms", "engine_greedy_ms") else ""),
+                flush=True)
+
+
 def _leaves(model):
     from mlx.utils import tree_flatten
 
@@ -227,6 +246,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--json", help="write the figures here too")
+    p.add_argument("--quick", action="store_true",
+                   help="only generate_step, the engine (both samplers) and --server")
     p.add_argument("--server", action="store_true",
                    help="also time `mlxsup start` on the model at batch 1 (/generate, one at a time)")
     args = p.parse_args(argv)
@@ -257,10 +278,29 @@ def main(argv=None) -> int:
         engine = Engine(EngineConfig(model=path, max_batch=max(batch, 1), flush_interval_ms=0.0),
                         model=model, tokenizer=tok)
         time_engine(engine, prompt, 16, 1, batch)  # warm-up: shapes compiled
+        MEANS.clear()
         if batch == 1:
             row["generate_step_ms"] = time_generate_step(model, prompt, args.max_tokens, args.reps)
-        row["batchgen_ms"] = time_batchgen(model, prompt, args.max_tokens, args.reps, batch)
-        row["engine_ms"] = time_engine(engine, prompt, args.max_tokens, args.reps, batch)
+        if not args.quick:
+            row["batchgen_ms"] = time_batchgen(model, prompt, args.max_tokens, args.reps, batch)
+        row["engine_ms"] = time_engine(engine, prompt, args.max_tokens, args.reps, batch,
+                                       name="engine")
+        from mlxsup.engine import sampling
+
+        other = "engine_compiled" if not sampling._compile_enabled() else "engine_op_by_op_sampler"
+        sampling.COMPILE = other == "engine_compiled"  # compiled sampler against op by op
+        try:
+            row[f"{other}_ms"] = time_engine(engine, prompt, args.max_tokens, args.reps, batch,
+                                             name=other)
+        finally:
+            sampling.COMPILE = None
+        row.update({f"{k}_mean_ms": v for k, v in MEANS.items()})
+        if args.server and batch == 1:
+            row.update(time_server(path, tok.decode(prompt), args.max_tokens, args.reps))
+        if args.quick:
+            report["batches"][batch] = row
+            _print_row(batch, row)
+            continue
         row["engine_greedy_ms"] = time_engine(engine, prompt, args.max_tokens, args.reps, batch,
                                               temperature=0.0)
         from mlxsup.engine import runner as runner_mod
@@ -275,17 +315,11 @@ def main(argv=None) -> int:
         prof = cProfile.Profile()
         row["engine_profiled_ms"] = time_engine(engine, prompt, args.max_tokens, 1, batch, prof)
         row.update(parts(model, prompt, batch, vocab))
-        if args.server and batch == 1:
-            row.update(time_server(path, tok.decode(prompt), args.max_tokens, args.reps))
         s = io.StringIO()
         pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
         row["profile_top"] = s.getvalue()
         report["batches"][batch] = row
-        print(f"\n== batch {batch}: per-token ms (tokens/s per sequence)")
-        for k, v in row.items():
-            if k.endswith("_ms"):
-                print(f"  {k:28s} {v:8.3f} ms" + (f"  ({1e3 / v:7.1f} tok/s)" if k in (
-                    "generate_step_ms", "batchgen_ms", "engine_ms", "engine_greedy_ms") else ""))
+        _print_row(batch, row)
         print(row["profile_top"], flush=True)
     if args.json:
         with open(args.json, "w") as f:

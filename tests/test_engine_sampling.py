@@ -115,3 +115,64 @@ def test_push_context_keeps_each_rows_window():
 def test_mix_seed_gives_distinct_seeds():
     seeds = {sampling.mix_seed(42, i) for i in range(1000)}
     assert len(seeds) == 1000 and all(0 <= s < 2**64 for s in seeds)
+
+
+@pytest.fixture
+def compiled(request):
+    """Run the sampler compiled (as on a GPU) or op by op, whatever the device."""
+    sampling.COMPILE = request.param
+    yield request.param
+    sampling.COMPILE = None
+
+
+@pytest.mark.parametrize("compiled", [True], indirect=True)
+@pytest.mark.parametrize("modes", [["processed"] * len(CASES), ["raw"] * len(CASES),
+                                   ["raw", "processed"] * 4 + ["raw"]])
+def test_compiled_sampler_draws_what_the_op_by_op_one_draws(compiled, modes):
+    """The GPU's compiled sampler is the same function: same tokens, same log-probs, same next
+    keys for every mix of stages, over several steps of each row's key chain and batch sizes."""
+    x = mx.array(logits_rows(len(CASES), seed=6))
+    history = [[5, 9, 9, 11, 3]] * len(CASES)
+    for rows_at in (slice(0, len(CASES)), slice(0, 1), slice(7, 9), slice(1, 6)):
+        params, m = CASES[rows_at], modes[rows_at]
+        rows = sampling.RowParams.build(params, V, modes=m)
+        ctx_np = sampling.context_rows(history[rows_at], params, rows.context_size, V)
+        ctx = mx.array(ctx_np) if ctx_np is not None else None
+        seeds = [sampling.mix_seed(11, i) for i in range(len(params))]
+        got, want = [], []
+        for out, on in ((got, True), (want, False)):
+            sampling.COMPILE = on
+            keys = sampling.keys_for(seeds)
+            for _ in range(4):
+                tokens, lps, keys = sampling.sample(x[rows_at], rows, keys, ctx)
+                out.append((np.array(tokens), np.array(lps), np.array(keys)))
+        for (t1, l1, k1), (t2, l2, k2) in zip(got, want):
+            assert np.array_equal(t1, t2)
+            np.testing.assert_allclose(l1, l2, atol=1e-6)
+            assert np.array_equal(k1, k2)
+
+
+@pytest.mark.parametrize("compiled", [True], indirect=True)
+def test_compiled_samplers_kept_are_bounded(compiled, monkeypatch):
+    """Requests choose the mix of stages (and top-k) a batch compiles for; a stream of distinct
+    mixes keeps at most `_MAX_COMPILED` compiled samplers (the oldest go, and draw the same when
+    compiled again), and top-k rounds to powers of two."""
+    monkeypatch.setattr(sampling, "_MAX_COMPILED", 4)
+    x = mx.array(logits_rows(1, seed=8))
+    keys = sampling.keys_for([1])
+    for k in range(1, V):
+        rows = sampling.RowParams.build([SamplingParams(temperature=0.9, top_k=k)], V)
+        assert rows.max_top_k in (1, 2, 4, 8, 16, 32, 64)
+        tokens, _, _ = sampling.sample(x, rows, keys, None)
+        assert np.array(x)[0, tokens.item()] >= np.sort(np.array(x)[0])[-k]  # within the top k
+    for temp, top_p, min_p in [(t, p, m) for t in (0.0, 0.5, 1.0) for p in (0.5, 1.0)
+                               for m in (0.0, 0.2)] * 3:
+        rows = sampling.RowParams.build([SamplingParams(temperature=temp, top_p=top_p, min_p=min_p)], V)
+        sampling.sample(x, rows, keys, None)
+        assert 0 < len(sampling._compiled) <= 4
+    rows = sampling.RowParams.build([SamplingParams(temperature=0.7)] * 2, V)
+    x2, keys2 = mx.array(logits_rows(2, seed=9)), sampling.keys_for([5, 6])
+    first = np.array(sampling.sample(x2, rows, keys2, None)[0])
+    for k in (3, 5, 9, 17, 33):  # evicts the T=0.7 sampler
+        sampling.sample(x, sampling.RowParams.build([SamplingParams(top_k=k)], V), keys, None)
+    assert np.array_equal(np.array(sampling.sample(x2, rows, keys2, None)[0]), first)

@@ -45,6 +45,7 @@ class ServerConfig:
     blas: str = "auto"  # "auto": preload an optimized BLAS into the engine on Linux; "off"
     request_timeout_s: float = 600.0
     min_policy_wait_s: float = 60.0  # longest a request may wait for min_policy_version
+    header_timeout_s: float = 15.0  # longest a new connection may take to send its request head
 
     def __post_init__(self):
         if not self.run_dir:
@@ -66,6 +67,8 @@ class ServerConfig:
             raise ValueError("max_queue must be >= 1")
         if self.max_upload_mb < 1:
             raise ValueError("max_upload_mb must be >= 1")
+        if not self.header_timeout_s > 0:
+            raise ValueError("header_timeout_s must be > 0")
         if self.blas not in ("auto", "off"):
             raise ValueError("blas must be 'auto' or 'off'")
 

@@ -85,6 +85,9 @@ def add_start_arguments(p: argparse.ArgumentParser) -> None:
     sec.add_argument("--admin-key", default=os.environ.get("MLXSUP_ADMIN_KEY") or None,
                      help="required on adapter routes (default: loopback clients only; or env MLXSUP_ADMIN_KEY)")
     sec.add_argument("--adapter-root", default=None, help="/load_adapter paths must resolve inside this directory")
+    sec.add_argument("--header-timeout", type=float, default=d["header_timeout_s"],
+                     help=f"seconds a new connection may take to send its request line and headers "
+                          f"before it is closed (default: {d['header_timeout_s']:g})")
     sec.add_argument("--max-upload-mb", type=int, default=d["max_upload_mb"], help=f"largest /upload_adapter body (default: {d['max_upload_mb']})")
 
 
@@ -108,6 +111,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         adapter_root=args.adapter_root,
         max_upload_mb=args.max_upload_mb,
         blas=args.blas,
+        header_timeout_s=args.header_timeout,
     )
 
 

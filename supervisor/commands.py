@@ -33,7 +33,7 @@ def gunicorn_argv(config: ServerConfig) -> list[str]:
     bind = f"[{host}]:{config.port}" if ":" in host else f"{host}:{config.port}"
     return [
         sys.executable, "-m", "gunicorn",
-        "--worker-class", "asgi",
+        "--worker-class", "mlxsup.api.worker.ASGIWorker",
         "--asgi-loop", "uvloop",
         "--workers", str(config.workers),
         "--bind", bind,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from typing import Optional
 
 import httpx
 import pytest
@@ -98,10 +99,13 @@ RAW = st.one_of(
 SETTINGS = settings(max_examples=90, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
 
+HEADER_TIMEOUT_S = 3.0
+
+
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     with running_server(tmp_path_factory.mktemp("rel-fuzz"), tiny_model_dir, "--max-tokens", "8", "--max-batch", "16",
-                        workers=2) as srv:  # fmt: skip
+                        "--header-timeout", str(HEADER_TIMEOUT_S), workers=2) as srv:  # fmt: skip
         yield srv
 
 
@@ -284,6 +288,59 @@ def _partial(port: int, head: bytes) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
     s.sendall(head)
     return s
+
+
+def _closed_within(s: socket.socket, seconds: float) -> Optional[float]:
+    """Seconds until the server closed `s` (reading to EOF), or None if it was still open."""
+    t0 = time.monotonic()
+    s.settimeout(0.2)
+    while time.monotonic() - t0 < seconds:
+        try:
+            if s.recv(4096) == b"":
+                return time.monotonic() - t0
+        except socket.timeout:
+            continue
+        except OSError:
+            return time.monotonic() - t0
+    return None
+
+
+def test_a_connection_that_never_finishes_its_request_head_is_closed(server, client, processes):
+    """gunicorn's asgi worker would hold a half-sent request head forever (one file descriptor
+    each); `--header-timeout` closes it, while a slow body and a keep-alive connection that
+    is in use are not cut by it."""
+    port = server.port
+    t0 = time.monotonic()
+    heads = [_partial(port, head) for head in (b"", b"POS", b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-")]
+    try:
+        for s in heads:
+            waited = _closed_within(s, HEADER_TIMEOUT_S + 10 - (time.monotonic() - t0))
+            assert waited is not None, "a connection with half a request head is still open"
+        assert HEADER_TIMEOUT_S - 0.5 < time.monotonic() - t0 < HEADER_TIMEOUT_S + 10
+    finally:
+        for s in heads:
+            s.close()
+    # One keep-alive connection used past the timeout: each request head arrives at once.
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        deadline = time.monotonic() + HEADER_TIMEOUT_S + 1
+        while time.monotonic() < deadline:
+            assert c.post("/generate", json={"prompt": "kept", "max_tokens": 2}).status_code == 200
+            time.sleep(0.5)
+    # A body slower than the head timeout: answered.
+    payload = b'{"prompt": "slow body", "max_tokens": 2}'
+    s = _partial(port, (f"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode())  # fmt: skip
+    try:
+        for k in range(len(payload)):
+            s.sendall(payload[k:k + 1])
+            time.sleep((HEADER_TIMEOUT_S + 1) / len(payload))
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 200"), data[:200]
+    finally:
+        s.close()
+    assert_alive_and_serving(server, client, processes)
 
 
 def test_slowloris_partial_requests(server, client, processes):

@@ -407,7 +407,10 @@ def test_gunicorn_command_line_is_valid_for_gunicorn():
         if key != "args" and value is not None:
             cfg.set(key.lower(), value)
     assert cfg.workers == 3 and cfg.bind == ["0.0.0.0:8123"]
-    assert cfg.worker_class_str == "asgi" and cfg.control_socket_disable is True
+    assert cfg.worker_class_str == "mlxsup.api.worker.ASGIWorker" and cfg.control_socket_disable is True
+    from gunicorn.workers.gasgi import ASGIWorker
+
+    assert issubclass(cfg.worker_class, ASGIWorker)  # gunicorn resolves and loads it
     assert cfg.settings["asgi_loop"].get() == "uvloop"
     assert args.args == ["mlxsup.api.asgi:app"]
     assert gunicorn_argv(ServerConfig(host="::1", port=9))[argv.index("--bind") + 1] == "[::1]:9"

@@ -126,7 +126,7 @@ def test_engine_process_end_to_end(engine_proc, tiny_model_dir, tmp_path):
         try:
             rid = ch.new_request_id
             gen = GenerateRequest(rid(), [5, 6, 7], SamplingParams(
-                max_tokens=6, temperature=1.0, logprobs_mode="processed"), n=3)
+                max_tokens=6, temperature=1.0, logprobs_mode="processed", ignore_eos=True), n=3)
             score = ScoreRequest(rid(), [5, 6, 7], [8, 9], "raw")
             bad = GenerateRequest(rid(), [5, 10**6], SamplingParams())
             out = await collect(ch, [gen, score, bad])

@@ -25,6 +25,10 @@ class EngineConfig:
         `tokens x vocab` floats, so this bounds that memory.
     cache_limit_mb: MLX buffer-cache limit (freed buffers kept for reuse); None leaves MLX's.
     clear_cache_every: steps between `mx.clear_cache()` calls while busy.
+    pipeline: queue each decode step before reading the last one's tokens, so the host's
+        work overlaps the device's (throughput), or run each step to its end before the
+        loop goes on (an adapter swap reaches new tokens one step sooner). None: on a GPU
+        only, where a decode step is bound by the host's kernel launches.
     seed: seeds the streams of requests that give no seed; None draws one from the OS.
     """
 
@@ -42,6 +46,7 @@ class EngineConfig:
     cache_limit_mb: Optional[int] = 1024
     clear_cache_every: int = 256
     seed: Optional[int] = None
+    pipeline: Optional[bool] = None
 
     def __post_init__(self):
         if not self.model:
@@ -80,4 +85,5 @@ class EngineConfig:
             max_queue=cfg.max_queue,
             max_tokens=cfg.max_tokens,
             min_policy_wait_s=cfg.min_policy_wait_s,
+            pipeline={"on": True, "off": False}.get(cfg.pipeline),
         )

@@ -101,8 +101,11 @@ class Engine:
             mx.set_cache_limit(config.cache_limit_mb * 2**20)
         self.adapters = AdapterManager(model)  # before the runner's probe forward
         self.context_length = context_length(model)
+        pipeline = config.pipeline
+        if pipeline is None:
+            pipeline = mx.default_device() != mx.cpu
         self.runner = ModelRunner(model, prefill_step_size=config.prefill_step_size,
-                                  max_window=self.context_length or 1 << 16)
+                                  max_window=self.context_length or 1 << 16, pipeline=pipeline)
         self.vocab_size = self.runner.vocab_size
         self.scheduler = Scheduler(
             max_batch=config.max_batch, max_queue=config.max_queue,

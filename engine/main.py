@@ -45,9 +45,9 @@ from .control import ControlLink, Publisher, read_adapter_state
 log = logging.getLogger("mlxsup.engine")
 
 IDLE_WAIT_S = 0.1
-# How long the main loop waits for a swap's adapter files before it queues the next step. The
-# step queued last is computing meanwhile, so a read that finishes in time costs nothing, and
-# the swap commits one decode step earlier (a step queued before the commit runs the old weights).
+# How long the main loop waits for a swap's adapter files before it runs the next step, so the
+# swap commits at this step boundary instead of the next (a few ms against a decode step).
+# Pipelined, the step queued last computes meanwhile, so a read that finishes in time is free.
 SWAP_READ_WAIT_S = 0.05
 
 

@@ -2,11 +2,18 @@
 step and teacher-forced scoring.
 
 The batch is a set of rows (one per running sequence) held in mlx-lm's batch caches
-(`BatchKVCache` and friends: rows are left-padded and can be filtered and extended). Each
-`step` queues the next decode step (`mx.async_eval`) before it reads back the tokens of the
-step queued last time, so Python's bookkeeping overlaps the model's compute, as mlx-lm's
-generators do. A row that finished at step t is therefore computed once more at t+1 and
-dropped.
+(`BatchKVCache` and friends: rows are left-padded and can be filtered and extended).
+
+Pipelined (a GPU's default), each `step` queues the next decode step (`mx.async_eval`) before
+it reads back the tokens of the step queued last time, so Python's bookkeeping and the next
+graph's kernel launches overlap the model's compute, as mlx-lm's generators do: a decode step
+of a small batch is bound by the host there. A row that finished at step t is then computed
+once more at t+1 and dropped, and whatever the caller changes between two steps (an adapter
+swap) reaches the step after the one already queued. Stepwise (the CPU's default), each
+`step` runs its decode step to the end and returns its own tokens: on the CPU the host's
+Python competes with the compute threads for the same cores, so the overlap bought nothing
+(bench75m, 2 cores: 1.00x, 1.04x, 1.09x the pipelined tokens/s at batch 1, 8, 32), while a
+swap's new weights reach the very next step, one decode step sooner.
 
 Prefill runs `prompt[:-1]` of the new requests in right-padded passes (on the CPU one per
 group of similar lengths, on a GPU one in all; mlx-lm's prepare/finalize protocol rolls the
@@ -112,8 +119,9 @@ class ModelRunner:
     """Owns the model's execution: the batch's caches, keys and pending step."""
 
     def __init__(self, model: nn.Module, prefill_step_size: int = 2048, max_window: int = 1 << 16,
-                 group_prefill: Optional[bool] = None):
+                 group_prefill: Optional[bool] = None, pipeline: bool = True):
         self.model = model
+        self.pipeline = pipeline  # queue step t+1 before reading step t (see `step`)
         # Prefill similar lengths together: on the CPU (see _PREFILL_SLACK) unless told.
         self.group_prefill = (mx.default_device() == mx.cpu if group_prefill is None
                               else group_prefill)
@@ -150,13 +158,16 @@ class ModelRunner:
 
     def step(self, admissions: Sequence[Admission], version: int
              ) -> tuple[Optional[StepOutput], dict[int, GroupPrefix]]:
-        """Add `admissions` as new rows (their prompts prefilled), queue the next decode step
-        of every row, and return the tokens of the step queued last time, plus the prompt
-        states saved for samples admitted later (by index into `admissions`).
+        """Add `admissions` as new rows (their prompts prefilled), run the next decode step of
+        every row, and return tokens (pipelined: those of the step queued last time, this
+        one left computing; stepwise: this step's own), plus the prompt states saved for
+        samples admitted later (by index into `admissions`).
 
         The pending tokens are both the last step's output and the next step's input; a new
         row's pending token is its last prompt token, so its first sampled token comes out
-        of the shared decode step (no forward pass of its own) and is reported one step on."""
+        of the shared decode step (no forward pass of its own); pipelined, it is reported one
+        step on. `fresh` marks the rows whose pending token is not to be reported (a prompt
+        token, or, stepwise, a token already returned)."""
         with mx.stream(self.stream):
             if admissions:
                 self._go_solo(False)
@@ -169,7 +180,12 @@ class ModelRunner:
             self.pending = self._decode()
             self.pending_version = version
             self.fresh = [False] * len(seq_ids)
-            mx.async_eval(*self.pending, self.keys)
+            if self.pipeline:
+                mx.async_eval(*self.pending, self.keys)
+            else:  # this step's own tokens: nothing runs while the caller works
+                mx.eval(*self.pending, self.keys)
+                out, out_version, fresh = self.pending, version, self.fresh
+                self.fresh = [True] * len(seq_ids)  # read: not the next step's output
             mx.eval(*out)
             tokens, logprobs = out[0].tolist(), out[1].tolist()
         keep = [i for i, f in enumerate(fresh) if not f]

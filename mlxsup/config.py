@@ -11,6 +11,7 @@ from typing import Optional
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SWAP_MODES = ("drain", "abort", "inflight")
+PIPELINE_MODES = ("auto", "on", "off")
 # Where a swap's time went, as the engine's swap_done and /load_adapter's answer report it:
 # reading the files (another thread), receipt to ready (read + MLX arrays), waiting for the
 # step boundary (drain: for in-flight sequences), the commit itself.
@@ -46,6 +47,10 @@ class ServerConfig:
     request_timeout_s: float = 600.0
     min_policy_wait_s: float = 60.0  # longest a request may wait for min_policy_version
     header_timeout_s: float = 15.0  # longest a new connection may take to send its request head
+    # "on": queue each decode step before reading the last (the host's work overlaps the
+    # device's); "off": each step runs to its end first (a swap reaches new tokens one step
+    # sooner); "auto": on for a GPU, off for the CPU (see EngineConfig.pipeline).
+    pipeline: str = "auto"
 
     def __post_init__(self):
         if not self.run_dir:
@@ -71,6 +76,8 @@ class ServerConfig:
             raise ValueError("header_timeout_s must be > 0")
         if self.blas not in ("auto", "off"):
             raise ValueError("blas must be 'auto' or 'off'")
+        if self.pipeline not in PIPELINE_MODES:
+            raise ValueError(f"pipeline must be one of {PIPELINE_MODES}")
 
     @property
     def num_slots(self) -> int:

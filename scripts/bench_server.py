@@ -34,6 +34,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import signal
 import subprocess
 import sys
@@ -103,6 +104,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tuned-max-batch", type=int, help="--max-batch of mlxsup-tuned and --decode-concurrency "
                    "of mlx_lm-tuned (default: the largest of --concurrency and the GRPO batch)")
     p.add_argument("--workers", type=int, help="mlxsup API workers (default: the server's)")
+    p.add_argument("--mlxsup-args", default="",
+                   help="more `mlxsup start` flags for both mlxsup systems, e.g. '--pipeline on'")
     p.add_argument("--raw-prefill-batch", type=int, default=8, help="prefill_batch_size of the raw loop (default 8, "
                    "as mlx_lm.server's --prompt-concurrency)")
     p.add_argument("--grpo-prompts", type=int, default=None, help="(b) prompts per round (default 16)")
@@ -297,10 +300,13 @@ def requests_for(args, conc: int) -> int:
 
 
 def make_server(name: str, args, model: str, env: dict):
+    extra = shlex.split(args.mlxsup_args)
     if name == "mlxsup":
-        return MlxsupServer(name, model, args.max_batch, args.max_tokens, env, args.out, args.workers)
+        return MlxsupServer(name, model, args.max_batch, args.max_tokens, env, args.out,
+                            args.workers, extra)
     if name == "mlxsup-tuned":
-        return MlxsupServer(name, model, args.tuned_max_batch, args.max_tokens, env, args.out, args.workers)
+        return MlxsupServer(name, model, args.tuned_max_batch, args.max_tokens, env, args.out,
+                            args.workers, extra)
     if name == "mlx_lm":
         return MlxLmServer(name, model, args.max_tokens, env, args.out)
     if name == "mlx_lm-tuned":

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from mlxsup.config import LOG_LEVELS, SWAP_MODES, ServerConfig, default_run_dir
+from mlxsup.config import LOG_LEVELS, PIPELINE_MODES, SWAP_MODES, ServerConfig, default_run_dir
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
 RELOAD_TIMEOUT_S = 3600.0  # a drain swap waits for the longest sequence in flight
@@ -78,6 +78,12 @@ def add_start_arguments(p: argparse.ArgumentParser) -> None:
     more.add_argument("--max-queue", type=int, default=d["max_queue"], help=f"requests waiting in the engine before 503 (default: {d['max_queue']})")
     more.add_argument("--foreground", action="store_true", help="run in this terminal instead of as a daemon")
     more.add_argument("--blas", choices=("auto", "off"), default=d["blas"], help="preload an optimized BLAS into the engine on Linux (default: auto)")
+    more.add_argument(
+        "--pipeline", choices=PIPELINE_MODES, default=d["pipeline"],
+        help="on: queue each decode step before reading the last (host and device overlap); off: "
+             "finish each step first (an adapter swap reaches new tokens one step sooner); "
+             "auto (default): on for a GPU, off for the CPU",
+    )  # fmt: skip
     sec = p.add_argument_group("security")
     # The environment variables keep keys out of the command line, which any local user can read with ps.
     sec.add_argument("--api-key", default=os.environ.get("MLXSUP_API_KEY") or None,
@@ -112,6 +118,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_upload_mb=args.max_upload_mb,
         blas=args.blas,
         header_timeout_s=args.header_timeout,
+        pipeline=args.pipeline,
     )
 
 

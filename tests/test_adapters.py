@@ -16,7 +16,7 @@ import pytest
 from _engine_helpers import check_fidelity
 from mlxsup.engine import AdapterError, Engine, EngineConfig
 from mlxsup.engine.adapter_files import write_adapter
-from mlxsup.ipc.messages import GenerateRequest, SamplingParams, SequenceDone
+from mlxsup.ipc.messages import GenerateRequest, SamplingParams, SequenceDone, TokenChunk
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -56,8 +56,8 @@ def logits_of(model, ids=(5, 17, 33, 2, 101, 7)):
     return np.array(out[0])
 
 
-def req(prompt, **params):
-    return GenerateRequest(next(_ids), prompt, SamplingParams(**params))
+def req(prompt, stream=False, **params):
+    return GenerateRequest(next(_ids), prompt, SamplingParams(**params), stream=stream)
 
 
 # ------------------------------------------------------------------ numerics
@@ -255,8 +255,9 @@ def by_request(events):
     return out
 
 
-def test_inflight_swap_tags_each_token(tiny_model_dir, tmp_path):
-    eng = make_engine(tiny_model_dir)
+@pytest.mark.parametrize("pipeline", [False, True], ids=["stepwise", "pipelined"])
+def test_inflight_swap_tags_each_token(tiny_model_dir, tmp_path, pipeline):
+    eng = make_engine(tiny_model_dir, pipeline=pipeline)
     prep = eng.prepare_adapter(make_adapter(eng, tmp_path / "a", rank=8))
     reqs = start(eng, temperature=1.0)
     events = drive(eng, [], steps=6)
@@ -280,6 +281,34 @@ def test_inflight_swap_tags_each_token(tiny_model_dir, tmp_path):
         d = done[r.request_id]
         assert set(d.versions) == {1} and d.policy_version == 1
         check_fidelity(eng.model, r.prompt_ids, d.token_ids, d.logprobs, r.params, "processed")
+
+
+@pytest.mark.parametrize("pipeline", [False, True], ids=["stepwise", "pipelined"])
+def test_inflight_swap_reaches_new_tokens_one_step_sooner_stepwise(tiny_model_dir, tmp_path,
+                                                                      pipeline):
+    """Swap latency in steps: run to their end, the step that commits an inflight swap already
+    returns new-version tokens; pipelined, that step returns the tokens of the step queued
+    before the commit (old weights) and the new version shows one step later."""
+    eng = make_engine(tiny_model_dir, pipeline=pipeline)
+    prep = eng.prepare_adapter(make_adapter(eng, tmp_path / "a", rank=8))
+    reqs = [req([7, 8, 9, 10 + i], max_tokens=40, temperature=1.0, stream=True) for i in range(3)]
+    for r in reqs:
+        eng.submit(r)
+    drive(eng, [], steps=4)
+    ticket = eng.request_swap(prep, "inflight", 1)
+
+    def versions_of(events):
+        return [v for e in events if isinstance(e, TokenChunk) for v in e.versions]
+
+    first = versions_of(eng.step())
+    assert ticket.done and len(first) == 3
+    if pipeline:
+        assert first == [0, 0, 0]
+        assert versions_of(eng.step()) == [1, 1, 1]
+    else:
+        assert first == [1, 1, 1]
+    eng.abort_all()
+    eng.step()
 
 
 def test_drain_swap_never_mixes_versions(tiny_model_dir, tmp_path):

@@ -37,7 +37,18 @@ def make_engine(model_dir, **kw):
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    return make_engine(tiny_model_dir)
+    return make_engine(tiny_model_dir)  # the CPU's default: each step run to its end
+
+
+@pytest.fixture(scope="module")
+def pipelined_engine(tiny_model_dir):
+    return make_engine(tiny_model_dir, pipeline=True)  # a GPU's default
+
+
+@pytest.fixture(params=["stepwise", "pipelined"])
+def either_engine(request):
+    """The engine in both step modes: the tokens it reports must not depend on the mode."""
+    return request.getfixturevalue("engine" if request.param == "stepwise" else "pipelined_engine")
 
 
 def prompts_of(n, rng, lo=1, hi=40, vocab=500):
@@ -72,7 +83,8 @@ def test_greedy_identical_to_mlx_lm(engine):
 @pytest.mark.parametrize("batch", [1, 5, 32])
 @pytest.mark.parametrize("mode", ["raw", "processed"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_logprobs_match_teacher_forcing(engine, batch, mode, temperature):
+def test_logprobs_match_teacher_forcing(either_engine, batch, mode, temperature):
+    engine = either_engine
     rng = random.Random(batch * 7 + int(temperature * 10))
     prompts = prompts_of(batch, rng)
     reqs = [req(p, temperature=temperature, logprobs_mode=mode,
@@ -194,10 +206,25 @@ def test_seeded_request_same_tokens_whatever_the_batch(engine):
     assert g1[0].token_ids == alone.token_ids
 
 
-def test_a_lone_sequence_runs_solo_and_rejoins_the_batch(engine):
+def test_seeded_tokens_do_not_depend_on_the_step_mode(engine, pipelined_engine):
+    rng = random.Random(11)
+    prompts = prompts_of(6, rng)
+    lengths = [rng.randrange(4, 20) for _ in prompts]
+    params = dict(temperature=1.0, top_k=50, logprobs_mode="processed", ignore_eos=True)
+    a, b = ([req(p, seed=100 + i, max_tokens=m, **params)
+             for i, (p, m) in enumerate(zip(prompts, lengths))] for _ in range(2))
+    ev_a, ev_b = run(engine, a, stagger=2), run(pipelined_engine, b, stagger=2)
+    for ra, rb in zip(a, b):
+        [da], [db] = done_events(ev_a, ra.request_id), done_events(ev_b, rb.request_id)
+        assert da.token_ids == db.token_ids and len(da.token_ids) == ra.params.max_tokens
+        np.testing.assert_allclose(da.logprobs, db.logprobs, atol=1e-5)
+
+
+def test_a_lone_sequence_runs_solo_and_rejoins_the_batch(either_engine):
     """One row decodes on plain caches (solo); a row joining merges them back into batch
     caches, and when it leaves the survivor goes solo again, with exact log-probs and the
     same tokens as a run alone throughout."""
+    engine = either_engine
     params = dict(temperature=1.0, seed=77, max_tokens=30, logprobs_mode="processed")
     prompt = [5, 17, 33, 2, 41, 8, 9]
     ref = done_events(run(engine, [r0 := req(prompt, **params)]), r0.request_id)[0]

@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from mlxsup.config import ServerConfig, default_run_dir
+from mlxsup.engine.config import EngineConfig
 from mlxsup.supervisor import cli as sup_cli
 from mlxsup.supervisor.backoff import Backoff
 from mlxsup.supervisor.engine_link import EngineGone
@@ -304,7 +305,7 @@ def test_start_flags_map_to_the_config(tmp_path):
          "--max-batch", "7", "--flush-interval-ms", "2.5", "--max-tokens", "64", "--trust-remote-code",
          "--log-level", "debug", "--workers", "3", "--run-dir", str(tmp_path), "--max-queue", "9",
          "--foreground", "--api-key", "k", "--admin-key", "ak", "--adapter-root", "/srv",
-         "--max-upload-mb", "5", "--blas", "off"]
+         "--max-upload-mb", "5", "--blas", "off", "--pipeline", "on"]
     )  # fmt: skip
     c = sup_cli.config_from_args(args)
     assert (c.model, c.adapter_path, c.host, c.port) == ("m", "a", "127.0.0.1", 9001)
@@ -312,6 +313,19 @@ def test_start_flags_map_to_the_config(tmp_path):
     assert (c.log_level, c.workers, c.run_dir, c.max_queue) == ("DEBUG", 3, str(tmp_path), 9)
     assert (c.api_key, c.admin_key, c.adapter_root, c.max_upload_mb, c.blas) == ("k", "ak", "/srv", 5, "off")
     assert args.foreground is True
+    assert c.pipeline == "on" and EngineConfig.from_server_config(c).pipeline is True
+
+
+def test_pipeline_flag_reaches_the_engine_config():
+    auto = sup_cli.config_from_args(_parser().parse_args(["start"]))
+    assert auto.pipeline == "auto" and EngineConfig.from_server_config(auto, model="m").pipeline is None
+    off = ServerConfig(pipeline="off")
+    assert EngineConfig.from_server_config(off, model="m").pipeline is False
+    assert ServerConfig.from_json(off.to_json()).pipeline == "off"  # what the engine reads
+    with pytest.raises(ValueError, match="pipeline"):
+        ServerConfig(pipeline="sometimes")
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["start", "--pipeline", "sometimes"])
 
 
 def test_start_rejects_invalid_values(capsys):

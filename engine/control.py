@@ -18,6 +18,7 @@ log = logging.getLogger("mlxsup.engine")
 HEARTBEAT_S = 0.1
 STALL_S = 60.0  # the publisher stops the heartbeat when the main loop made no progress this long
 ADAPTER_STATE = "adapter_state.json"
+RECEIVED_AT = "_received_at"  # added to each command: time.perf_counter() when the line was read
 
 
 def read_adapter_state(run_dir: str) -> tuple[Optional[str], Optional[int]]:
@@ -113,6 +114,7 @@ class ControlLink:
                         log.warning("unreadable control line: %r", line[:200])
                         continue
                     if isinstance(msg, dict):
+                        msg[RECEIVED_AT] = time.perf_counter()
                         self.inbox.put(msg)
                         self._wake()
         except OSError:

@@ -62,16 +62,25 @@ class RequestError(ValueError):
 class SwapTicket:
     """A requested swap. `done` turns True at the step boundary that commits it; then
     `policy_version`, `adapter_path` and `commit_ms` describe the result. `on_done`, if
-    given, is called (on the engine thread, inside `step()`) right after the commit."""
+    given, is called (on the engine thread, inside `step()`) right after the commit.
+
+    `on_first_token`, if given, is called once, inside the `step()` whose output holds the
+    first tokens computed with the new weights; `committed_at` and `first_token_at` are
+    `time.perf_counter()` stamps and `running_at_commit` the rows decoding at the commit (0:
+    the first token waited for a request to arrive)."""
 
     prepared: PreparedAdapter
     mode: str
     version: int
     on_done: Optional[Callable[["SwapTicket"], None]] = None
+    on_first_token: Optional[Callable[["SwapTicket"], None]] = None
     done: bool = False
     commit_ms: float = 0.0
     policy_version: int = -1
     adapter_path: Optional[str] = None
+    committed_at: float = 0.0
+    first_token_at: float = 0.0
+    running_at_commit: int = 0
 
 
 def load_model(config: EngineConfig):
@@ -126,6 +135,7 @@ class Engine:
         self._next_internal_id = 1 << 63
         self._outbox: list[Event] = []
         self._swap: Optional[SwapTicket] = None
+        self._first_token_of: Optional[SwapTicket] = None  # committed, no new token yet
         self._trimmer = HeapTrimmer()
         self.counters = dict(tokens_generated=0, prefill_tokens=0, num_swaps=0,
                              num_requests=0, num_steps=0)
@@ -225,7 +235,9 @@ class Engine:
 
     def request_swap(self, prepared: PreparedAdapter, mode: str = "drain",
                      version: Optional[int] = None,
-                     on_done: Optional[Callable[[SwapTicket], None]] = None) -> SwapTicket:
+                     on_done: Optional[Callable[[SwapTicket], None]] = None,
+                     on_first_token: Optional[Callable[[SwapTicket], None]] = None
+                     ) -> SwapTicket:
         """Commit `prepared` at a step boundary: `drain` once in-flight requests are done,
         `abort` ending them, `inflight` at the next boundary. `version` (default current+1)
         must exceed the current version. Returns the ticket that reports completion."""
@@ -236,7 +248,7 @@ class Engine:
             raise ValueError(f"version {version} must exceed the current version "
                              f"{self.policy_version}")
         self.scheduler.request_swap(mode, version)
-        self._swap = SwapTicket(prepared, mode, version, on_done)
+        self._swap = SwapTicket(prepared, mode, version, on_done, on_first_token)
         return self._swap
 
     @property
@@ -248,7 +260,10 @@ class Engine:
         ticket, self._swap = self._swap, None
         t0 = time.perf_counter()
         self.adapters.commit(ticket.prepared)
-        ticket.commit_ms = (time.perf_counter() - t0) * 1e3
+        ticket.committed_at = time.perf_counter()
+        ticket.commit_ms = (ticket.committed_at - t0) * 1e3
+        ticket.running_at_commit = self.runner.num_rows
+        self._first_token_of = ticket
         self.policy_version = ticket.policy_version = ticket.version
         self.adapter_path = ticket.adapter_path = ticket.prepared.path
         self.counters["num_swaps"] += 1
@@ -343,7 +358,7 @@ class Engine:
             events.append(ErrorEvent(state.request_id, ERR_INTERNAL, message))
 
     def _postprocess(self, out: StepOutput, events: list[Event]) -> None:
-        now = time.monotonic()
+        now, now_pc = time.monotonic(), time.perf_counter()
         batch_size = len(out.seq_ids)
         done: list[int] = []
         for seq_id, token, logprob in zip(out.seq_ids, out.tokens, out.logprobs):
@@ -366,6 +381,15 @@ class Engine:
         self.counters["tokens_generated"] += len(out.tokens)
         if done:
             self.runner.remove(done)
+        ticket = self._first_token_of
+        if ticket is not None and out.version >= ticket.policy_version and out.tokens:
+            self._first_token_of = None
+            ticket.first_token_at = now_pc
+            if ticket.on_first_token is not None:
+                try:
+                    ticket.on_first_token(ticket)
+                except Exception:  # a report, never a reason to fail the batch
+                    log.exception("swap first-token callback failed")
 
     def _stop_reason(self, seq: Sequence, token: int) -> Optional[str]:
         params = seq.params

@@ -40,7 +40,7 @@ from mlxsup.ipc.messages import (
     SequenceDone,
 )
 
-from .control import ControlLink, Publisher, read_adapter_state
+from .control import RECEIVED_AT, ControlLink, Publisher, read_adapter_state
 
 log = logging.getLogger("mlxsup.engine")
 
@@ -282,7 +282,24 @@ class EngineProcess:
                              ticket.adapter_path or "base model", read_ms, prepare_ms, wait_ms,
                              ticket.commit_ms)
 
-                self.engine.request_swap(prepared, msg.get("mode", "drain"), version, on_done=done)
+                received = msg.get(RECEIVED_AT, started)  # the control reader's stamp
+
+                def first_token(ticket, swap_id=swap_id, received=received):
+                    t = ticket.first_token_at
+                    ms = round((t - received) * 1e3, 3)
+                    self.control.send({"op": "swap_first_token", "id": swap_id,
+                                       "policy_version": ticket.policy_version,
+                                       "first_token_ms": ms,
+                                       "commit_to_first_token_ms":
+                                           round((t - ticket.committed_at) * 1e3, 3),
+                                       "running_at_commit": ticket.running_at_commit})
+                    log.info("swap %s: first token of version %d %.1f ms after receipt "
+                             "(%.1f ms after the commit, %d rows running then)", swap_id,
+                             ticket.policy_version, ms, (t - ticket.committed_at) * 1e3,
+                             ticket.running_at_commit)
+
+                self.engine.request_swap(prepared, msg.get("mode", "drain"), version, on_done=done,
+                                         on_first_token=first_token)
             except AdapterError as e:
                 self._swap_failed(swap_id, "not_found" if e.kind == "not_found" else
                                   "invalid_adapter", str(e))

@@ -16,6 +16,10 @@ PIPELINE_MODES = ("auto", "on", "off")
 # reading the files (another thread), receipt to ready (read + MLX arrays), waiting for the
 # step boundary (drain: for in-flight sequences), the commit itself.
 SWAP_TIMINGS = ("read_ms", "prepare_ms", "wait_ms", "commit_ms")
+# When the new weights first produced tokens, as the engine's swap_first_token and the
+# supervisor's status `last_swap` report it: from the engine's receipt of the swap, and from the
+# commit, to the end of the first step under the new weights; the rows decoding at the commit.
+FIRST_TOKEN_FIELDS = ("first_token_ms", "commit_to_first_token_ms", "running_at_commit")
 
 
 def default_run_dir(port: int) -> str:

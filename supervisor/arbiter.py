@@ -270,7 +270,8 @@ class Arbiter:
         self.is_engine_ready = False
         self.engine_ready_event.clear()
         self.engine_restart_at = None
-        self.link = EngineLink(ours, self.epoch, self.on_engine_ready)
+        self.link = EngineLink(ours, self.epoch, self.on_engine_ready,
+                               lambda msg: self.swaps.note_first_token(msg))
         self._spawn_task(self.link.start())
         self._record_children()
         log.info("engine epoch %d started: pid %d", self.epoch, self.engine.pid)
@@ -593,6 +594,7 @@ class Arbiter:
             "policy_version": self.swaps.state.policy_version,
             "adapter": self.swaps.state.adapter_path,
             "num_swaps": self.swaps.num_swaps,
+            "last_swap": self.swaps.last_swap(),
             "api_restarts": self.num_gunicorn_restarts,
             "engine": engine,
             "processes": self.sampler.rows(),

@@ -1,7 +1,8 @@
 """The supervisor's end of the engine control channel: a socketpair, one JSON object per line.
 
-Messages are listed in docs/architecture.md. The engine sends `ready` once after loading and
-`swap_done` in answer to each `swap`; anything else it sends is logged. When the engine dies the
+Messages are listed in docs/architecture.md. The engine sends `ready` once after loading,
+`swap_done` in answer to each `swap` and `swap_first_token` when the first tokens of a committed
+swap's weights exist; anything else it sends is logged. When the engine dies the
 channel reaches EOF and every pending swap fails with `EngineGone`.
 """
 
@@ -26,10 +27,12 @@ class EngineGone(Exception):
 class EngineLink:
     """Reads the engine's lines in a task; `swap` and `stop` write commands to it."""
 
-    def __init__(self, sock: socket.socket, epoch: int, on_ready: Callable[[dict], None]):
+    def __init__(self, sock: socket.socket, epoch: int, on_ready: Callable[[dict], None],
+                 on_first_token: Optional[Callable[[dict], None]] = None):
         self.sock = sock
         self.epoch = epoch
         self._on_ready = on_ready
+        self._on_first_token = on_first_token
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
         self._writer: Optional[asyncio.StreamWriter] = None
@@ -72,6 +75,8 @@ class EngineLink:
                 fut.set_result(msg)
             elif fut is None:
                 log.warning("engine answered a swap nobody waits for: %s", msg)
+        elif op == "swap_first_token" and self._on_first_token is not None:
+            self._on_first_token(msg)
         else:
             log.info("engine (epoch %d): %s", self.epoch, msg)
 

@@ -103,6 +103,16 @@ def format_status(status: dict) -> str:
         f"{engine.get('state', 'unknown')}",
         f"  load:           queue {engine.get('queue_depth', 0)}, running {engine.get('running', 0)}, "
         f"{engine.get('tokens_per_s', 0.0):.1f} tokens/s, {engine.get('tokens_generated', 0)} tokens generated",
+    ]
+    last = status.get("last_swap")
+    if last:
+        first = last.get("first_token_ms")
+        lines.append(
+            f"  last swap:      version {last.get('policy_version')} ({last.get('mode')}), "
+            f"prepare {last.get('prepare_ms') or 0:.1f} ms, wait {last.get('wait_ms') or 0:.1f} ms, "
+            + (f"first new token {first:.1f} ms after receipt" if first is not None
+               else "no token under it yet"))
+    lines += [
         "",
         f"  {'ROLE':<12}{'PID':>8}{'RSS':>12}{'CPU%':>8}{'UPTIME':>10}",
     ]

@@ -14,7 +14,7 @@ import logging
 import os
 from typing import Awaitable, Callable, Optional
 
-from mlxsup.config import SWAP_MODES, SWAP_TIMINGS
+from mlxsup.config import FIRST_TOKEN_FIELDS, SWAP_MODES, SWAP_TIMINGS
 from mlxsup.supervisor.engine_link import EngineGone, EngineLink
 from mlxsup.supervisor.state import AdapterState, write_state
 
@@ -51,6 +51,28 @@ class SwapCoordinator:
         self.state = state
         self.num_swaps = 0
         self._lock = asyncio.Lock()
+        self._last: Optional[dict] = None  # the last committed swap's reply
+        self._first_token: Optional[dict] = None  # the engine's last swap_first_token
+
+    def note_first_token(self, msg: dict) -> None:
+        """The engine's `swap_first_token`: the first tokens of a committed version exist."""
+        self._first_token = msg
+        log.info("version %s: first token %.1f ms after the engine received the swap (%s rows "
+                 "were running at the commit)", msg.get("policy_version"),
+                 msg.get("first_token_ms") or 0.0, msg.get("running_at_commit"))
+
+    def last_swap(self) -> Optional[dict]:
+        """The last committed swap: its reply fields and, once the engine has produced a token
+        under it, `first_token_ms` (engine's receipt of the swap to the end of the first step
+        under the new weights), `commit_to_first_token_ms` and `running_at_commit`; None
+        before the first swap of this supervisor."""
+        if self._last is None:
+            return None
+        out = dict(self._last, **dict.fromkeys(FIRST_TOKEN_FIELDS))
+        ft = self._first_token
+        if ft is not None and ft.get("policy_version") == out["policy_version"]:
+            out.update({k: ft.get(k) for k in FIRST_TOKEN_FIELDS})
+        return out
 
     async def reload(
         self,
@@ -100,7 +122,7 @@ class SwapCoordinator:
                 "committed version %d: %s (prepare %.1f ms, commit %.1f ms)",
                 version, path or "the base model", reply.get("prepare_ms") or 0.0, reply.get("commit_ms") or 0.0,
             )  # fmt: skip
-            return {
+            result = {
                 "ok": True,
                 "policy_version": version,
                 "adapter": path,
@@ -108,6 +130,8 @@ class SwapCoordinator:
                 "message": f"Loaded adapter from {path}" if path else "Back to the base model",
                 **{k: reply.get(k) for k in SWAP_TIMINGS},
             }
+            self._last = {k: v for k, v in result.items() if k not in ("ok", "message")}
+            return result
 
     def _commit(self, state: AdapterState) -> None:
         write_state(self.run_dir, state)

@@ -311,6 +311,46 @@ def test_inflight_swap_reaches_new_tokens_one_step_sooner_stepwise(tiny_model_di
     eng.step()
 
 
+def test_first_token_of_a_swap_is_reported_once_from_the_step_that_made_it(tiny_model_dir, tmp_path):
+    eng = make_engine(tiny_model_dir)
+    prep = eng.prepare_adapter(make_adapter(eng, tmp_path / "a", rank=8))
+    calls = []
+    for i in range(2):
+        eng.submit(req([7, 8, 9, 10 + i], max_tokens=30, temperature=1.0, stream=True))
+    drive(eng, [], steps=3)
+    ticket = eng.request_swap(prep, "inflight", 1, on_first_token=calls.append)
+    events = eng.step()  # commits, then runs the new weights (stepwise: the CPU's default)
+    assert ticket.done and calls == [ticket] and ticket.running_at_commit == 2
+    assert ticket.committed_at <= ticket.first_token_at
+    assert {v for e in events if isinstance(e, TokenChunk) for v in e.versions} == {1}
+    drive(eng, [], steps=3)
+    assert calls == [ticket]  # once
+    # Committed with nothing running: the first token is the next request's.
+    ticket2 = eng.request_swap(eng.prepare_adapter(None), "inflight", 2, on_first_token=calls.append)
+    eng.abort_all()
+    eng.step()
+    assert ticket2.done and ticket2.running_at_commit == 0 and calls == [ticket]
+    r = req([3, 4, 5], max_tokens=2)
+    eng.submit(r)
+    drive(eng, [])
+    assert calls == [ticket, ticket2] and ticket2.first_token_at >= ticket2.committed_at
+
+
+def test_a_failing_first_token_callback_fails_nothing(tiny_model_dir, tmp_path):
+    eng = make_engine(tiny_model_dir)
+    prep = eng.prepare_adapter(make_adapter(eng, tmp_path / "a", rank=8))
+    r = req([7, 8, 9], max_tokens=8, temperature=1.0)
+    eng.submit(r)
+    drive(eng, [], steps=2)
+
+    def boom(ticket):
+        raise RuntimeError("the supervisor is gone")
+
+    eng.request_swap(prep, "inflight", 1, on_first_token=boom)
+    done = by_request(drive(eng, []))
+    assert done[r.request_id].finish_reason == "length" and len(done[r.request_id].token_ids) == 8
+
+
 def test_drain_swap_never_mixes_versions(tiny_model_dir, tmp_path):
     eng = make_engine(tiny_model_dir, max_batch=3)
     prep = eng.prepare_adapter(make_adapter(eng, tmp_path / "a", rank=8, dora=True))

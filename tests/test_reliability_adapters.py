@@ -385,6 +385,12 @@ def test_inflight_swap_under_load(server, client, good):
         if len(set(tv)) == 2:
             switched.append(a)
     assert len(switched) >= 4, "the swap should land inside the running sequences"
+    # The server's own account of the swap: the first tokens of the new weights came from the
+    # step after the commit, while the load's rows were decoding.
+    last = server.status()["last_swap"]
+    assert last["policy_version"] == v_new and last["mode"] == "inflight"
+    assert last["running_at_commit"] >= 4
+    assert 0 < last["commit_to_first_token_ms"] <= last["first_token_ms"] < 30_000
 
     def split(a):
         tv = a.json["token_versions"]

@@ -186,6 +186,25 @@ def test_engine_death_mid_swap_burns_the_version(tmp_path):
     assert r["policy_version"] == 3  # 2 may have tagged tokens of the dead engine: never reused
 
 
+def test_last_swap_reports_the_engine_first_token_of_its_version(tmp_path):
+    (tmp_path / "a").mkdir()
+    coord, ready = _coordinator(tmp_path, FakeLink())
+    assert coord.last_swap() is None
+    r = asyncio.run(coord.reload(str(tmp_path / "a"), "inflight", ready))
+    last = coord.last_swap()
+    assert last["policy_version"] == r["policy_version"] == 1 and last["mode"] == "inflight"
+    assert last["adapter"] == str(tmp_path / "a") and last["first_token_ms"] is None
+    coord.note_first_token({"op": "swap_first_token", "policy_version": 0, "first_token_ms": 5.0})
+    assert coord.last_swap()["first_token_ms"] is None  # another version's
+    coord.note_first_token({"op": "swap_first_token", "policy_version": 1, "first_token_ms": 80.5,
+                            "commit_to_first_token_ms": 61.0, "running_at_commit": 4})
+    last = coord.last_swap()
+    assert (last["first_token_ms"], last["commit_to_first_token_ms"], last["running_at_commit"]) == (80.5, 61.0, 4)
+    assert last["commit_ms"] == 1.0  # the engine's swap_done timings stay
+    refused = asyncio.run(coord.reload(str(tmp_path / "missing"), "inflight", ready))
+    assert not refused["ok"] and coord.last_swap()["policy_version"] == 1  # only commits count
+
+
 def test_no_engine_means_unavailable(tmp_path):
     (tmp_path / "a").mkdir()
     coord = SwapCoordinator(str(tmp_path), AdapterState())

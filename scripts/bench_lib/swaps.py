@@ -9,7 +9,11 @@ For each swap it measures, from the moment the swap request is sent:
   answers: the first token of a new request under the new version (client clock, exact);
 - in flight: until the first token of version V among the requests under load, placed on the
   client clock from the server's `ttft_ms`/`latency_ms` and the token's position, by linear
-  interpolation over the request's decode time (an estimate, good to about one decode step).
+  interpolation over the request's decode time (an estimate, good to about one decode step);
+- engine: the server's own exact figure (the supervisor's status `last_swap`): from the
+  engine's receipt of the swap to the end of the first decode step under the new weights,
+  and from the commit to it (the client -> API -> supervisor -> engine hop, a few ms, is not
+  in it).
 Failed requests are the load's errors and timeouts, failed swaps, and stale probes; in drain
 mode a completion whose tokens carry two versions is counted too (drain promises one).
 """
@@ -26,7 +30,8 @@ from bench_lib import report
 from bench_lib.adapters import write_adapter
 from bench_lib.loadgen import closed_loop
 from bench_lib.monitor import cpu_delta
-from mlxsup.config import SWAP_TIMINGS  # the engine's account of each swap in /load_adapter's answer
+from mlxsup.config import FIRST_TOKEN_FIELDS, SWAP_TIMINGS  # the engine's account of each swap in /load_adapter's answer
+from mlxsup.supervisor import protocol
 
 
 def run_swaps(server, args, model, work, main, native, mode, monitor, name):
@@ -38,7 +43,8 @@ def run_swaps(server, args, model, work, main, native, mode, monitor, name):
     cpu0 = monitor.cpu_seconds(name)
     monitor.begin(section)
     records, elapsed, swaps = asyncio.run(
-        _run(server.base_url, native, items, conc, args, adapter_dirs, mode, work.warm[0].text))
+        _run(server.base_url, native, items, conc, args, adapter_dirs, mode, work.warm[0].text,
+             server.run_dir))
     monitor.end()
     recs = [r.as_dict() for r in records]
     stats = report.summarize(recs, elapsed, args.max_tokens)
@@ -52,6 +58,7 @@ def run_swaps(server, args, model, work, main, native, mode, monitor, name):
                 inflight.append(s["inflight_ms"])
     probe = [s["probe_ms"] for s in swaps if s.get("probe_ms") is not None]
     acks = [s["ack_ms"] for s in swaps if s.get("ack_ms") is not None and s["ok"]]
+    engine_first = [s["first_token_ms"] for s in swaps if s.get("first_token_ms") is not None]
     multi = sum(1 for r in records if any(len(v) > 1 for v in r.versions if isinstance(v, list)))
     swap = {
         "swaps": len(swaps),
@@ -66,6 +73,12 @@ def run_swaps(server, args, model, work, main, native, mode, monitor, name):
         "inflight_ms": inflight,
         "inflight_p50_ms": report.percentile(inflight, 50),
         "inflight_max_ms": max(inflight) if inflight else None,
+        "engine_first_token_ms": engine_first,
+        "engine_first_token_p50_ms": report.percentile(engine_first, 50),
+        "engine_first_token_max_ms": max(engine_first) if engine_first else None,
+        "commit_to_first_token_p50_ms": report.percentile(
+            [s["commit_to_first_token_ms"] for s in swaps
+             if s.get("commit_to_first_token_ms") is not None], 50),
         "multi_version_completions": multi,
         **{f"{k[:-3]}_p50_ms": report.percentile(
             [s[k] for s in swaps if s.get(k) is not None], 50) for k in SWAP_TIMINGS},
@@ -101,7 +114,25 @@ async def _current_version(client) -> int:
     return int(r.json()["current_policy_version"])
 
 
-async def _run(base_url, proto, items, conc, args, adapter_dirs, mode, probe_text):
+async def _engine_first_token(run_dir, version, wait_s=5.0):
+    """The supervisor's `last_swap` first-token fields for `version` once the engine has
+    reported them (None after `wait_s`, or if a later swap came first)."""
+    deadline = time.perf_counter() + wait_s
+    while time.perf_counter() < deadline:
+        try:
+            last = (await asyncio.to_thread(protocol.call, run_dir, {"op": "status"}, 5.0)
+                    ).get("last_swap") or {}
+        except Exception:  # noqa: BLE001 - a figure missing, not a failed swap
+            return None
+        if last.get("policy_version") != version:
+            return None
+        if last.get("first_token_ms") is not None:
+            return last
+        await asyncio.sleep(0.1)
+    return None
+
+
+async def _run(base_url, proto, items, conc, args, adapter_dirs, mode, probe_text, run_dir):
     t0 = time.perf_counter()
     proto.keep_token_versions = True
     load = asyncio.ensure_future(closed_loop(
@@ -144,6 +175,10 @@ async def _run(base_url, proto, items, conc, args, adapter_dirs, mode, probe_tex
                 s["probe_stale"] = s["ok"] and (got is None or got < s["version"])
             else:
                 s["probe_error"] = perr or f"HTTP {pr.status_code}: {pr.text[:300]}"
+            if s["ok"]:
+                last = await _engine_first_token(run_dir, s["version"])
+                if last:
+                    s.update({k: last.get(k) for k in FIRST_TOKEN_FIELDS})
             swaps.append(s)
             spent = time.perf_counter() - t0 - s["t_request"]
             await asyncio.sleep(max(0.0, args.swap_interval - spent))

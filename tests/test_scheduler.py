@@ -173,6 +173,29 @@ def test_inflight_commits_at_next_boundary_and_only_one_swap_pending():
     assert plan.commit_swap and plan.swap_aborted == [] and s.num_running == 1
 
 
+def test_inflight_commit_step_decodes_the_running_rows_alone():
+    s = Scheduler(max_batch=8, max_queue=8, flush_interval_s=0)
+    s.add(gen())
+    s.schedule(0.0, 0)
+    s.request_swap("inflight", 1)
+    waiting_for_it = gen(min_version=1, prompt_len=100)
+    newcomer, sc = gen(prompt_len=100), score()
+    for r in (waiting_for_it, newcomer, sc):
+        s.add(r)
+    plan = s.schedule(0.0, 0)
+    assert plan.commit_swap and plan.admit == [] and plan.scores == [] and s.num_running == 1
+    plan = s.schedule(0.0, 1)  # the next step admits them all
+    assert sorted(admitted(plan)) == sorted([(waiting_for_it.request_id, 1), (newcomer.request_id, 1)])
+    assert plan.scores == [sc]
+    # Nothing running: nothing to keep waiting, the commit step admits at once.
+    idle = Scheduler(max_batch=8, max_queue=8, flush_interval_s=0)
+    idle.request_swap("inflight", 1)
+    probe = gen(min_version=1)
+    idle.add(probe)
+    plan = idle.schedule(0.0, 0)
+    assert plan.commit_swap and admitted(plan) == [(probe.request_id, 1)]
+
+
 def test_scores_batched_within_token_budget():
     s = Scheduler(max_batch=1, max_queue=8, flush_interval_s=0, max_score_tokens=20)
     reqs = [score(n_tokens=4), score(n_tokens=4), score(n_tokens=20)]

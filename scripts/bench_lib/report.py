@@ -100,17 +100,17 @@ def table(cells: list[dict]) -> str:
         )
     swaps = [c for c in cells if c["workload"] == "swap"]
     if swaps:
-        lines += ["", "| swap mode | system | swaps ok | swap->probe token p50 / max ms "
+        lines += ["", "| swap mode | conc | system | swaps ok | swap->probe token p50 / max ms "
                       "| swap->first new token in flight p50 / max ms (est.) "
                       "| engine: swap->first new token p50 / max ms (commit->, p50) "
                       "| ack p50 / max ms | engine read / ready / wait ms p50 "
                       "| load ok/err/tmo/cut | multi-version (drain: must be 0) | tok/s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in swaps:
             w = c["swap"]
             s = c["stats"]
             lines.append(
-                f"| {c['mode']} | {c['system']} | {w['swaps_ok']}/{w['swaps']} "
+                f"| {c['mode']} | {c.get('concurrency', '-')} | {c['system']} | {w['swaps_ok']}/{w['swaps']} "
                 f"| {_fmt(w['probe_p50_ms'], 0)} / {_fmt(w['probe_max_ms'], 0)} "
                 f"| {_fmt(w['inflight_p50_ms'], 0)} / {_fmt(w['inflight_max_ms'], 0)} "
                 f"| {_fmt(w.get('engine_first_token_p50_ms'), 0)} / "
@@ -175,14 +175,18 @@ def targets(cells: list[dict], gpu: bool) -> list[str]:
         for c in cells:
             if c["system"] == sysname and c["workload"] == "swap":
                 w, s = c["swap"], c["stats"]
-                lat = w["probe_max_ms"]
+                # The first token generated under the new version: the engine's exact figure
+                # where the server reports it, else the client-side estimate.
+                exact = w.get("engine_first_token_max_ms")
+                lat = exact if exact is not None else w["inflight_max_ms"]
                 failed = s["errors"] + s["timeouts"] + (w["swaps"] - w["swaps_ok"]) + w["probe_failed"]
                 good = lat is not None and lat < 100 and failed == 0
-                out.append(f"{sysname}: swap ({c['mode']}): worst swap->first token of a new request "
-                           f"{_fmt(lat, 0)} ms (in flight, est.: {_fmt(w['inflight_max_ms'], 0)} ms; "
-                           f"engine, exact: p50 {_fmt(w.get('engine_first_token_p50_ms'), 0)} / max "
-                           f"{_fmt(w.get('engine_first_token_max_ms'), 0)} ms), "
-                           f"failed {failed}  [target < 100 ms, 0 failed: {'met' if good else 'MISSED'}]")
+                out.append(f"{sysname}: swap ({c['mode']}, c={c.get('concurrency')}): swap->first token "
+                           f"under the new version p50 {_fmt(w.get('engine_first_token_p50_ms'), 0)} / "
+                           f"worst {_fmt(lat, 0)} ms ({'engine, exact' if exact is not None else 'est.'}; "
+                           f"a new request's first token: p50 {_fmt(w['probe_p50_ms'], 0)} / worst "
+                           f"{_fmt(w['probe_max_ms'], 0)} ms), failed {failed}  "
+                           f"[target < 100 ms, 0 failed: {'met' if good else 'MISSED'}]")
     if gpu:
         for sysname in mlxsup_systems:
             one, peer1 = get(sysname, "single", 1), get("mlx_lm", "single", 1)
@@ -249,14 +253,17 @@ def plot(cells: list[dict], path: str, title: str) -> Optional[str]:
     ax_bars.set_title("(b), (c)")
     swaps = [c for c in cells if c["workload"] == "swap"]
     for c in swaps:
+        tag = f"{c['system']} {c['mode']} c={c.get('concurrency')}"
         vals = c["swap"].get("probe_ms") or []
-        ax_swap.plot(range(len(vals)), vals, marker="o", label=f"{c['system']} {c['mode']} (new request)")
-        vals = c["swap"].get("inflight_ms") or []
-        ax_swap.plot(range(len(vals)), vals, marker="x", linestyle="--",
-                     label=f"{c['system']} {c['mode']} (in flight, est.)")
-        vals = c["swap"].get("engine_first_token_ms") or []
-        ax_swap.plot(range(len(vals)), vals, marker=".", linestyle=":",
-                     label=f"{c['system']} {c['mode']} (engine, exact)")
+        ax_swap.plot(range(len(vals)), vals, marker="o", label=f"{tag} (new request)")
+        exact = c["swap"].get("engine_first_token_ms") or []
+        if exact:  # the server's own figure; the client-side estimate only without it
+            ax_swap.plot(range(len(exact)), exact, marker="x", linestyle="--",
+                         label=f"{tag} (first new token, engine)")
+        else:
+            vals = c["swap"].get("inflight_ms") or []
+            ax_swap.plot(range(len(vals)), vals, marker="x", linestyle="--",
+                         label=f"{tag} (in flight, est.)")
     from matplotlib.ticker import MaxNLocator
 
     ax_swap.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""The engine's two step modes side by side, in one process, on one model (issue 7):
+
+  pipelined  each step queues the next decode step before reading the last one's tokens
+             (`--pipeline on`, a GPU's default)
+  stepwise   each step runs its decode step to the end (`--pipeline off`, the CPU's default)
+
+For each batch size: `--reps` interleaved runs of each mode (100-token prompts, T=1, every
+token's log-prob, `--max-tokens` tokens, EOS ignored, prefill included), best run reported,
+with the ratio stepwise / pipelined. On Linux the script re-executes itself with OpenBLAS
+preloaded, as the supervisor does for the engine.
+
+    python scripts/bench_pipeline.py                       # bench75m, batch 1, 8, 32
+    python scripts/bench_pipeline.py --preset tiny --batch 1,4 --reps 1 --max-tokens 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _ensure_blas() -> None:
+    if os.environ.get("MLXSUP_BLAS_LIB") or os.environ.get("MLXSUP_BLAS", "").lower() == "off":
+        return
+    from mlxsup.blas import engine_env
+
+    env = engine_env(os.environ, "auto")
+    if env.get("MLXSUP_BLAS_LIB"):
+        os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="an mlx-lm model directory (default: the --preset demo model)")
+    p.add_argument("--preset", default="bench75m")
+    p.add_argument("--batch", default="1,8,32", help="batch sizes, comma-separated")
+    p.add_argument("--reps", type=int, default=3, help="interleaved runs per mode and batch")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=int, default=100)
+    args = p.parse_args(argv)
+    _ensure_blas()
+
+    import mlx.core as mx
+    from mlx_lm import load
+
+    from mlxsup.demo import ensure_demo_model
+    from mlxsup.engine.config import EngineConfig
+    from mlxsup.engine.core import Engine
+    from mlxsup.ipc.messages import SamplingParams
+
+    path = args.model or ensure_demo_model(
+        os.path.expanduser(f"~/.cache/mlxsup/bench-{args.preset}-seed0"), preset=args.preset)
+    model, tok = load(path)
+    batches = [int(b) for b in args.batch.split(",")]
+    engines = {mode: Engine(EngineConfig(model=path, max_batch=max(batches),
+                                         flush_interval_ms=0.0, pipeline=mode == "pipelined"),
+                            model=model, tokenizer=tok)
+               for mode in ("pipelined", "stepwise")}
+    vocab = engines["stepwise"].vocab_size
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=1.0,
+                            logprobs_mode="processed", ignore_eos=True)
+    warm = SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True)
+    print(f"model {path}, device {mx.default_device()}, BLAS {os.environ.get('MLXSUP_BLAS_LIB')}",
+          flush=True)
+    print("| batch | pipelined tok/s | stepwise tok/s | stepwise / pipelined |\n|---|---|---|---|")
+    for b in batches:
+        prompts = [[10 + (i * 7919 + j * 31) % (vocab - 20) for i in range(args.prompt_tokens)]
+                   for j in range(b)]
+        best = {}
+        for eng in engines.values():
+            eng.generate(prompts, warm)  # shapes seen once before the timed runs
+        for _ in range(args.reps):
+            for mode, eng in engines.items():
+                t0 = time.perf_counter()
+                out = eng.generate(prompts, params)
+                rate = sum(len(d.token_ids) for o in out for d in o) / (time.perf_counter() - t0)
+                best[mode] = max(best.get(mode, 0.0), rate)
+        print(f"| {b} | {best['pipelined']:.1f} | {best['stepwise']:.1f} | "
+              f"{best['stepwise'] / best['pipelined']:.3f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

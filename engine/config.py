@@ -25,10 +25,12 @@ class EngineConfig:
         `tokens x vocab` floats, so this bounds that memory.
     cache_limit_mb: MLX buffer-cache limit (freed buffers kept for reuse); None leaves MLX's.
     clear_cache_every: steps between `mx.clear_cache()` calls while busy.
-    pipeline: queue each decode step before reading the last one's tokens, so the host's
-        work overlaps the device's (throughput), or run each step to its end before the
-        loop goes on (an adapter swap reaches new tokens one step sooner). None: on a GPU
-        only, where a decode step is bound by the host's kernel launches.
+    pipeline: True queues each decode step before reading the last one's tokens, so the
+        host's work overlaps the device's (throughput while the host's work is a large part
+        of a step); False runs each step to its end before the loop goes on (an adapter swap
+        reaches new tokens one step sooner). None: True on a GPU, where a decode step is
+        bound by the host's kernel launches; on the CPU chosen by the length of the steps
+        (stepwise over 25 ms from step to step, pipelined under 15 ms: runner.SLOW_STEP_S).
     seed: seeds the streams of requests that give no seed; None draws one from the OS.
     """
 

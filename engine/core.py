@@ -111,8 +111,8 @@ class Engine:
         self.adapters = AdapterManager(model)  # before the runner's probe forward
         self.context_length = context_length(model)
         pipeline = config.pipeline
-        if pipeline is None:
-            pipeline = mx.default_device() != mx.cpu
+        if pipeline is None and mx.default_device() != mx.cpu:
+            pipeline = True  # on the CPU None: the runner chooses by the length of a step
         self.runner = ModelRunner(model, prefill_step_size=config.prefill_step_size,
                                   max_window=self.context_length or 1 << 16, pipeline=pipeline)
         self.vocab_size = self.runner.vocab_size

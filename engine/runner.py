@@ -9,11 +9,12 @@ it reads back the tokens of the step queued last time, so Python's bookkeeping a
 graph's kernel launches overlap the model's compute, as mlx-lm's generators do: a decode step
 of a small batch is bound by the host there. A row that finished at step t is then computed
 once more at t+1 and dropped, and whatever the caller changes between two steps (an adapter
-swap) reaches the step after the one already queued. Stepwise (the CPU's default), each
-`step` runs its decode step to the end and returns its own tokens: on the CPU the host's
-Python competes with the compute threads for the same cores, so the overlap bought nothing
-(bench75m, 2 cores: 1.00x, 1.04x, 1.09x the pipelined tokens/s at batch 1, 8, 32), while a
-swap's new weights reach the very next step, one decode step sooner.
+swap) reaches the step after the one already queued. Stepwise, each `step` runs its decode
+step to the end and returns its own tokens, so a swap's new weights reach the very next step.
+Adaptive (the CPU's default) is stepwise while steps are long and pipelined while they are
+short (see SLOW_STEP_S): on the CPU the host's Python competes with the compute threads for
+the same cores, so the overlap buys nothing once a step is long (bench75m, 2 cores: stepwise
+1.01-1.14x the pipelined tokens/s) and pays while it is short (tiny model, batch 8: 0.81x).
 
 Prefill runs `prompt[:-1]` of the new requests in right-padded passes (on the CPU one per
 group of similar lengths, on a GPU one in all; mlx-lm's prepare/finalize protocol rolls the
@@ -30,6 +31,7 @@ a 1B model decoded one sequence at 7.7 ms a token with the batch caches and at 5
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -40,6 +42,14 @@ from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 from mlxsup.ipc.messages import SamplingParams
 
 from . import sampling
+
+# Adaptive step mode (the CPU's default): a run of decode steps longer than SLOW_STEP_S from
+# step to step goes stepwise, one shorter than FAST_STEP_S pipelined. In-process on the 2-core
+# CPU (scripts/bench_pipeline.py) stepwise was 0.59x pipelined on the tiny model at batch 8
+# (steps of ~2 ms) and 0.92x on the demo model at batch 8 (11 ms), level at 24 ms, and 1.03-1.14x
+# on bench75m (40-190 ms).
+SLOW_STEP_S = 0.025
+FAST_STEP_S = 0.015
 
 # Logits of one scoring pass are tokens x vocab float32; keep them under this many bytes.
 _SCORE_LOGITS_BYTES = 256 * 2**20
@@ -119,9 +129,13 @@ class ModelRunner:
     """Owns the model's execution: the batch's caches, keys and pending step."""
 
     def __init__(self, model: nn.Module, prefill_step_size: int = 2048, max_window: int = 1 << 16,
-                 group_prefill: Optional[bool] = None, pipeline: bool = True):
+                 group_prefill: Optional[bool] = None, pipeline: Optional[bool] = True):
         self.model = model
-        self.pipeline = pipeline  # queue step t+1 before reading step t (see `step`)
+        # Queue step t+1 before reading step t (see `step`); None: choose by the step's length.
+        self.adaptive = pipeline is None
+        self.pipeline = True if pipeline is None else pipeline
+        self.step_s: Optional[float] = None  # moving average of the time from step to step
+        self._last_step_at: Optional[float] = None
         # Prefill similar lengths together: on the CPU (see _PREFILL_SLACK) unless told.
         self.group_prefill = (mx.default_device() == mx.cpu if group_prefill is None
                               else group_prefill)
@@ -149,6 +163,7 @@ class ModelRunner:
         self.pending: Optional[tuple[mx.array, mx.array]] = None  # (tokens, logprobs) (B,)
         self.pending_version = 0
         self.solo = False  # the one row's caches are plain caches, not batch caches
+        self._last_step_at = None  # no rows: the next step starts a new run of steps
 
     @property
     def num_rows(self) -> int:
@@ -174,18 +189,25 @@ class ModelRunner:
             prefixes = self._admit(admissions) if admissions else {}
             if self.pending is None:
                 return None, prefixes
+            if self.adaptive:
+                self._adapt()
             seq_ids, fresh = list(self.seq_ids), self.fresh
             out, out_version = self.pending, self.pending_version
-            self._go_solo(len(seq_ids) == 1)
-            self.pending = self._decode()
-            self.pending_version = version
-            self.fresh = [False] * len(seq_ids)
-            if self.pipeline:
-                mx.async_eval(*self.pending, self.keys)
-            else:  # this step's own tokens: nothing runs while the caller works
-                mx.eval(*self.pending, self.keys)
-                out, out_version, fresh = self.pending, version, self.fresh
-                self.fresh = [True] * len(seq_ids)  # read: not the next step's output
+            if not self.pipeline and not all(fresh):
+                # Just turned stepwise with a step still queued: read it and queue nothing;
+                # the next step decodes from its tokens.
+                self.fresh = [True] * len(seq_ids)
+            else:
+                self._go_solo(len(seq_ids) == 1)
+                self.pending = self._decode()
+                self.pending_version = version
+                self.fresh = [False] * len(seq_ids)
+                if self.pipeline:
+                    mx.async_eval(*self.pending, self.keys)
+                else:  # this step's own tokens: nothing runs while the caller works
+                    mx.eval(*self.pending, self.keys)
+                    out, out_version, fresh = self.pending, version, self.fresh
+                    self.fresh = [True] * len(seq_ids)  # read: not the next step's output
             mx.eval(*out)
             tokens, logprobs = out[0].tolist(), out[1].tolist()
         keep = [i for i, f in enumerate(fresh) if not f]
@@ -196,6 +218,21 @@ class ModelRunner:
             tokens = [tokens[i] for i in keep]
             logprobs = [logprobs[i] for i in keep]
         return StepOutput(seq_ids, tokens, logprobs, out_version), prefixes
+
+    def _adapt(self) -> None:
+        """Adaptive mode: stepwise while steps are long (the host's work is small beside the
+        step, and a swap's new weights reach the next step), pipelined while they are short
+        (the host's work is a large part of the step and the overlap pays)."""
+        now = time.perf_counter()
+        last, self._last_step_at = self._last_step_at, now
+        if last is None:
+            return
+        dt = now - last
+        self.step_s = dt if self.step_s is None else 0.8 * self.step_s + 0.2 * dt
+        if self.pipeline and self.step_s > SLOW_STEP_S:
+            self.pipeline = False
+        elif not self.pipeline and self.step_s < FAST_STEP_S:
+            self.pipeline = True
 
     def _go_solo(self, solo: bool) -> None:
         """Switch the caches between batch and plain single-sequence form."""

@@ -53,7 +53,7 @@ class ServerConfig:
     header_timeout_s: float = 15.0  # longest a new connection may take to send its request head
     # "on": queue each decode step before reading the last (the host's work overlaps the
     # device's); "off": each step runs to its end first (a swap reaches new tokens one step
-    # sooner); "auto": on for a GPU, off for the CPU (see EngineConfig.pipeline).
+    # sooner); "auto": on for a GPU, by step length on the CPU (see EngineConfig.pipeline).
     pipeline: str = "auto"
 
     def __post_init__(self):

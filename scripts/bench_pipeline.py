@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
-"""The engine's two step modes side by side, in one process, on one model (issue 7):
+"""The engine's step modes side by side, in one process, on one model (issue 7):
 
   pipelined  each step queues the next decode step before reading the last one's tokens
              (`--pipeline on`, a GPU's default)
-  stepwise   each step runs its decode step to the end (`--pipeline off`, the CPU's default)
+  stepwise   each step runs its decode step to the end (`--pipeline off`)
+  adaptive   stepwise while steps are long, pipelined while short (`--pipeline auto` on the CPU)
 
 For each batch size: `--reps` interleaved runs of each mode (100-token prompts, T=1, every
 token's log-prob, `--max-tokens` tokens, EOS ignored, prefill included), best run reported,
-with the ratio stepwise / pipelined. On Linux the script re-executes itself with OpenBLAS
+with the ratios to pipelined. On Linux the script re-executes itself with OpenBLAS
 preloaded, as the supervisor does for the engine.
 
     python scripts/bench_pipeline.py                       # bench75m, batch 1, 8, 32
@@ -56,16 +57,17 @@ def main(argv=None) -> int:
     model, tok = load(path)
     batches = [int(b) for b in args.batch.split(",")]
     engines = {mode: Engine(EngineConfig(model=path, max_batch=max(batches),
-                                         flush_interval_ms=0.0, pipeline=mode == "pipelined"),
+                                         flush_interval_ms=0.0, pipeline=setting),
                             model=model, tokenizer=tok)
-               for mode in ("pipelined", "stepwise")}
+               for mode, setting in (("pipelined", True), ("stepwise", False), ("adaptive", None))}
     vocab = engines["stepwise"].vocab_size
     params = SamplingParams(max_tokens=args.max_tokens, temperature=1.0,
                             logprobs_mode="processed", ignore_eos=True)
     warm = SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True)
     print(f"model {path}, device {mx.default_device()}, BLAS {os.environ.get('MLXSUP_BLAS_LIB')}",
           flush=True)
-    print("| batch | pipelined tok/s | stepwise tok/s | stepwise / pipelined |\n|---|---|---|---|")
+    print("| batch | pipelined tok/s | stepwise tok/s | adaptive tok/s | stepwise / pipelined "
+          "| adaptive / pipelined | adaptive ends |\n|---|---|---|---|---|---|---|")
     for b in batches:
         prompts = [[10 + (i * 7919 + j * 31) % (vocab - 20) for i in range(args.prompt_tokens)]
                    for j in range(b)]
@@ -78,8 +80,13 @@ def main(argv=None) -> int:
                 out = eng.generate(prompts, params)
                 rate = sum(len(d.token_ids) for o in out for d in o) / (time.perf_counter() - t0)
                 best[mode] = max(best.get(mode, 0.0), rate)
-        print(f"| {b} | {best['pipelined']:.1f} | {best['stepwise']:.1f} | "
-              f"{best['stepwise'] / best['pipelined']:.3f} |", flush=True)
+        ad = engines["adaptive"].runner
+        ends = "pipelined" if ad.pipeline else "stepwise"
+        if ad.step_s is not None:
+            ends += f" ({ad.step_s * 1e3:.0f} ms a step)"
+        print(f"| {b} | {best['pipelined']:.1f} | {best['stepwise']:.1f} | {best['adaptive']:.1f} "
+              f"| {best['stepwise'] / best['pipelined']:.3f} "
+              f"| {best['adaptive'] / best['pipelined']:.3f} | {ends} |", flush=True)
     return 0
 
 

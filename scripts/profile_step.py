@@ -26,6 +26,7 @@ import io
 import json
 import os
 import pstats
+import shlex
 import statistics
 import sys
 import time
@@ -250,6 +251,8 @@ def main(argv=None) -> int:
                    help="only generate_step, the engine (both samplers) and --server")
     p.add_argument("--server", action="store_true",
                    help="also time `mlxsup start` on the model at batch 1 (/generate, one at a time)")
+    p.add_argument("--server-args", default="",
+                   help="more `mlxsup start` flags for --server, e.g. '--pipeline on --blas off'")
     args = p.parse_args(argv)
     import tempfile
 
@@ -296,7 +299,8 @@ def main(argv=None) -> int:
             sampling.COMPILE = None
         row.update({f"{k}_mean_ms": v for k, v in MEANS.items()})
         if args.server and batch == 1:
-            row.update(time_server(path, tok.decode(prompt), args.max_tokens, args.reps))
+            row.update(time_server(path, tok.decode(prompt), args.max_tokens, args.reps,
+                                   shlex.split(args.server_args)))
         if args.quick:
             report["batches"][batch] = row
             _print_row(batch, row)

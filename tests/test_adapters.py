@@ -312,14 +312,14 @@ def test_inflight_swap_reaches_new_tokens_one_step_sooner_stepwise(tiny_model_di
 
 
 def test_first_token_of_a_swap_is_reported_once_from_the_step_that_made_it(tiny_model_dir, tmp_path):
-    eng = make_engine(tiny_model_dir)
+    eng = make_engine(tiny_model_dir, pipeline=False)
     prep = eng.prepare_adapter(make_adapter(eng, tmp_path / "a", rank=8))
     calls = []
     for i in range(2):
         eng.submit(req([7, 8, 9, 10 + i], max_tokens=30, temperature=1.0, stream=True))
     drive(eng, [], steps=3)
     ticket = eng.request_swap(prep, "inflight", 1, on_first_token=calls.append)
-    events = eng.step()  # commits, then runs the new weights (stepwise: the CPU's default)
+    events = eng.step()  # commits, then runs the new weights (stepwise)
     assert ticket.done and calls == [ticket] and ticket.running_at_commit == 2
     assert ticket.committed_at <= ticket.first_token_at
     assert {v for e in events if isinstance(e, TokenChunk) for v in e.versions} == {1}

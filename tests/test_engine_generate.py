@@ -37,7 +37,12 @@ def make_engine(model_dir, **kw):
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    return make_engine(tiny_model_dir)  # the CPU's default: each step run to its end
+    return make_engine(tiny_model_dir)  # the CPU's default: the step mode chosen by step length
+
+
+@pytest.fixture(scope="module")
+def stepwise_engine(tiny_model_dir):
+    return make_engine(tiny_model_dir, pipeline=False)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +53,7 @@ def pipelined_engine(tiny_model_dir):
 @pytest.fixture(params=["stepwise", "pipelined"])
 def either_engine(request):
     """The engine in both step modes: the tokens it reports must not depend on the mode."""
-    return request.getfixturevalue("engine" if request.param == "stepwise" else "pipelined_engine")
+    return request.getfixturevalue(f"{request.param}_engine")
 
 
 def prompts_of(n, rng, lo=1, hi=40, vocab=500):
@@ -206,18 +211,56 @@ def test_seeded_request_same_tokens_whatever_the_batch(engine):
     assert g1[0].token_ids == alone.token_ids
 
 
-def test_seeded_tokens_do_not_depend_on_the_step_mode(engine, pipelined_engine):
+def test_seeded_tokens_do_not_depend_on_the_step_mode(stepwise_engine, pipelined_engine):
     rng = random.Random(11)
     prompts = prompts_of(6, rng)
     lengths = [rng.randrange(4, 20) for _ in prompts]
     params = dict(temperature=1.0, top_k=50, logprobs_mode="processed", ignore_eos=True)
     a, b = ([req(p, seed=100 + i, max_tokens=m, **params)
              for i, (p, m) in enumerate(zip(prompts, lengths))] for _ in range(2))
-    ev_a, ev_b = run(engine, a, stagger=2), run(pipelined_engine, b, stagger=2)
+    ev_a, ev_b = run(stepwise_engine, a, stagger=2), run(pipelined_engine, b, stagger=2)
     for ra, rb in zip(a, b):
         [da], [db] = done_events(ev_a, ra.request_id), done_events(ev_b, rb.request_id)
         assert da.token_ids == db.token_ids and len(da.token_ids) == ra.params.max_tokens
         np.testing.assert_allclose(da.logprobs, db.logprobs, atol=1e-5)
+
+
+def test_adaptive_mode_switches_by_step_length_without_changing_tokens(tiny_model_dir,
+                                                                       pipelined_engine,
+                                                                       monkeypatch):
+    """The CPU's default: steps longer than SLOW_STEP_S run stepwise, shorter than FAST_STEP_S
+    pipelined. Forced to switch every few steps, every token is the one a fixed mode gives."""
+    from mlxsup.engine import runner as runner_mod
+
+    eng = make_engine(tiny_model_dir)
+    assert eng.runner.adaptive and eng.runner.pipeline  # starts pipelined
+    rng = random.Random(21)
+    prompts = prompts_of(5, rng)
+    lengths = [rng.randrange(10, 30) for _ in prompts]
+    params = dict(temperature=1.0, logprobs_mode="processed", ignore_eos=True)
+    a, b = ([req(p, seed=300 + i, max_tokens=m, **params)
+             for i, (p, m) in enumerate(zip(prompts, lengths))] for _ in range(2))
+    events, modes, todo = {r.request_id: [] for r in a}, [], list(a)
+    for i in range(400):
+        # Every 3 steps the thresholds say "long" or "short": stepwise, then pipelined again.
+        slow = (i // 3) % 2 == 0
+        monkeypatch.setattr(runner_mod, "SLOW_STEP_S", -1.0 if slow else 1e9)
+        monkeypatch.setattr(runner_mod, "FAST_STEP_S", -1.0 if slow else 1e9)
+        if todo and i % 2 == 0:
+            eng.submit(todo.pop(0))
+        for ev in eng.step():
+            events[ev.request_id].append(ev)
+        modes.append(eng.runner.pipeline)
+        if not todo and all(any(isinstance(e, SequenceDone) for e in evs) for evs in events.values()):
+            break
+    assert True in modes and False in modes
+    assert sum(1 for x, y in zip(modes, modes[1:]) if x != y) >= 4  # switched both ways, often
+    ref = run(pipelined_engine, b, stagger=1)
+    for ra, rb in zip(a, b):
+        [da], [db] = done_events(events, ra.request_id), done_events(ref, rb.request_id)
+        assert da.token_ids == db.token_ids and len(da.token_ids) == ra.params.max_tokens
+        np.testing.assert_allclose(da.logprobs, db.logprobs, atol=1e-5)
+        check_fidelity(eng.model, ra.prompt_ids, da.token_ids, da.logprobs, ra.params, "processed")
 
 
 def test_a_lone_sequence_runs_solo_and_rejoins_the_batch(either_engine):

@@ -272,6 +272,7 @@ def plot(cells: list[dict], path: str, title: str) -> Optional[str]:
     ax_swap.set_title(WORKLOAD_TITLES["swap"])
     ax_swap.grid(True, alpha=0.3)
     if swaps:
+        ax_swap.set_yscale("log")  # a drain waits for whole completions: seconds beside ms
         ax_swap.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -56,3 +56,15 @@ def engine_env(base: Mapping[str, str], mode: str = "auto") -> dict[str, str]:
     env.setdefault("OPENBLAS_NUM_THREADS", str(os.cpu_count() or 1))
     env["MLXSUP_BLAS_LIB"] = lib
     return env
+
+
+def reexec_with_blas(mode: str = "auto") -> None:
+    """For benchmark scripts that run MLX in their own process: re-execute this process with
+    `engine_env`'s environment when that adds an optimized BLAS (as the supervisor does for
+    the engine); return otherwise (already preloaded, none found, `mode` "off", MLXSUP_BLAS=off,
+    not Linux)."""
+    if mode == "off" or os.environ.get("MLXSUP_BLAS_LIB"):
+        return
+    env = engine_env(os.environ, mode)
+    if env.get("MLXSUP_BLAS_LIB"):  # the interpreter's own command line (-c, -m included)
+        os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)

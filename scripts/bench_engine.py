@@ -33,16 +33,6 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _ensure_blas(args) -> None:
-    if args.blas == "off" or os.environ.get("MLXSUP_BLAS_LIB"):
-        return
-    from mlxsup.blas import engine_env
-
-    env = engine_env(os.environ, "auto")
-    if env.get("MLXSUP_BLAS_LIB"):
-        os.execve(sys.executable, [sys.executable] + sys.argv, env)
-
-
 def _prompts(n, rng, lo, hi, vocab=8000):
     return [[rng.randrange(10, vocab) for _ in range(rng.randrange(lo, hi + 1))] for _ in range(n)]
 
@@ -315,7 +305,9 @@ def main() -> int:
     p.add_argument("--blas", choices=("auto", "off"), default="auto")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()
-    _ensure_blas(args)
+    from mlxsup.blas import reexec_with_blas
+
+    reexec_with_blas(args.blas)
 
     import mlx.core as mx
     from mlx_lm import load

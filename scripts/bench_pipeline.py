@@ -23,16 +23,6 @@ import sys
 import time
 
 
-def _ensure_blas() -> None:
-    if os.environ.get("MLXSUP_BLAS_LIB") or os.environ.get("MLXSUP_BLAS", "").lower() == "off":
-        return
-    from mlxsup.blas import engine_env
-
-    env = engine_env(os.environ, "auto")
-    if env.get("MLXSUP_BLAS_LIB"):
-        os.execve(sys.executable, [sys.executable] + sys.argv, env)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="an mlx-lm model directory (default: the --preset demo model)")
@@ -42,7 +32,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=100)
     args = p.parse_args(argv)
-    _ensure_blas()
+    from mlxsup.blas import reexec_with_blas
+
+    reexec_with_blas()
 
     import mlx.core as mx
     from mlx_lm import load

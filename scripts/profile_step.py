@@ -36,16 +36,6 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 
-def _ensure_blas() -> None:
-    if os.environ.get("MLXSUP_BLAS_LIB") or os.environ.get("MLXSUP_BLAS", "").lower() == "off":
-        return
-    from mlxsup.blas import engine_env
-
-    env = engine_env(os.environ, "auto")
-    if env.get("MLXSUP_BLAS_LIB"):
-        os.execve(sys.executable, [sys.executable] + sys.argv, env)
-
-
 # Mean per-token gaps of the last timed runs, by what was timed: a median hides the slow steps
 # (allocations after the buffer cache was cleared, synchronisations) that a request still pays.
 MEANS: dict = {}
@@ -260,7 +250,9 @@ def main(argv=None) -> int:
 
     # No install needed (the GPU machine has none): children get the shim's PYTHONPATH too.
     os.environ.update(mlxsup_import_env(REPO, tempfile.mkdtemp(prefix="mlxsup-profile-")))
-    _ensure_blas()
+    from mlxsup.blas import reexec_with_blas
+
+    reexec_with_blas()
 
     import mlx.core as mx
     from mlx_lm import load

@@ -58,3 +58,25 @@ def test_existing_preload_is_kept(monkeypatch):
     env = engine_env({"LD_PRELOAD": "/opt/other.so"})
     assert env["LD_PRELOAD"] == "/opt/libfast.so:/opt/other.so"
     assert engine_env(env)["LD_PRELOAD"] == env["LD_PRELOAD"]
+
+
+_REEXEC = """
+import os, sys
+from mlxsup.blas import reexec_with_blas
+reexec_with_blas(sys.argv[1])
+maps = open("/proc/self/maps").read() if os.path.exists("/proc/self/maps") else ""
+print(os.environ.get("MLXSUP_BLAS_LIB") or "-", "openblas" in maps.lower(), sys.argv[1:])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or find_blas() is None,
+                    reason="no optimized BLAS on this machine")
+def test_scripts_reexec_themselves_with_the_blas_once():
+    env = {k: v for k, v in os.environ.items() if k not in ("MLXSUP_BLAS_LIB", "LD_PRELOAD")}
+    run = lambda mode: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", _REEXEC, mode, "--flag"], env=env, capture_output=True, text=True,
+        timeout=60, check=True).stdout.split()
+    lib, mapped, *args = run("auto")
+    assert lib == find_blas() and mapped == "True" and args == ["['auto',", "'--flag']"]
+    lib, mapped, *_ = run("off")
+    assert lib == "-"

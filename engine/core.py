@@ -358,7 +358,7 @@ class Engine:
             events.append(ErrorEvent(state.request_id, ERR_INTERNAL, message))
 
     def _postprocess(self, out: StepOutput, events: list[Event]) -> None:
-        now, now_pc = time.monotonic(), time.perf_counter()
+        now = time.monotonic()
         batch_size = len(out.seq_ids)
         done: list[int] = []
         for seq_id, token, logprob in zip(out.seq_ids, out.tokens, out.logprobs):
@@ -384,7 +384,7 @@ class Engine:
         ticket = self._first_token_of
         if ticket is not None and out.version >= ticket.policy_version and out.tokens:
             self._first_token_of = None
-            ticket.first_token_at = now_pc
+            ticket.first_token_at = time.perf_counter()
             if ticket.on_first_token is not None:
                 try:
                     ticket.on_first_token(ticket)

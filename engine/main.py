@@ -287,16 +287,15 @@ class EngineProcess:
                 def first_token(ticket, swap_id=swap_id, received=received):
                     t = ticket.first_token_at
                     ms = round((t - received) * 1e3, 3)
+                    after_commit = round((t - ticket.committed_at) * 1e3, 3)
                     self.control.send({"op": "swap_first_token", "id": swap_id,
                                        "policy_version": ticket.policy_version,
                                        "first_token_ms": ms,
-                                       "commit_to_first_token_ms":
-                                           round((t - ticket.committed_at) * 1e3, 3),
+                                       "commit_to_first_token_ms": after_commit,
                                        "running_at_commit": ticket.running_at_commit})
                     log.info("swap %s: first token of version %d %.1f ms after receipt "
                              "(%.1f ms after the commit, %d rows running then)", swap_id,
-                             ticket.policy_version, ms, (t - ticket.committed_at) * 1e3,
-                             ticket.running_at_commit)
+                             ticket.policy_version, ms, after_commit, ticket.running_at_commit)
 
                 self.engine.request_swap(prepared, msg.get("mode", "drain"), version, on_done=done,
                                          on_first_token=first_token)

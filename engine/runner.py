@@ -45,9 +45,9 @@ from . import sampling
 
 # Adaptive step mode (the CPU's default): a run of decode steps longer than SLOW_STEP_S from
 # step to step goes stepwise, one shorter than FAST_STEP_S pipelined. In-process on the 2-core
-# CPU (scripts/bench_pipeline.py) stepwise was 0.59x pipelined on the tiny model at batch 8
-# (steps of ~2 ms) and 0.92x on the demo model at batch 8 (11 ms), level at 24 ms, and 1.03-1.14x
-# on bench75m (40-190 ms).
+# CPU (scripts/bench_pipeline.py) stepwise was 0.81x pipelined on the tiny model at batch 8
+# (steps of ~3 ms) and 0.82x on the demo model at batch 1 (7 ms), about level at 11-25 ms, and
+# 1.01-1.14x on bench75m (40-200 ms). docs/engine.md has the table.
 SLOW_STEP_S = 0.025
 FAST_STEP_S = 0.015
 

@@ -112,35 +112,11 @@ def _resolve(model: nn.Module, path: str):
     return obj, (int(key) if isinstance(obj, list) else key)
 
 
-# Rows of the inputs an adapter's kernels are first run on when they are warmed: one row
-# (MLX's CUDA matrix-vector path) and a small batch (the GEMM path).
-WARM_ROWS = (1, 8)
-
-
-def _activation_dtype(layer: nn.Module):
-    if isinstance(layer, nn.QuantizedLinear):
-        return layer["scales"].dtype
-    return layer["weight"].dtype
-
-
 class AdapterManager:
-    """Owns the wrappers and which adapter the model runs with.
+    """Owns the wrappers and which adapter the model runs with."""
 
-    warm_kernels: run each new kind of adapter layer (shapes, dtypes, LoRA or DoRA) once on
-        dummy inputs while preparing it. On a GPU the first step through an adapter's layers
-        pays the first use of their kernels (269 ms from the commit to the first token on an
-        H200, 27-80 ms for later swaps; once 6 s); warming moves that into the swap's
-        preparation, before the commit, where the running rows do not wait for it. None: on
-        a GPU only (the CPU has nothing to load or compile).
-    """
-
-    def __init__(self, model: nn.Module, warm_kernels: Optional[bool] = None):
+    def __init__(self, model: nn.Module):
         self.model = model
-        if warm_kernels is None:
-            warm_kernels = mx.default_device().type == mx.DeviceType.gpu
-        self.warm_kernels = warm_kernels
-        self._warmed: set[tuple] = set()
-        self.num_warmed = 0  # kinds of adapter layer warmed so far
         inside = set()
         for layer in getattr(model, "layers", []):
             inside.update(id(m) for m in layer.modules())
@@ -182,33 +158,11 @@ class AdapterManager:
         arrays = [x for w in layers.values() for x in (w.lora_a, w.lora_b, w.factor)
                   if x is not None]
         mx.eval(arrays)
-        if self.warm_kernels:
-            self._warm(layers)
         return PreparedAdapter(
             path=files.path, fine_tune_type=files.fine_tune_type, rank=files.rank,
             layers=layers, prepare_ms=(time.perf_counter() - t0) * 1e3,
             nbytes=sum(x.nbytes for x in arrays),
         )
-
-    def _warm(self, layers: dict[str, _Weights]) -> None:
-        """Run every kind of adapted layer not seen before once, on zeros (see warm_kernels)."""
-        outs = []
-        for name, w in layers.items():
-            base = self._slots[name].base
-            spec = self.layer_specs[name]
-            dtype = _activation_dtype(base)
-            kind = (type(base).__name__, spec.input_dims, spec.output_dims, w.lora_a.shape[1],
-                    w.lora_a.dtype, w.lora_b.dtype, dtype, w.factor is None)
-            if kind in self._warmed:
-                continue
-            self._warmed.add(kind)
-            wrapper = AdaptedLinear(base)
-            wrapper.weights = w
-            outs += [wrapper(mx.zeros((rows, 1, spec.input_dims), dtype=dtype))
-                     for rows in WARM_ROWS]
-        if outs:
-            mx.eval(outs)
-            self.num_warmed = len(self._warmed)
 
     def commit(self, prepared: PreparedAdapter) -> None:
         """Run the model with `prepared` from now on (call between steps)."""

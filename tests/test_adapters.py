@@ -83,39 +83,6 @@ def test_adapter_logits_match_mlx_lm(engine, tiny_model_dir, tmp_path, dora):
     np.testing.assert_array_equal(logits_of(engine.model), base)  # and base is back exactly
 
 
-def test_warming_an_adapters_kernels_runs_each_kind_once_and_changes_nothing(engine, tmp_path):
-    """On a GPU the first step through an adapter's layers pays their kernels' first use;
-    preparing warms each new kind of layer once. Forced on here (the CPU default is off)."""
-    mgr = engine.adapters
-    assert mgr.warm_kernels is False  # CPU: nothing to load or compile
-    kinds = {(s.input_dims, s.output_dims) for n, s in mgr.layer_specs.items() if "q_proj" in n
-             or "down_proj" in n}
-    a = make_adapter(engine, tmp_path / "a", rank=8, select=["q_proj", "down_proj"], seed=1)
-    b = make_adapter(engine, tmp_path / "b", rank=8, select=["q_proj", "down_proj"], seed=2)
-    c = make_adapter(engine, tmp_path / "c", rank=4, select=["q_proj"], seed=3)
-    cold = logits_of_prepared(engine, engine.prepare_adapter(a))
-    mgr.warm_kernels = True
-    try:
-        warmed = mgr.num_warmed
-        prepared = engine.prepare_adapter(a)
-        assert mgr.num_warmed == warmed + len(kinds)
-        np.testing.assert_array_equal(logits_of_prepared(engine, prepared), cold)
-        engine.prepare_adapter(b)  # same shapes and dtypes: nothing new to warm
-        assert mgr.num_warmed == warmed + len(kinds)
-        engine.prepare_adapter(c)  # another rank: q_proj's kind again
-        assert mgr.num_warmed == warmed + len(kinds) + 1
-    finally:
-        mgr.warm_kernels = False
-
-
-def logits_of_prepared(engine, prepared):
-    engine.adapters.commit(prepared)
-    try:
-        return logits_of(engine.model)
-    finally:
-        engine.adapters.commit(engine.prepare_adapter(None))
-
-
 def test_initial_adapter_and_tolerated_config_keys(tiny_model_dir, tmp_path, engine):
     path = make_adapter(engine, tmp_path / "a", rank=4, extra_config={
         "model_type": "llama", "target_modules": ["q_proj"], "trainable": True,

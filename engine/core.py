@@ -35,6 +35,7 @@ from mlxsup.ipc.messages import (
     TokenChunk,
 )
 
+from . import sampling
 from .adapter_files import AdapterFiles
 from .adapters import AdapterManager, PreparedAdapter
 from .config import EngineConfig
@@ -48,6 +49,9 @@ log = logging.getLogger("mlxsup.engine")
 
 
 MAX_N = 4096  # samples per request; the API allows fewer
+# A step longer than this is logged (INFO) with its rows, admissions and sampler traces: on a
+# GPU a decode step takes milliseconds, so a second means something was built or compiled.
+SLOW_STEP_LOG_S = 1.0
 
 
 class RequestError(ValueError):
@@ -304,12 +308,19 @@ class Engine:
         admissions = [self._admission(state, seqs) for state, seqs in plan.admit]
         if admissions or self.runner.num_rows:
             self.counters["num_steps"] += 1
+            t0, traces = time.perf_counter(), sampling.traces
             try:
                 out, prefixes = self.runner.step(admissions, self.policy_version)
             except Exception as e:  # a bug or a model failure: fail the batch, live on
                 log.exception("engine step failed")
                 self._fail_running(f"engine step failed: {e}", events)
                 out, prefixes = None, {}
+            spent = time.perf_counter() - t0
+            if spent > SLOW_STEP_LOG_S:
+                log.info("slow step: %.0f ms, %d rows, %d admitted (%d prompt tokens), "
+                         "%d sampler traces, version %d", spent * 1e3, self.runner.num_rows,
+                         len(admissions), sum(len(a.prompt_ids) for a in admissions),
+                         sampling.traces - traces, self.policy_version)
             for i, (state, _) in enumerate(plan.admit):
                 if i in prefixes:
                     state.prefix, state.prefix_version = prefixes[i], self.policy_version

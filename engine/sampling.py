@@ -224,6 +224,8 @@ def sample(logits: mx.array, rows: RowParams, keys: Optional[mx.array],
     args = [logits, *rows.arrays()]
     if has_keys:
         args.append(keys)
+    _count_trace((rows.flags(), has_keys, str(mx.default_stream(mx.default_device())),
+                  *(a.shape for a in args)))
     tokens, lp, *next_keys = fn(*args)
     return tokens, lp, (next_keys[0] if has_keys else keys)
 
@@ -279,6 +281,21 @@ def _compile_default(on_gpu: bool) -> bool:
     if env is not None:
         return env not in ("0", "", "false", "no")
     return on_gpu
+
+
+# Calls of a compiled sampler with inputs of a shape it has not seen trace it again (on CUDA
+# that JIT-compiles its fused kernels): counted, so a slow step can say whether it traced.
+traces = 0
+_seen_shapes: set = set()
+
+
+def _count_trace(key: tuple) -> None:
+    global traces
+    if key not in _seen_shapes:
+        if len(_seen_shapes) >= 4096:
+            _seen_shapes.clear()
+        _seen_shapes.add(key)
+        traces += 1
 
 
 def _compiled_sampler(flags: tuple, has_keys: bool):

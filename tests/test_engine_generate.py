@@ -531,3 +531,22 @@ def test_prompts_of_very_different_lengths_prefill_in_separate_passes(tiny_model
     again = [req(r.prompt_ids, temperature=1.0, max_tokens=5) for r in reqs]
     run(eng, again)
     assert passes == [[5, 6, 7, 120, 280, 300]]
+
+
+def test_a_slow_step_is_logged_with_its_batch_and_admissions(engine, monkeypatch, caplog):
+    """A step over `SLOW_STEP_LOG_S` (a second; on a GPU steps take milliseconds) is logged
+    with its rows, admissions, prompt tokens and sampler traces, so a stall can be told
+    apart: a prefill, a trace, or neither. Threshold 0 here: every step is slow."""
+    import logging
+
+    from mlxsup.engine import core
+
+    monkeypatch.setattr(core, "SLOW_STEP_LOG_S", 0.0)
+    reqs = [GenerateRequest(next(_ids), [5, 6, 7], SamplingParams(max_tokens=3), n=2),
+            GenerateRequest(next(_ids), [8, 9], SamplingParams(max_tokens=3))]
+    with caplog.at_level(logging.INFO, logger="mlxsup.engine"):
+        run(engine, reqs)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("slow step")]
+    assert lines, "no step was logged"
+    assert any("3 rows, 2 admitted (5 prompt tokens)" in line for line in lines), lines[:3]
+    assert all("sampler traces, version 0" in line for line in lines)

@@ -176,3 +176,26 @@ def test_compiled_samplers_kept_are_bounded(compiled, monkeypatch):
     for k in (3, 5, 9, 17, 33):  # evicts the T=0.7 sampler
         sampling.sample(x, sampling.RowParams.build([SamplingParams(top_k=k)], V), keys, None)
     assert np.array_equal(np.array(sampling.sample(x2, rows, keys2, None)[0]), first)
+
+
+@pytest.mark.parametrize("compiled", [True], indirect=True)
+def test_compiled_sampler_counts_a_trace_per_new_batch_shape(compiled, monkeypatch):
+    """A compiled sampler traces again for inputs of a new shape (on CUDA: its fused kernels
+    are JIT-compiled again); the count lets a slow engine step say whether it traced."""
+    monkeypatch.setattr(sampling, "_seen_shapes", set())  # shapes earlier tests traced
+    params = [SamplingParams(temperature=0.7)] * 3
+    x = mx.array(logits_rows(3, seed=2))
+    seen = sampling.traces
+    for batch in (3, 2, 3, 2, 1):
+        rows = sampling.RowParams.build(params[:batch], V)
+        keys = sampling.keys_for([sampling.mix_seed(5, i) for i in range(batch)])
+        mx.eval(sampling.sample(x[:batch], rows, keys, None))
+    assert sampling.traces - seen == 3  # batches 3, 2 and 1, once each
+    before = sampling.traces
+    rows = sampling.RowParams.build(params[:2], V)
+    mx.eval(sampling.sample(x[:2], rows, sampling.keys_for([1, 2]), None))
+    assert sampling.traces == before  # a shape seen already: no trace
+    rows = sampling.RowParams.build([SamplingParams(temperature=0.7)] * 4, V)
+    mx.eval(sampling.sample(mx.array(logits_rows(4, seed=3)), rows, sampling.keys_for([1, 2, 3, 4]),
+                            None))
+    assert sampling.traces == before + 1  # a new batch size traces

@@ -250,22 +250,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
 
-    from bench_lib.systems import mlxsup_import_env
+    from profile_step import setup
 
-    os.environ.update(mlxsup_import_env(REPO, tempfile.mkdtemp(prefix="mlxsup-gap-")))
-    from mlxsup.blas import reexec_with_blas
-
-    reexec_with_blas()
+    path, model, tok, _, prompt = setup(args.model, args.preset, args.prompt_tokens)
     import mlx.core as mx
-    from mlx_lm import load
 
-    from mlxsup.demo import ensure_demo_model
-
-    path = args.model or ensure_demo_model(
-        os.path.expanduser(f"~/.cache/mlxsup/bench-{args.preset}-seed0"), preset=args.preset)
-    model, tok = load(path)
-    vocab = model(mx.array([[0]])).shape[-1]
-    prompt = [10 + (i * 7919) % (vocab - 20) for i in range(args.prompt_tokens)]
     report = {"model": path, "device": str(mx.default_device()),
               "ld_preload": os.environ.get("LD_PRELOAD", "")}
     print(json.dumps(report), flush=True)

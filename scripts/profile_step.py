@@ -228,6 +228,31 @@ def _leaves(model):
     return (v for _, v in tree_flatten(model.parameters()))
 
 
+def setup(model_dir, preset, prompt_tokens):
+    """Make mlxsup importable without an install (the GPU machine has none; children get the
+    shim's PYTHONPATH too), re-execute with OpenBLAS as the supervisor starts the engine, load
+    `model_dir` or the preset's demo model. Returns (path, model, tokenizer, vocabulary size,
+    a prompt of `prompt_tokens` ids)."""
+    import tempfile
+
+    from bench_lib.systems import mlxsup_import_env
+
+    os.environ.update(mlxsup_import_env(REPO, tempfile.mkdtemp(prefix="mlxsup-profile-")))
+    from mlxsup.blas import reexec_with_blas
+
+    reexec_with_blas()
+    import mlx.core as mx
+    from mlx_lm import load
+
+    from mlxsup.demo import ensure_demo_model
+
+    path = model_dir or ensure_demo_model(
+        os.path.expanduser(f"~/.cache/mlxsup/bench-{preset}-seed0"), preset=preset)
+    model, tok = load(path)
+    vocab = model(mx.array([[0]])).shape[-1]
+    return path, model, tok, vocab, [10 + (i * 7919) % (vocab - 20) for i in range(prompt_tokens)]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="an mlx-lm model directory (default: the --preset demo model)")
@@ -244,28 +269,12 @@ def main(argv=None) -> int:
     p.add_argument("--server-args", default="",
                    help="more `mlxsup start` flags for --server, e.g. '--pipeline on --blas off'")
     args = p.parse_args(argv)
-    import tempfile
-
-    from bench_lib.systems import mlxsup_import_env
-
-    # No install needed (the GPU machine has none): children get the shim's PYTHONPATH too.
-    os.environ.update(mlxsup_import_env(REPO, tempfile.mkdtemp(prefix="mlxsup-profile-")))
-    from mlxsup.blas import reexec_with_blas
-
-    reexec_with_blas()
-
+    path, model, tok, vocab, prompt = setup(args.model, args.preset, args.prompt_tokens)
     import mlx.core as mx
-    from mlx_lm import load
 
-    from mlxsup.demo import ensure_demo_model
     from mlxsup.engine.config import EngineConfig
     from mlxsup.engine.core import Engine
 
-    path = args.model or ensure_demo_model(
-        os.path.expanduser(f"~/.cache/mlxsup/bench-{args.preset}-seed0"), preset=args.preset)
-    model, tok = load(path)
-    vocab = model(mx.array([[0]])).shape[-1]
-    prompt = [10 + (i * 7919) % (vocab - 20) for i in range(args.prompt_tokens)]
     print(f"model {path}, device {mx.default_device()}, vocab {vocab}", flush=True)
     report = {"model": path, "device": str(mx.default_device()), "batches": {}}
     for batch in [int(b) for b in args.batch.split(",")]:

@@ -21,6 +21,11 @@ class EngineConfig:
     max_prefill_tokens: prompt tokens prefilled in one step (at least one request is always
         admitted), so a burst of long prompts does not stall running sequences for long.
     prefill_step_size: longest chunk of one prompt run through the model at once.
+    prefill_chunk_tokens: prompt tokens (padding included) prefilled per step at most; the
+        rest of a long admission is prefilled in the next steps while the running rows keep
+        decoding, so no step lasts much longer than a decode step plus this much prefill
+        (the wait for a step boundary, e.g. a swap's, stays bounded). None: whole prompts in
+        the step that admits them.
     max_score_tokens: tokens teacher-forced in one scoring forward pass; its logits are
         `tokens x vocab` floats, so this bounds that memory.
     cache_limit_mb: MLX buffer-cache limit (freed buffers kept for reuse); None leaves MLX's.
@@ -49,6 +54,7 @@ class EngineConfig:
     clear_cache_every: int = 256
     seed: Optional[int] = None
     pipeline: Optional[bool] = None
+    prefill_chunk_tokens: Optional[int] = None
 
     def __post_init__(self):
         if not self.model:
@@ -67,6 +73,8 @@ class EngineConfig:
             raise ValueError("max_prefill_tokens must be >= 1")
         if self.prefill_step_size < 1:
             raise ValueError("prefill_step_size must be >= 1")
+        if self.prefill_chunk_tokens is not None and self.prefill_chunk_tokens < 1:
+            raise ValueError("prefill_chunk_tokens must be >= 1 or None")
         if self.max_score_tokens < 1:
             raise ValueError("max_score_tokens must be >= 1")
         if self.cache_limit_mb is not None and self.cache_limit_mb < 0:
@@ -88,4 +96,5 @@ class EngineConfig:
             max_tokens=cfg.max_tokens,
             min_policy_wait_s=cfg.min_policy_wait_s,
             pipeline={"on": True, "off": False}.get(cfg.pipeline),
+            prefill_chunk_tokens=cfg.prefill_chunk or None,
         )

@@ -118,7 +118,8 @@ class Engine:
         if pipeline is None and mx.default_device() != mx.cpu:
             pipeline = True  # on the CPU None: the runner chooses by the length of a step
         self.runner = ModelRunner(model, prefill_step_size=config.prefill_step_size,
-                                  max_window=self.context_length or 1 << 16, pipeline=pipeline)
+                                  max_window=self.context_length or 1 << 16, pipeline=pipeline,
+                                  prefill_chunk=config.prefill_chunk_tokens)
         self.vocab_size = self.runner.vocab_size
         self.scheduler = Scheduler(
             max_batch=config.max_batch, max_queue=config.max_queue,
@@ -306,26 +307,29 @@ class Engine:
             self._commit_swap()
 
         admissions = [self._admission(state, seqs) for state, seqs in plan.admit]
-        if admissions or self.runner.num_rows:
+        if admissions or self.runner.num_rows or self.runner.num_prefilling:
             self.counters["num_steps"] += 1
             t0, traces = time.perf_counter(), sampling.traces
             try:
-                out, prefixes = self.runner.step(admissions, self.policy_version)
+                out, prefixes = self.runner.step(admissions, self.policy_version,
+                                                 prefill=not plan.commit_swap)
             except Exception as e:  # a bug or a model failure: fail the batch, live on
                 log.exception("engine step failed")
                 self._fail_running(f"engine step failed: {e}", events)
-                out, prefixes = None, {}
+                out, prefixes = None, []
             spent = time.perf_counter() - t0
             if spent > SLOW_STEP_LOG_S:
                 log.info("slow step: %.0f ms, %d rows, %d admitted (%d prompt tokens), "
                          "%d sampler traces, version %d", spent * 1e3, self.runner.num_rows,
                          len(admissions), sum(len(a.prompt_ids) for a in admissions),
                          sampling.traces - traces, self.policy_version)
-            for i, (state, _) in enumerate(plan.admit):
-                if i in prefixes:
-                    state.prefix, state.prefix_version = prefixes[i], self.policy_version
-                elif state.num_unadmitted == 0:
-                    state.prefix = None
+            for state, _ in plan.admit:
+                if state.num_unadmitted == 0:
+                    state.prefix = None  # every sample admitted: nobody needs it
+            for admission, prefix in prefixes:
+                state = admission.owner
+                if state.num_unadmitted > 0:  # (chunked: not re-prefilled meanwhile)
+                    state.prefix, state.prefix_version = prefix, self.policy_version
             if out is not None:
                 try:
                     self._postprocess(out, events)
@@ -349,7 +353,7 @@ class Engine:
         return Admission(
             prompt_ids=req.prompt_ids, params=req.params, seq_ids=[s.seq_id for s in seqs],
             seeds=[s.seed for s in seqs], prefix=prefix,
-            save_prefix=state.num_unadmitted > 0,
+            save_prefix=state.num_unadmitted > 0, owner=state,
         )
 
     def _forget(self, state: RequestState) -> None:

@@ -32,7 +32,7 @@ a 1B model decoded one sequence at 7.7 ms a token with the batch caches and at 5
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import mlx.core as mx
@@ -105,6 +105,39 @@ class Admission:
     seeds: list[int]
     prefix: Optional[GroupPrefix] = None  # start from this instead of prefilling
     save_prefix: bool = False  # return the prompt state for the samples still waiting
+    owner: object = None  # the caller's (returned with the prompt state, see `step`)
+
+
+@dataclass
+class _Group:
+    """One padded prefill pass in progress: `x` (rows, longest) through `cache`."""
+
+    cache: list
+    x: Optional[mx.array]
+    longest: int
+    padded: bool
+    pos: int = 0  # positions prefilled so far
+
+
+@dataclass
+class _PrefillJob:
+    """The admissions of one step, prefilled group by group, chunk by chunk (see
+    `prefill_chunk`), then joined to the batch together."""
+
+    admissions: list
+    order: list[int]  # fresh (by length) then reused, indices into `admissions`
+    groups: list[list[int]]  # the fresh ones in padded passes
+    version: int  # the weights' version when it started
+    caches: list = field(default_factory=list)  # of the passes done
+    current: Optional[_Group] = None
+    dropped: set = field(default_factory=set)  # seq ids removed before joining
+
+    @property
+    def done(self) -> bool:
+        return len(self.caches) == len(self.groups)
+
+    def seq_ids(self) -> set:
+        return {s for a in self.admissions for s in a.seq_ids}
 
 
 @dataclass
@@ -129,8 +162,12 @@ class ModelRunner:
     """Owns the model's execution: the batch's caches, keys and pending step."""
 
     def __init__(self, model: nn.Module, prefill_step_size: int = 2048, max_window: int = 1 << 16,
-                 group_prefill: Optional[bool] = None, pipeline: Optional[bool] = True):
+                 group_prefill: Optional[bool] = None, pipeline: Optional[bool] = True,
+                 prefill_chunk: Optional[int] = None):
         self.model = model
+        # Prompt tokens (padding included) prefilled per step at most, the rest in later steps
+        # while the running rows keep decoding; None: every admission's whole prompt at once.
+        self.prefill_chunk = prefill_chunk
         # Queue step t+1 before reading step t (see `step`); None: choose by the step's length.
         self.adaptive = pipeline is None
         self.pipeline = True if pipeline is None else pipeline
@@ -164,19 +201,32 @@ class ModelRunner:
         self.pending_version = 0
         self.solo = False  # the one row's caches are plain caches, not batch caches
         self._last_step_at = None  # no rows: the next step starts a new run of steps
+        self._jobs: list[_PrefillJob] = []  # admissions still prefilling, oldest first
 
     @property
     def num_rows(self) -> int:
         return len(self.seq_ids)
 
+    @property
+    def num_prefilling(self) -> int:
+        """Sequences admitted whose prompts are still being prefilled (not rows yet)."""
+        return sum(len(j.seq_ids() - j.dropped) for j in self._jobs)
+
     # ------------------------------------------------------------------ stepping
 
-    def step(self, admissions: Sequence[Admission], version: int
-             ) -> tuple[Optional[StepOutput], dict[int, GroupPrefix]]:
+    def step(self, admissions: Sequence[Admission], version: int, prefill: bool = True
+             ) -> tuple[Optional[StepOutput], list[tuple[Admission, GroupPrefix]]]:
         """Add `admissions` as new rows (their prompts prefilled), run the next decode step of
         every row, and return tokens (pipelined: those of the step queued last time, this
         one left computing; stepwise: this step's own), plus the prompt states saved for
-        samples admitted later (by index into `admissions`).
+        samples admitted later, with the admission each belongs to.
+
+        With `prefill_chunk`, a step prefills at most that many prompt tokens (at least one
+        position of one pass); admissions not done yet wait for later steps, and join the
+        batch, all of one step's together, once their last pass is done. `prefill` False
+        runs no prefill this step while rows run (a swap's commit step: the new weights'
+        first tokens do not wait for it). Prompt states of a job that outlived a change of
+        `version` are not returned (their KV holds two versions).
 
         The pending tokens are both the last step's output and the next step's input; a new
         row's pending token is its last prompt token, so its first sampled token comes out
@@ -185,8 +235,8 @@ class ModelRunner:
         token, or, stepwise, a token already returned)."""
         with mx.stream(self.stream):
             if admissions:
-                self._go_solo(False)
-            prefixes = self._admit(admissions) if admissions else {}
+                self._jobs.append(self._new_job(admissions, version))
+            prefixes = self._prefill_jobs(version) if prefill or not self.seq_ids else []
             if self.pending is None:
                 return None, prefixes
             if self.adaptive:
@@ -251,43 +301,83 @@ class ModelRunner:
         tokens, logprobs, self.keys = sampling.sample(logits, self.rows, self.keys, self.ctx)
         return tokens, logprobs
 
-    def _prefill(self, admissions: Sequence[Admission]) -> list:
-        """Batch caches holding `prompt[:-1]` of each admission, one row each."""
-        model = self.model
-        cache = _merge([make_prompt_cache(model) for _ in admissions])
-        heads = [list(a.prompt_ids[:-1]) for a in admissions]
-        lengths = [len(h) for h in heads]
-        longest = max(lengths)
-        if longest > 0:
-            padding = [longest - n for n in lengths]
-            x = mx.array([h + [0] * (longest - len(h)) for h in heads], dtype=mx.int32)
-            if max(padding) > 0:
-                for c in cache:
-                    c.prepare(lengths=lengths, right_padding=padding)
-            for start in range(0, longest, self.prefill_step_size):
-                model(x[:, start : start + self.prefill_step_size], cache=cache)
-                if start + self.prefill_step_size < longest:
-                    mx.eval([c.state for c in cache])  # bound the graph of long prompts
-            if max(padding) > 0:
-                for c in cache:
-                    c.finalize()
-        return cache
-
-    def _admit(self, admissions: Sequence[Admission]) -> dict[int, GroupPrefix]:
+    def _new_job(self, admissions: Sequence[Admission], version: int) -> _PrefillJob:
         # Prompts of similar length are prefilled together (padding wastes compute).
         fresh = sorted((i for i, a in enumerate(admissions) if a.prefix is None),
                        key=lambda i: len(admissions[i].prompt_ids))
         reused = [i for i, a in enumerate(admissions) if a.prefix is not None]
-        order = fresh + reused
+        groups = [[fresh[j] for j in group] for group in length_groups(
+            [len(admissions[i].prompt_ids) for i in fresh], self.group_prefill)]
+        return _PrefillJob(list(admissions), fresh + reused, groups, version)
+
+    def _prefill_jobs(self, version: int) -> list[tuple[Admission, GroupPrefix]]:
+        """Run prefill passes, oldest job first, within this step's budget; join the jobs
+        that are done."""
+        budget = float("inf") if self.prefill_chunk is None else self.prefill_chunk
+        prefixes = []
+        while self._jobs:
+            job = self._jobs[0]
+            budget = self._advance(job, budget)
+            if not job.done:
+                break
+            self._jobs.pop(0)
+            prefixes += self._finish(job, version)
+            if budget <= 0:
+                break
+        return prefixes
+
+    def _advance(self, job: _PrefillJob, budget: float) -> float:
+        """Prefill `job` for up to `budget` tokens (at least one position); the rest left."""
+        first = True
+        while not job.done and (budget > 0 or first):
+            first = False
+            if job.current is None:
+                job.current = self._start_group([job.admissions[i] for i in
+                                                 job.groups[len(job.caches)]])
+            g = job.current
+            if g.pos < g.longest:
+                rows = g.x.shape[0]
+                n = int(min(g.longest - g.pos, self.prefill_step_size, max(1, budget // rows)))
+                self.model(g.x[:, g.pos : g.pos + n], cache=g.cache)
+                g.pos += n
+                budget -= n * rows
+                if g.pos < g.longest:
+                    mx.eval([c.state for c in g.cache])  # bound the graph of long prompts
+            if g.pos >= g.longest:
+                if g.padded:
+                    for c in g.cache:
+                        c.finalize()
+                job.caches.append(g.cache)
+                job.current = None
+        return budget
+
+    def _start_group(self, admissions: Sequence[Admission]) -> _Group:
+        """Batch caches to hold `prompt[:-1]` of each admission, one row each, and the
+        right-padded tokens to run through them."""
+        cache = _merge([make_prompt_cache(self.model) for _ in admissions])
+        heads = [list(a.prompt_ids[:-1]) for a in admissions]
+        lengths = [len(h) for h in heads]
+        longest = max(lengths)
+        padding = [longest - n for n in lengths]
+        x = None
+        if longest > 0:
+            x = mx.array([h + [0] * (longest - len(h)) for h in heads], dtype=mx.int32)
+            if max(padding) > 0:
+                for c in cache:
+                    c.prepare(lengths=lengths, right_padding=padding)
+        return _Group(cache, x, longest, padded=longest > 0 and max(padding) > 0)
+
+    def _finish(self, job: _PrefillJob, version: int) -> list[tuple[Admission, GroupPrefix]]:
+        """Join a prefilled job's samples to the batch; the prompt states to keep."""
+        admissions, order = job.admissions, job.order
         cache = None
-        for group in length_groups([len(admissions[i].prompt_ids) for i in fresh],
-                                   self.group_prefill):
-            part = self._prefill([admissions[fresh[j]] for j in group])
+        for part in job.caches:
             if cache is None:
                 cache = part
             else:
                 for c, p in zip(cache, part):
                     c.extend(p)
+        reused = [i for i in order if admissions[i].prefix is not None]
         if reused:
             prefix_cache = _merge([admissions[i].prefix.cache for i in reused])
             if cache is None:
@@ -296,26 +386,33 @@ class ModelRunner:
                 for c, p in zip(cache, prefix_cache):
                     c.extend(p)
 
-        prefixes = {}
-        for row, i in enumerate(order):
-            if admissions[i].save_prefix and len(admissions[i].prompt_ids) > 1:
-                prefixes[i] = GroupPrefix([c.extract(row) for c in cache])
+        prefixes = []
+        if job.version == version:
+            for row, i in enumerate(order):
+                if admissions[i].save_prefix and len(admissions[i].prompt_ids) > 1:
+                    prefixes.append((admissions[i], GroupPrefix([c.extract(row) for c in cache])))
 
-        # One row per sample: replicate each request's cache row.
-        rows = [row for row, i in enumerate(order) for _ in admissions[i].seq_ids]
+        # One row per sample (each request's cache row replicated), less those removed while
+        # the job prefilled.
+        samples = [(row, admissions[i], s) for row, i in enumerate(order)
+                   for s in range(len(admissions[i].seq_ids))
+                   if admissions[i].seq_ids[s] not in job.dropped]
+        if not samples:
+            return prefixes
+        rows = [row for row, _, _ in samples]
         if rows != list(range(len(order))):
             for c in cache:
                 c.filter(rows)
-        samples = [(admissions[i], s) for i in order for s in range(len(admissions[i].seq_ids))]
-        seq_ids = [a.seq_ids[s] for a, s in samples]
-        seeds = [a.seeds[s] for a, s in samples]
-        params = [a.params for a, _ in samples]
-        heads = [a.prompt_ids[:-1] for a, _ in samples]
+        seq_ids = [a.seq_ids[s] for _, a, s in samples]
+        seeds = [a.seeds[s] for _, a, s in samples]
+        params = [a.params for _, a, _ in samples]
+        heads = [a.prompt_ids[:-1] for _, a, _ in samples]
         width = min(self.max_window, max(
             (p.repetition_context_size for p in params if p.repetition_penalty != 1.0), default=0))
         ctx = sampling.context_rows(heads, params, width, self.vocab_size)
-        pending = (mx.array([a.prompt_ids[-1] for a, _ in samples], dtype=mx.int32),
+        pending = (mx.array([a.prompt_ids[-1] for _, a, _ in samples], dtype=mx.int32),
                    mx.zeros((len(samples),), dtype=mx.float32))
+        self._go_solo(False)
         self._join(seq_ids, params, cache, sampling.keys_for(seeds),
                    mx.array(ctx) if ctx is not None else None, pending)
         return prefixes
@@ -354,13 +451,20 @@ class ModelRunner:
     # ------------------------------------------------------------------ rows
 
     def remove(self, seq_ids) -> None:
-        """Drop the rows of `seq_ids` (finished or aborted) from the batch."""
+        """Drop the rows of `seq_ids` (finished or aborted) from the batch, and those still
+        prefilling from their job."""
         drop = set(seq_ids)
+        for job in self._jobs:
+            job.dropped |= drop & job.seq_ids()
+        if self._jobs and all(j.seq_ids() <= j.dropped for j in self._jobs):
+            self._jobs = []  # nothing of them would join
         keep = [i for i, s in enumerate(self.seq_ids) if s not in drop]
         if len(keep) == len(self.seq_ids):
             return
         if not keep:
+            jobs = self._jobs
             self._clear()
+            self._jobs = jobs
             return
         with mx.stream(self.stream):
             for c in self.cache:

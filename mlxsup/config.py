@@ -55,6 +55,8 @@ class ServerConfig:
     # device's); "off": each step runs to its end first (a swap reaches new tokens one step
     # sooner); "auto": on for a GPU, by step length on the CPU (see EngineConfig.pipeline).
     pipeline: str = "auto"
+    # Prompt tokens prefilled per engine step at most, the rest in later steps (0: no limit).
+    prefill_chunk: int = 0
 
     def __post_init__(self):
         if not self.run_dir:
@@ -82,6 +84,8 @@ class ServerConfig:
             raise ValueError("blas must be 'auto' or 'off'")
         if self.pipeline not in PIPELINE_MODES:
             raise ValueError(f"pipeline must be one of {PIPELINE_MODES}")
+        if self.prefill_chunk < 0:
+            raise ValueError("prefill_chunk must be >= 0")
 
     @property
     def num_slots(self) -> int:

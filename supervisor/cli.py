@@ -85,6 +85,12 @@ def add_start_arguments(p: argparse.ArgumentParser) -> None:
              "auto (default): on for a GPU; on the CPU off while decode steps take over 25 ms, "
              "on while they take under 15 ms",
     )  # fmt: skip
+    more.add_argument(
+        "--prefill-chunk", type=int, default=d["prefill_chunk"], metavar="TOKENS",
+        help="prefill at most this many prompt tokens per engine step and the rest in the next "
+             "steps, while running sequences keep decoding: bounds how long one step (and the "
+             "wait for a swap's step boundary) can take (default: 0, whole prompts at once)",
+    )  # fmt: skip
     sec = p.add_argument_group("security")
     # The environment variables keep keys out of the command line, which any local user can read with ps.
     sec.add_argument("--api-key", default=os.environ.get("MLXSUP_API_KEY") or None,
@@ -120,6 +126,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         blas=args.blas,
         header_timeout_s=args.header_timeout,
         pipeline=args.pipeline,
+        prefill_chunk=args.prefill_chunk,
     )
 
 

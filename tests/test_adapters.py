@@ -410,6 +410,27 @@ def test_group_prefix_not_reused_across_versions(tiny_model_dir, tmp_path):
         check_fidelity(eng.model, group.prompt_ids, d.token_ids, d.logprobs, group.params, "raw")
 
 
+def test_chunked_prefill_across_a_swap_keeps_no_two_version_prefix(tiny_model_dir, tmp_path):
+    """A prompt prefilled 8 tokens a step is half done when an inflight swap commits: its KV
+    holds both versions, so its state is not kept for the group's later samples, which
+    prefill again under the new version; every token comes from the new weights."""
+    eng = make_engine(tiny_model_dir, max_batch=2, prefill_chunk_tokens=8)
+    prep = eng.prepare_adapter(make_adapter(eng, tmp_path / "a", rank=8))
+    group = GenerateRequest(next(_ids), list(range(3, 60)), SamplingParams(
+        max_tokens=4, temperature=1.0, logprobs_mode="raw"), n=4)
+    eng.submit(group)
+    events = drive(eng, [], steps=2)
+    assert eng.runner.num_prefilling == 2  # the first two samples, mid-prompt
+    eng.request_swap(prep, "inflight", 1)
+    events = drive(eng, events)
+    dones = [e for e in events if isinstance(e, SequenceDone)]
+    assert len(dones) == 4 and all(set(d.versions) == {1} for d in dones)
+    assert eng.stats()["prefill_tokens"] == 2 * len(group.prompt_ids)  # re-prefilled once
+    late = dones[2:]  # the two prefilled under version 1 alone
+    for d in late:
+        check_fidelity(eng.model, group.prompt_ids, d.token_ids, d.logprobs, group.params, "raw")
+
+
 # ------------------------------------------------------------------ latency and memory
 
 

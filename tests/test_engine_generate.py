@@ -22,6 +22,7 @@ from mlxsup.ipc.messages import (
     ScoreRequest,
     ScoreResult,
     SequenceDone,
+    TokenChunk,
 )
 
 pytestmark = pytest.mark.timeout(180)
@@ -513,8 +514,8 @@ def test_prompts_of_very_different_lengths_prefill_in_separate_passes(tiny_model
         [[0, 1, 2, 3, 4], [5, 6], [7]]  # 33 <= 3 + 32; 230 <= 1.25 x 200
     eng = make_engine(tiny_model_dir)
     passes = []
-    real = runner_mod.ModelRunner._prefill
-    monkeypatch.setattr(runner_mod.ModelRunner, "_prefill",
+    real = runner_mod.ModelRunner._start_group
+    monkeypatch.setattr(runner_mod.ModelRunner, "_start_group",
                         lambda self, adm: passes.append(sorted(len(a.prompt_ids) for a in adm))
                         or real(self, adm))
     rng = random.Random(11)
@@ -550,3 +551,100 @@ def test_a_slow_step_is_logged_with_its_batch_and_admissions(engine, monkeypatch
     assert lines, "no step was logged"
     assert any("3 rows, 2 admitted (5 prompt tokens)" in line for line in lines), lines[:3]
     assert all("sampler traces, version 0" in line for line in lines)
+
+
+# ------------------------------------------------------------------ chunked prefill
+
+
+@pytest.fixture(scope="module")
+def chunked_engine(tiny_model_dir):
+    return make_engine(tiny_model_dir, prefill_chunk_tokens=16)
+
+
+def test_chunked_prefill_gives_the_tokens_of_whole_prompt_prefill(engine, chunked_engine):
+    """Prompts prefilled 16 tokens a step (groups of lengths, n samples, a prompt of one
+    token) decode to the same tokens with the same log-probs as prefilled whole."""
+    rng = random.Random(5)
+    prompts = prompts_of(6, rng, lo=1, hi=90) + [[7]]
+    results = []
+    for eng in (engine, chunked_engine):
+        reqs = [req(p, n=2 if i % 3 == 0 else 1, temperature=1.0, seed=100 + i, max_tokens=8,
+                    logprobs_mode="processed") for i, p in enumerate(prompts)]
+        events = run(eng, reqs)
+        results.append([[(d.token_ids, d.logprobs) for d in done_events(events, r.request_id)]
+                        for r in reqs])
+        assert not eng.has_work() and eng.runner.num_rows == 0
+    for whole, chunked in zip(*results):
+        for (t1, l1), (t2, l2) in zip(whole, chunked):
+            assert t1 == t2
+            np.testing.assert_allclose(l1, l2, atol=1e-4)
+    for r, dones in zip(reqs, results[1]):
+        for tokens, lps in dones:
+            check_fidelity(chunked_engine.model, r.prompt_ids, tokens, lps, r.params, "processed")
+
+
+def test_running_rows_keep_decoding_while_a_long_prompt_prefills(chunked_engine):
+    """With a 16-token chunk, a 200-token prompt takes 13 steps to prefill, and the running
+    request gets a token in every one of them instead of waiting for the whole prefill."""
+    eng = chunked_engine
+    running = GenerateRequest(next(_ids), [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=40),
+                              stream=True)
+    eng.submit(running)
+    def got(events, rid):
+        return sum(len(e.token_ids) for e in events
+                   if isinstance(e, (TokenChunk, SequenceDone)) and e.request_id == rid)
+
+    for _ in range(3):
+        eng.step()
+    long = GenerateRequest(next(_ids), list(range(10, 210)),
+                           SamplingParams(temperature=0.0, max_tokens=2), stream=True)
+    eng.submit(long)
+    steps_before_first, running_tokens = 0, 0
+    while True:
+        events = eng.step()
+        if got(events, long.request_id):
+            break
+        steps_before_first += 1
+        running_tokens += got(events, running.request_id)
+        assert steps_before_first < 50
+    assert steps_before_first >= 199 // 16  # prefilled over that many steps
+    assert running_tokens >= steps_before_first - 1  # a token each step meanwhile
+    while eng.has_work():
+        eng.step()
+
+
+def test_a_request_aborted_while_its_prompt_prefills_leaves_nothing(chunked_engine):
+    eng = chunked_engine
+    long = req(list(range(10, 150)), temperature=1.0, max_tokens=5, n=3)
+    other = req(list(range(20, 60)), temperature=0.0, max_tokens=5)
+    eng.submit(long)
+    eng.submit(other)
+    eng.step()
+    eng.step()
+    assert eng.runner.num_prefilling > 0
+    assert eng.abort(long.request_id)
+    events = []
+    while eng.has_work():
+        events += eng.step()
+    mine = [e for e in events if getattr(e, "request_id", None) == long.request_id]
+    assert all(isinstance(e, SequenceDone) and e.finish_reason == "abort" for e in mine)
+    [done] = [e for e in events if isinstance(e, SequenceDone) and e.request_id == other.request_id]
+    assert done.finish_reason == "length" and len(done.token_ids) == 5
+    assert eng.runner.num_rows == 0 and eng.runner.num_prefilling == 0
+
+
+def test_chunked_group_larger_than_batch_reuses_its_prefill(tiny_model_dir):
+    eng = make_engine(tiny_model_dir, max_batch=3, prefill_chunk_tokens=8)
+    prompt = list(range(50, 90))
+    r = req(prompt, n=8, temperature=1.0, max_tokens=6, logprobs_mode="raw")
+    events = run(eng, [r])
+    assert eng.stats()["prefill_tokens"] == len(prompt)  # the later samples reused it
+    dones = done_events(events, r.request_id)
+    assert len(dones) == 8 and all(d.batch_size <= 3 for d in dones)
+    for d in dones:
+        check_fidelity(eng.model, prompt, d.token_ids, d.logprobs, r.params, "raw")
+
+
+def test_prefill_chunk_must_be_positive(tiny_model_dir):
+    with pytest.raises(ValueError, match="prefill_chunk_tokens"):
+        EngineConfig(model=tiny_model_dir, prefill_chunk_tokens=0)

@@ -337,7 +337,9 @@ class ModelRunner:
             g = job.current
             if g.pos < g.longest:
                 rows = g.x.shape[0]
-                n = int(min(g.longest - g.pos, self.prefill_step_size, max(1, budget // rows)))
+                n = min(g.longest - g.pos, self.prefill_step_size)
+                if budget != float("inf"):  # (inf // rows is nan)
+                    n = min(n, max(1, int(budget) // rows))
                 self.model(g.x[:, g.pos : g.pos + n], cache=g.cache)
                 g.pos += n
                 budget -= n * rows

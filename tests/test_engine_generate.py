@@ -648,3 +648,32 @@ def test_chunked_group_larger_than_batch_reuses_its_prefill(tiny_model_dir):
 def test_prefill_chunk_must_be_positive(tiny_model_dir):
     with pytest.raises(ValueError, match="prefill_chunk_tokens"):
         EngineConfig(model=tiny_model_dir, prefill_chunk_tokens=0)
+
+
+class _CountingModel:
+    """The model, counting its forward passes."""
+
+    def __init__(self, model):
+        self._model, self.calls = model, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self._model(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+@pytest.mark.parametrize("chunk,passes", [(None, 1), (16, 13), (64, 4)])
+def test_a_long_prompt_is_prefilled_in_as_few_passes_as_the_chunk_allows(tiny_model_dir, chunk,
+                                                                         passes):
+    """Whole prompts go through the model in one pass (up to prefill_step_size), chunked
+    ones in ceil(199 / chunk): never a pass a token."""
+    eng = make_engine(tiny_model_dir, prefill_chunk_tokens=chunk, pipeline=False)
+    counting = _CountingModel(eng.runner.model)
+    eng.runner.model = counting
+    r = req(list(range(10, 210)), temperature=0.0, max_tokens=1)
+    events = run(eng, [r])
+    [done] = done_events(events, r.request_id)
+    assert len(done.token_ids) == 1
+    assert counting.calls == passes + 1  # the prefill passes, then the one decode step

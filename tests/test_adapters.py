@@ -431,6 +431,27 @@ def test_chunked_prefill_across_a_swap_keeps_no_two_version_prefix(tiny_model_di
         check_fidelity(eng.model, group.prompt_ids, d.token_ids, d.logprobs, group.params, "raw")
 
 
+def test_drain_swap_waits_for_a_prompt_still_prefilling(tiny_model_dir, tmp_path):
+    """Chunked prefill: a sequence admitted and still prefilling when a drain swap is asked
+    for is in flight, so it finishes under the old version before the commit."""
+    eng = make_engine(tiny_model_dir, prefill_chunk_tokens=8)
+    prep = eng.prepare_adapter(make_adapter(eng, tmp_path / "a", rank=8))
+    long = GenerateRequest(next(_ids), list(range(3, 80)), SamplingParams(
+        max_tokens=5, temperature=1.0), n=2)
+    eng.submit(long)
+    events = drive(eng, [], steps=2)
+    assert eng.runner.num_prefilling == 2
+    ticket = eng.request_swap(prep, "drain", 1)
+    later = GenerateRequest(next(_ids), [4, 5, 6], SamplingParams(max_tokens=3, temperature=1.0))
+    eng.submit(later)
+    events = drive(eng, events)
+    done = by_request(events)
+    assert ticket.done and eng.policy_version == 1
+    firsts = [e for e in events if isinstance(e, SequenceDone) and e.request_id == long.request_id]
+    assert len(firsts) == 2 and all(set(d.versions) == {0} for d in firsts)
+    assert set(done[later.request_id].versions) == {1}
+
+
 # ------------------------------------------------------------------ latency and memory
 
 

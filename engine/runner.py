@@ -312,8 +312,11 @@ class ModelRunner:
 
     def _prefill_jobs(self, version: int) -> list[tuple[Admission, GroupPrefix]]:
         """Run prefill passes, oldest job first, within this step's budget; join the jobs
-        that are done."""
-        budget = float("inf") if self.prefill_chunk is None else self.prefill_chunk
+        that are done. While no row decodes there is nobody to keep waiting short, so the
+        oldest job is prefilled whole (an idle engine's burst, e.g. a GRPO round, at full
+        speed); the chunk applies from the moment rows run."""
+        chunked = self.prefill_chunk is not None and bool(self.seq_ids)
+        budget = self.prefill_chunk if chunked else float("inf")
         prefixes = []
         while self._jobs:
             job = self._jobs[0]
@@ -322,8 +325,8 @@ class ModelRunner:
                 break
             self._jobs.pop(0)
             prefixes += self._finish(job, version)
-            if budget <= 0:
-                break
+            if budget <= 0 or (self.prefill_chunk is not None and not chunked):
+                break  # (rows run now: the next jobs wait for the chunks of later steps)
         return prefixes
 
     def _advance(self, job: _PrefillJob, budget: float) -> float:

@@ -414,18 +414,22 @@ def test_chunked_prefill_across_a_swap_keeps_no_two_version_prefix(tiny_model_di
     """A prompt prefilled 8 tokens a step is half done when an inflight swap commits: its KV
     holds both versions, so its state is not kept for the group's later samples, which
     prefill again under the new version; every token comes from the new weights."""
-    eng = make_engine(tiny_model_dir, max_batch=2, prefill_chunk_tokens=8)
+    eng = make_engine(tiny_model_dir, max_batch=3, prefill_chunk_tokens=8)
     prep = eng.prepare_adapter(make_adapter(eng, tmp_path / "a", rank=8))
+    busy = GenerateRequest(next(_ids), [5, 6, 7], SamplingParams(max_tokens=60, temperature=0.0))
+    eng.submit(busy)  # a row decodes, so prefill is chunked
+    events = drive(eng, [], steps=1)
     group = GenerateRequest(next(_ids), list(range(3, 60)), SamplingParams(
         max_tokens=4, temperature=1.0, logprobs_mode="raw"), n=4)
     eng.submit(group)
-    events = drive(eng, [], steps=2)
+    events = drive(eng, events, steps=2)
     assert eng.runner.num_prefilling == 2  # the first two samples, mid-prompt
     eng.request_swap(prep, "inflight", 1)
     events = drive(eng, events)
-    dones = [e for e in events if isinstance(e, SequenceDone)]
+    dones = [e for e in events if isinstance(e, SequenceDone) and e.request_id == group.request_id]
     assert len(dones) == 4 and all(set(d.versions) == {1} for d in dones)
-    assert eng.stats()["prefill_tokens"] == 2 * len(group.prompt_ids)  # re-prefilled once
+    # re-prefilled once
+    assert eng.stats()["prefill_tokens"] == len(busy.prompt_ids) + 2 * len(group.prompt_ids)
     late = dones[2:]  # the two prefilled under version 1 alone
     for d in late:
         check_fidelity(eng.model, group.prompt_ids, d.token_ids, d.logprobs, group.params, "raw")
@@ -436,10 +440,13 @@ def test_drain_swap_waits_for_a_prompt_still_prefilling(tiny_model_dir, tmp_path
     for is in flight, so it finishes under the old version before the commit."""
     eng = make_engine(tiny_model_dir, prefill_chunk_tokens=8)
     prep = eng.prepare_adapter(make_adapter(eng, tmp_path / "a", rank=8))
+    busy = GenerateRequest(next(_ids), [5, 6, 7], SamplingParams(max_tokens=20, temperature=0.0))
+    eng.submit(busy)  # a row decodes, so prefill is chunked
+    events = drive(eng, [], steps=1)
     long = GenerateRequest(next(_ids), list(range(3, 80)), SamplingParams(
         max_tokens=5, temperature=1.0), n=2)
     eng.submit(long)
-    events = drive(eng, [], steps=2)
+    events = drive(eng, events, steps=2)
     assert eng.runner.num_prefilling == 2
     ticket = eng.request_swap(prep, "drain", 1)
     later = GenerateRequest(next(_ids), [4, 5, 6], SamplingParams(max_tokens=3, temperature=1.0))

@@ -562,15 +562,16 @@ def chunked_engine(tiny_model_dir):
 
 
 def test_chunked_prefill_gives_the_tokens_of_whole_prompt_prefill(engine, chunked_engine):
-    """Prompts prefilled 16 tokens a step (groups of lengths, n samples, a prompt of one
-    token) decode to the same tokens with the same log-probs as prefilled whole."""
+    """Prompts prefilled 16 tokens a step while others decode (groups of lengths, n samples,
+    a prompt of one token) decode to the same tokens with the same log-probs as prefilled
+    whole."""
     rng = random.Random(5)
     prompts = prompts_of(6, rng, lo=1, hi=90) + [[7]]
     results = []
     for eng in (engine, chunked_engine):
         reqs = [req(p, n=2 if i % 3 == 0 else 1, temperature=1.0, seed=100 + i, max_tokens=8,
                     logprobs_mode="processed") for i, p in enumerate(prompts)]
-        events = run(eng, reqs)
+        events = run(eng, reqs, stagger=1)  # later prompts prefill while earlier ones run
         results.append([[(d.token_ids, d.logprobs) for d in done_events(events, r.request_id)]
                         for r in reqs])
         assert not eng.has_work() and eng.runner.num_rows == 0
@@ -615,13 +616,16 @@ def test_running_rows_keep_decoding_while_a_long_prompt_prefills(chunked_engine)
 
 def test_a_request_aborted_while_its_prompt_prefills_leaves_nothing(chunked_engine):
     eng = chunked_engine
+    busy = req([5, 6, 7], temperature=0.0, max_tokens=30)  # rows run: prefill is chunked
+    eng.submit(busy)
+    eng.step()
     long = req(list(range(10, 150)), temperature=1.0, max_tokens=5, n=3)
     other = req(list(range(20, 60)), temperature=0.0, max_tokens=5)
     eng.submit(long)
     eng.submit(other)
     eng.step()
     eng.step()
-    assert eng.runner.num_prefilling > 0
+    assert eng.runner.num_prefilling == 4
     assert eng.abort(long.request_id)
     events = []
     while eng.has_work():
@@ -654,11 +658,12 @@ class _CountingModel:
     """The model, counting its forward passes."""
 
     def __init__(self, model):
-        self._model, self.calls = model, 0
+        self._model, self.calls, self.shapes = model, 0, []
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, x, *args, **kwargs):
         self.calls += 1
-        return self._model(*args, **kwargs)
+        self.shapes.append(tuple(x.shape))
+        return self._model(x, *args, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self._model, name)
@@ -667,13 +672,25 @@ class _CountingModel:
 @pytest.mark.parametrize("chunk,passes", [(None, 1), (16, 13), (64, 4)])
 def test_a_long_prompt_is_prefilled_in_as_few_passes_as_the_chunk_allows(tiny_model_dir, chunk,
                                                                          passes):
-    """Whole prompts go through the model in one pass (up to prefill_step_size), chunked
-    ones in ceil(199 / chunk): never a pass a token."""
+    """While a row decodes, a 200-token prompt goes through the model in one pass (up to
+    prefill_step_size), or chunked in ceil(199 / chunk): never a pass a token. With no row
+    decoding there is nobody to keep waiting short, and even a chunked engine prefills it
+    whole."""
     eng = make_engine(tiny_model_dir, prefill_chunk_tokens=chunk, pipeline=False)
     counting = _CountingModel(eng.runner.model)
     eng.runner.model = counting
+    prefill_passes = lambda: sum(1 for shape in counting.shapes if shape[1] > 1)
+    busy = req([5, 6, 7], temperature=0.0, max_tokens=40)
+    eng.submit(busy)
+    eng.step()
+    assert prefill_passes() == 1  # the busy request's own two tokens
     r = req(list(range(10, 210)), temperature=0.0, max_tokens=1)
     events = run(eng, [r])
     [done] = done_events(events, r.request_id)
     assert len(done.token_ids) == 1
-    assert counting.calls == passes + 1  # the prefill passes, then the one decode step
+    assert prefill_passes() == 1 + passes
+    while eng.has_work():  # the busy one ends: nothing decodes
+        eng.step()
+    lone = req(list(range(10, 210)), temperature=0.0, max_tokens=1)
+    run(eng, [lone])
+    assert prefill_passes() == 2 + passes

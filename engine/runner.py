@@ -21,6 +21,8 @@ group of similar lengths, on a GPU one in all; mlx-lm's prepare/finalize protoco
 padding to the left); the last prompt token goes into the next decode step with the running
 rows, so the vocabulary projection runs only there and joining costs no extra pass over the
 weights. A request's `n` samples share the prefill: its cache row is replicated `n` times.
+With `prefill_chunk`, the admissions of a step are a job prefilled over several steps (at most
+that many prompt tokens a step while rows decode), joining the batch when its last pass is done.
 
 A batch of one row runs *solo*: its caches become mlx-lm's plain single-sequence caches
 (`BatchKVCache.extract`), which need no attention mask, no per-row offsets and take the fused

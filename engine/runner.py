@@ -130,6 +130,7 @@ class _PrefillJob:
     order: list[int]  # fresh (by length) then reused, indices into `admissions`
     groups: list[list[int]]  # the fresh ones in padded passes
     version: int  # the weights' version when it started
+    seq_ids: frozenset  # of all its samples
     caches: list = field(default_factory=list)  # of the passes done
     current: Optional[_Group] = None
     dropped: set = field(default_factory=set)  # seq ids removed before joining
@@ -137,9 +138,6 @@ class _PrefillJob:
     @property
     def done(self) -> bool:
         return len(self.caches) == len(self.groups)
-
-    def seq_ids(self) -> set:
-        return {s for a in self.admissions for s in a.seq_ids}
 
 
 @dataclass
@@ -212,7 +210,7 @@ class ModelRunner:
     @property
     def num_prefilling(self) -> int:
         """Sequences admitted whose prompts are still being prefilled (not rows yet)."""
-        return sum(len(j.seq_ids() - j.dropped) for j in self._jobs)
+        return sum(len(j.seq_ids) - len(j.dropped) for j in self._jobs)
 
     # ------------------------------------------------------------------ stepping
 
@@ -310,7 +308,8 @@ class ModelRunner:
         reused = [i for i, a in enumerate(admissions) if a.prefix is not None]
         groups = [[fresh[j] for j in group] for group in length_groups(
             [len(admissions[i].prompt_ids) for i in fresh], self.group_prefill)]
-        return _PrefillJob(list(admissions), fresh + reused, groups, version)
+        return _PrefillJob(list(admissions), fresh + reused, groups, version,
+                           frozenset(s for a in admissions for s in a.seq_ids))
 
     def _prefill_jobs(self, version: int) -> list[tuple[Admission, GroupPrefix]]:
         """Run prefill passes, oldest job first, within this step's budget; join the jobs
@@ -377,21 +376,14 @@ class ModelRunner:
     def _finish(self, job: _PrefillJob, version: int) -> list[tuple[Admission, GroupPrefix]]:
         """Join a prefilled job's samples to the batch; the prompt states to keep."""
         admissions, order = job.admissions, job.order
-        cache = None
-        for part in job.caches:
-            if cache is None:
-                cache = part
-            else:
-                for c, p in zip(cache, part):
-                    c.extend(p)
+        parts = list(job.caches)
         reused = [i for i in order if admissions[i].prefix is not None]
         if reused:
-            prefix_cache = _merge([admissions[i].prefix.cache for i in reused])
-            if cache is None:
-                cache = prefix_cache
-            else:
-                for c, p in zip(cache, prefix_cache):
-                    c.extend(p)
+            parts.append(_merge([admissions[i].prefix.cache for i in reused]))
+        cache = parts[0]
+        for part in parts[1:]:
+            for c, p in zip(cache, part):
+                c.extend(p)
 
         prefixes = []
         if job.version == version:
@@ -462,9 +454,8 @@ class ModelRunner:
         prefilling from their job."""
         drop = set(seq_ids)
         for job in self._jobs:
-            job.dropped |= drop & job.seq_ids()
-        if self._jobs and all(j.seq_ids() <= j.dropped for j in self._jobs):
-            self._jobs = []  # nothing of them would join
+            job.dropped |= drop & job.seq_ids
+        self._jobs = [j for j in self._jobs if j.dropped != j.seq_ids]  # (none would join)
         keep = [i for i, s in enumerate(self.seq_ids) if s not in drop]
         if len(keep) == len(self.seq_ids):
             return

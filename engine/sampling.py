@@ -220,12 +220,12 @@ def sample(logits: mx.array, rows: RowParams, keys: Optional[mx.array],
         # A penalty window's width is the request's: compiling would trace every width.
         return _sample(rows, logits, keys, ctx)
     has_keys = keys is not None
-    fn = _compiled_sampler(rows.flags(), has_keys)
+    key = (rows.flags(), has_keys, str(mx.default_stream(mx.default_device())))
+    fn = _compiled_sampler(key)
     args = [logits, *rows.arrays()]
     if has_keys:
         args.append(keys)
-    _count_trace((rows.flags(), has_keys, str(mx.default_stream(mx.default_device())),
-                  *(a.shape for a in args)))
+    _count_trace(key + tuple(a.shape for a in args))
     tokens, lp, *next_keys = fn(*args)
     return tokens, lp, (next_keys[0] if has_keys else keys)
 
@@ -298,9 +298,10 @@ def _count_trace(key: tuple) -> None:
         traces += 1
 
 
-def _compiled_sampler(flags: tuple, has_keys: bool):
-    # A compiled graph keeps the stream it was traced on: one per stream.
-    key = (flags, has_keys, str(mx.default_stream(mx.default_device())))
+def _compiled_sampler(key: tuple):
+    """The compiled sampler of `key` = (flags, has_keys, stream): a compiled graph keeps the
+    stream it was traced on, so there is one per stream."""
+    flags, has_keys, _ = key
     fn = _compiled.pop(key, None)
     if fn is None:
         fn = mx.compile(partial(_traced_sample, flags, has_keys))

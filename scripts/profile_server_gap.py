@@ -91,7 +91,7 @@ def top_frames(raw_path, n=40, thread_filter=None):
     return {"samples": total, "self": pick(leaf), "inclusive": pick(incl)}
 
 
-def time_inproc(model, tok, path, prompt, args, out_dir, **cfg):
+def time_inproc(model, tok, path, prompt, args, **cfg):
     from profile_step import time_engine
 
     from mlxsup.engine.config import EngineConfig
@@ -258,7 +258,7 @@ def main(argv=None) -> int:
     report = {"model": path, "device": str(mx.default_device()),
               "ld_preload": os.environ.get("LD_PRELOAD", "")}
     print(json.dumps(report), flush=True)
-    ms, eng = time_inproc(model, tok, path, prompt, args, args.out, max_batch=1,
+    ms, eng = time_inproc(model, tok, path, prompt, args, max_batch=1,
                           flush_interval_ms=0.0)
     report["inproc_ms"] = ms
     print(f"inproc (max_batch 1, flush 0, streamed): {ms:.3f} ms/token", flush=True)
@@ -268,7 +268,7 @@ def main(argv=None) -> int:
     for spec in args.inproc:
         kw = {k: float(v) if k == "flush_interval_ms" else int(v)
               for k, v in (item.split("=") for item in spec.split(","))}
-        ms2, _ = time_inproc(model, tok, path, prompt, args, args.out, **kw)
+        ms2, _ = time_inproc(model, tok, path, prompt, args, **kw)
         report["inproc_variants"][spec] = ms2
         print(f"inproc ({spec}): {ms2:.3f} ms/token", flush=True)
     del eng

@@ -52,6 +52,17 @@ MAX_N = 4096  # samples per request; the API allows fewer
 # A step longer than this is logged (INFO) with its rows, admissions and sampler traces: on a
 # GPU a decode step takes milliseconds, so a second means something was built or compiled.
 SLOW_STEP_LOG_S = 1.0
+# Freeing MLX's buffer cache returns every cached buffer to the driver; one slower than this is
+# logged too (the commit of a swap clears it before the step that first uses the new version).
+SLOW_CLEAR_LOG_S = 0.1
+
+
+def _clear_cache(why: str) -> None:
+    t0 = time.perf_counter()
+    mx.clear_cache()
+    spent = time.perf_counter() - t0
+    if spent > SLOW_CLEAR_LOG_S:
+        log.info("slow cache clear (%s): %.0f ms", why, spent * 1e3)
 
 
 class RequestError(ValueError):
@@ -273,7 +284,7 @@ class Engine:
         self.adapter_path = ticket.adapter_path = ticket.prepared.path
         self.counters["num_swaps"] += 1
         ticket.done = True
-        mx.clear_cache()
+        _clear_cache("swap commit")
         if ticket.on_done is not None:
             ticket.on_done(ticket)
 
@@ -339,10 +350,10 @@ class Engine:
         if plan.scores:
             self._run_scores(plan.scores, events)
         if not self.has_work():  # going idle: MLX's buffer cache, then the heap, back to the OS
-            mx.clear_cache()
+            _clear_cache("idle")
             self._trimmer.trim()
         elif self.counters["num_steps"] % self.config.clear_cache_every == 0:
-            mx.clear_cache()
+            _clear_cache("periodic")
         return events
 
     def _admission(self, state: RequestState, seqs: list[Sequence]) -> Admission:

@@ -33,6 +33,7 @@ a 1B model decoded one sequence at 7.7 ms a token with the batch caches and at 5
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -44,6 +45,8 @@ from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 from mlxsup.ipc.messages import SamplingParams
 
 from . import sampling
+
+log = logging.getLogger("mlxsup.engine")
 
 # Adaptive step mode (the CPU's default): a run of decode steps longer than SLOW_STEP_S from
 # step to step goes stepwise, one shorter than FAST_STEP_S pipelined. In-process on the 2-core
@@ -182,6 +185,9 @@ class ModelRunner:
         with mx.stream(self.stream):
             probe = model(mx.array([[0]]))
             mx.eval(probe)
+            t0 = time.perf_counter()
+            if sampling.warm_up(probe[:, -1, :]):
+                log.info("compiled sampler built in %.1f s", time.perf_counter() - t0)
         self.vocab_size = int(probe.shape[-1])
         try:
             _merge([make_prompt_cache(model), make_prompt_cache(model)])

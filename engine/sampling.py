@@ -220,7 +220,7 @@ def sample(logits: mx.array, rows: RowParams, keys: Optional[mx.array],
         # A penalty window's width is the request's: compiling would trace every width.
         return _sample(rows, logits, keys, ctx)
     has_keys = keys is not None
-    key = (rows.flags(), has_keys, str(mx.default_stream(mx.default_device())))
+    key = (_compile_flags(rows), has_keys, str(mx.default_stream(mx.default_device())))
     fn = _compiled_sampler(key)
     args = [logits, *rows.arrays()]
     if has_keys:
@@ -281,6 +281,46 @@ def _compile_default(on_gpu: bool) -> bool:
     if env is not None:
         return env not in ("0", "", "false", "no")
     return on_gpu
+
+
+# The mixes whose compiled samplers an engine builds when it starts (on a GPU), at one row and
+# at two: greedy and plain sampling. On CUDA a sampler JIT-compiles its kernels on first use, for
+# seconds (about 80 s for three samplers on a fresh H200; MLX keeps them on disk afterwards, in
+# MLX_PTX_CACHE_DIR), and a batch of one row uses other kernels than a batch of two or more. The
+# samplers of top-k and top-p mixes are built when a batch first uses them.
+WARM_MIXES = (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0))
+WARM_BATCHES = (1, 2)
+
+
+def warm_up(logits: mx.array) -> int:
+    """Build the compiled samplers of WARM_MIXES on `logits` (1, V) of the model's dtype, so
+    that the first requests do not wait for their compilation. Returns the traces it ran (0
+    where the sampler is not compiled)."""
+    if not _compile_enabled():
+        return 0
+    before = traces
+    for params in WARM_MIXES:
+        for batch in WARM_BATCHES:
+            rows = RowParams.build([params] * batch, logits.shape[-1])
+            x = mx.broadcast_to(logits, (batch, logits.shape[-1]))
+            mx.eval(*sample(x, rows, keys_for(list(range(batch))), None))
+    return traces - before
+
+
+def _compile_flags(rows: RowParams) -> tuple:
+    """The flags a compiled sampler is specialised on: only the stages that cost a sort or a
+    top-k (and whether every row is greedy). The elementwise stages (temperature, min-p, greedy
+    rows among sampled ones, raw log-probs) always run in it and are identities for the rows that
+    do not use them, so a batch's mix of such rows never compiles a new sampler: on CUDA each new
+    compiled sampler JIT-compiles its kernels, seconds during which the whole batch waits."""
+    if rows.all_greedy:  # argmax of the untruncated scores: truncation keeps the maximum
+        flags = dict(all_greedy=True, any_greedy=True, any_temp=False, max_top_k=0,
+                     any_top_p=False, any_min_p=False)
+    else:
+        flags = dict(all_greedy=False, any_greedy=True, any_temp=True, max_top_k=rows.max_top_k,
+                     any_top_p=rows.any_top_p, any_min_p=True)
+    flags.update(any_penalty=False, raw_differs=True)  # (a penalty with a window: op by op)
+    return tuple(flags[name] for name in RowParams.FLAGS)
 
 
 # Calls of a compiled sampler with inputs of a shape it has not seen trace it again (on CUDA

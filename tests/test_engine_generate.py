@@ -86,6 +86,35 @@ def test_greedy_identical_to_mlx_lm(engine):
         assert tok.decode(got).lstrip(" ") == ref_text.lstrip(" ")
 
 
+def test_compiled_sampler_engine_builds_its_samplers_before_the_first_request(
+        engine, tiny_model_dir, monkeypatch):
+    """Where the sampler is compiled (a GPU's default), an engine builds the greedy and plain
+    samplers at start: a batch mixing greedy, sampled and min-p rows then builds none while
+    requests wait (on CUDA each build JIT-compiles for seconds), and its greedy rows give the
+    tokens of the op-by-op engine."""
+    from mlxsup.engine import sampling
+
+    monkeypatch.setattr(sampling, "COMPILE", True)
+    monkeypatch.setattr(sampling, "_compiled", {})
+    compiled = make_engine(tiny_model_dir)
+    built = set(sampling._compiled)
+    assert len(built) == len(sampling.WARM_MIXES)
+    rng = random.Random(3)
+    prompts = prompts_of(6, rng)
+    mix = [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.7, min_p=0.05),
+           dict(temperature=0.0), dict(temperature=1.2), dict(temperature=0.0)]
+    reqs = [req(p, max_tokens=12, seed=i, **m) for i, (p, m) in enumerate(zip(prompts, mix))]
+    events = run(compiled, reqs)
+    assert set(sampling._compiled) == built
+    monkeypatch.setattr(sampling, "COMPILE", False)
+    for r, m in zip(reqs, mix):
+        [done] = done_events(events, r.request_id)
+        assert len(done.token_ids) > 0
+        if m["temperature"] == 0.0:
+            [[ref]] = engine.generate([r.prompt_ids], SamplingParams(max_tokens=12))
+            assert done.token_ids == ref.token_ids
+
+
 @pytest.mark.parametrize("batch", [1, 5, 32])
 @pytest.mark.parametrize("mode", ["raw", "processed"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

@@ -199,3 +199,53 @@ def test_compiled_sampler_counts_a_trace_per_new_batch_shape(compiled, monkeypat
     mx.eval(sampling.sample(mx.array(logits_rows(4, seed=3)), rows, sampling.keys_for([1, 2, 3, 4]),
                             None))
     assert sampling.traces == before + 1  # a new batch size traces
+
+
+@pytest.mark.parametrize("compiled", [True], indirect=True)
+def test_rows_of_cheap_stages_share_one_compiled_sampler(compiled, monkeypatch):
+    """Greedy rows, temperatures, min-p and raw log-probs mixed into a sampled batch run in the
+    one compiled sampler of plain sampling (on CUDA a new one JIT-compiles for seconds while the
+    batch waits); only top-k and top-p, which sort, have samplers of their own."""
+    monkeypatch.setattr(sampling, "_compiled", {})
+    x = mx.array(logits_rows(4, seed=12))
+    keys = sampling.keys_for([1, 2, 3, 4])
+    mixes = [
+        [SamplingParams(temperature=1.0)] * 4,
+        [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0),
+         SamplingParams(temperature=0.7), SamplingParams(temperature=1.3, min_p=0.1)],
+        [SamplingParams(temperature=1.0, logprobs_mode="raw"), SamplingParams(temperature=0.0),
+         SamplingParams(temperature=0.5, min_p=0.05), SamplingParams(temperature=1.0)],
+    ]
+    for params in mixes:
+        mx.eval(sampling.sample(x, sampling.RowParams.build(params, V), keys, None))
+    assert len(sampling._compiled) == 1
+    greedy = sampling.RowParams.build([SamplingParams(temperature=0.0)] * 4, V)
+    mx.eval(sampling.sample(x, greedy, keys, None))
+    nucleus = sampling.RowParams.build([SamplingParams(temperature=1.0, top_p=0.8)] * 4, V)
+    mx.eval(sampling.sample(x, nucleus, keys, None))
+    assert len(sampling._compiled) == 3
+
+
+@pytest.mark.parametrize("compiled", [True], indirect=True)
+def test_warm_up_builds_the_common_samplers_before_any_request(compiled, monkeypatch):
+    """An engine's start builds the samplers of greedy and plain sampling: batches of these
+    mixes (any size, greedy rows, temperatures and min-p among sampled ones) build no new one."""
+    monkeypatch.setattr(sampling, "_compiled", {})
+    monkeypatch.setattr(sampling, "_seen_shapes", set())
+    traces = sampling.warm_up(mx.array(logits_rows(1, seed=13)))
+    assert traces == len(sampling.WARM_MIXES) * len(sampling.WARM_BATCHES)
+    built = set(sampling._compiled)
+    x = mx.array(logits_rows(6, seed=14))
+    for params in ([SamplingParams(temperature=0.0)] * 6,
+                   [SamplingParams(temperature=1.0)] * 3 + [SamplingParams(temperature=0.0)] * 3,
+                   [SamplingParams(temperature=0.8, min_p=0.1)] * 6):
+        rows = sampling.RowParams.build(params, V)
+        mx.eval(sampling.sample(x, rows, sampling.keys_for(list(range(6))), None))
+    assert set(sampling._compiled) == built
+
+
+def test_warm_up_does_nothing_where_the_sampler_runs_op_by_op(monkeypatch):
+    monkeypatch.setattr(sampling, "COMPILE", False)
+    monkeypatch.setattr(sampling, "_compiled", {})
+    assert sampling.warm_up(mx.array(logits_rows(1, seed=13))) == 0
+    assert sampling._compiled == {}

@@ -25,23 +25,14 @@ import argparse
 import json
 import os
 import shlex
-import socket
-import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pyspy(binary, pid, seconds, out_path, rate=500):
@@ -146,15 +137,11 @@ def _children(run_dir):
 
 
 def time_server_variant(path, prompt_text, args, flags, idx, out_dir):
-    import httpx
     import psutil
+    from profile_step import generate_body, one_at_a_time, started_server
 
-    port, run_dir = _free_port(), tempfile.mkdtemp(prefix="mlxsup-gap-run-")
-    cmd = [sys.executable, "-m", "mlxsup", "start", "--model", path, "--host", "127.0.0.1",
-           "--port", str(port), "--run-dir", run_dir, "--log-level", "WARNING", *flags]
-    subprocess.run(cmd, check=True, timeout=600, cwd=tempfile.gettempdir())
     res = {"flags": " ".join(flags)}
-    try:
+    with started_server(path, flags) as (client, run_dir):
         kids = _children(run_dir)
         sup = psutil.Process(int(open(os.path.join(run_dir, "supervisor.pid")).read().split()[0])) \
             if os.path.exists(os.path.join(run_dir, "supervisor.pid")) else None
@@ -172,22 +159,10 @@ def time_server_variant(path, prompt_text, args, flags, idx, out_dir):
                                      if "blas" in m.path.lower() or "omp" in m.path.lower()})
         res["engine_affinity"] = len(ep.cpu_affinity()) if hasattr(ep, "cpu_affinity") else None
         res["engine_nice"] = ep.nice()
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-        body = {"prompt": prompt_text, "max_tokens": args.max_tokens, "temperature": 1.0,
-                "ignore_eos": True}
-        for _ in range(3):
-            client.post("/generate", json=body).raise_for_status()
-        per_engine, per_wall = [], []
-        for _ in range(max(args.reps, 5)):
-            t0 = time.perf_counter()
-            r = client.post("/generate", json=body)
-            spent = (time.perf_counter() - t0) * 1e3
-            data = r.json()
-            meta, n = data["metadata"], len(data["completion_ids"])
-            per_engine.append((meta["latency_ms"] - meta["ttft_ms"]) / (n - 1))
-            per_wall.append(spent / n)
-        res["engine_per_token_ms"] = statistics.median(per_engine)
-        res["wall_per_token_ms"] = statistics.median(per_wall)
+        body = generate_body(prompt_text, args.max_tokens)
+        timed = one_at_a_time(client, body, args.reps)
+        res["engine_per_token_ms"] = timed["server_engine_per_token_ms"]
+        res["wall_per_token_ms"] = timed["server_wall_per_token_ms"]
         # CPU per process and per engine thread while serving one request at a time
         def cpu(p):
             try:
@@ -226,10 +201,7 @@ def time_server_variant(path, prompt_text, args, flags, idx, out_dir):
              for t in ep.threads()], key=lambda x: -float(x.rsplit(' ', 1)[1]))[:12]
         res["engine_num_threads"] = ep.num_threads()
         res["frames"] = top_frames(raw, thread_filter="Engine.step") if args.py_spy else {}
-        return res
-    finally:
-        subprocess.run([sys.executable, "-m", "mlxsup", "stop", "--run-dir", run_dir],
-                       timeout=120, cwd=tempfile.gettempdir())
+    return res
 
 
 def main(argv=None) -> int:

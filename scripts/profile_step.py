@@ -21,14 +21,18 @@ for the device; the rest is host work that the pipelining must hide).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import json
 import os
 import pstats
 import shlex
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -170,14 +174,10 @@ def parts(model, prompt, batch, vocab):
     return res
 
 
-def time_server(path, prompt_text, max_tokens, reps, extra_args=()):
-    """`mlxsup start` on the model; sequential /generate requests (one sequence at a time).
-    Returns per-token ms inside the engine (from the answer's metadata), on the client's
-    clock, TTFT and queue ms (medians)."""
-    import socket
-    import subprocess
-    import tempfile
-
+@contextlib.contextmanager
+def started_server(path, extra_args=()):
+    """`mlxsup start` on the model (outside the repository, on a free port); yields (an httpx
+    client of it, its run dir) and stops it after."""
     import httpx
 
     with socket.socket() as s:
@@ -188,29 +188,47 @@ def time_server(path, prompt_text, max_tokens, reps, extra_args=()):
            "--port", str(port), "--run-dir", run_dir, "--log-level", "WARNING", *extra_args]
     subprocess.run(cmd, check=True, timeout=600, cwd=tempfile.gettempdir())
     try:
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-        body = {"prompt": prompt_text, "max_tokens": max_tokens, "temperature": 1.0,
-                "ignore_eos": True}
-        for _ in range(3):
-            client.post("/generate", json=body).raise_for_status()
-        engine, wall, ttft, queue = [], [], [], []
-        for _ in range(max(reps, 5)):
-            t0 = time.perf_counter()
-            r = client.post("/generate", json=body)
-            spent = (time.perf_counter() - t0) * 1e3
-            r.raise_for_status()
-            data = r.json()
-            meta, n = data["metadata"], len(data["completion_ids"])
-            engine.append((meta["latency_ms"] - meta["ttft_ms"]) / (n - 1))
-            wall.append(spent / n)
-            ttft.append(meta["ttft_ms"])
-            queue.append(meta["queue_ms"])
-        med = statistics.median
-        return {"server_engine_per_token_ms": med(engine), "server_wall_per_token_ms": med(wall),
-                "server_ttft_ms": med(ttft), "server_queue_ms": med(queue)}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            yield client, run_dir
     finally:
         subprocess.run([sys.executable, "-m", "mlxsup", "stop", "--run-dir", run_dir],
                        timeout=120, cwd=tempfile.gettempdir())
+
+
+def one_at_a_time(client, body, reps):
+    """Three unmeasured /generate requests, then `max(reps, 5)` one after another. Returns the
+    medians: per-token ms inside the engine (from the answer's metadata), on the client's
+    clock, TTFT and queue ms."""
+    for _ in range(3):
+        client.post("/generate", json=body).raise_for_status()
+    engine, wall, ttft, queue = [], [], [], []
+    for _ in range(max(reps, 5)):
+        t0 = time.perf_counter()
+        r = client.post("/generate", json=body)
+        spent = (time.perf_counter() - t0) * 1e3
+        r.raise_for_status()
+        data = r.json()
+        meta, n = data["metadata"], len(data["completion_ids"])
+        engine.append((meta["latency_ms"] - meta["ttft_ms"]) / (n - 1))
+        wall.append(spent / n)
+        ttft.append(meta["ttft_ms"])
+        queue.append(meta["queue_ms"])
+    med = statistics.median
+    return {"server_engine_per_token_ms": med(engine), "server_wall_per_token_ms": med(wall),
+            "server_ttft_ms": med(ttft), "server_queue_ms": med(queue)}
+
+
+def generate_body(prompt_text, max_tokens):
+    return {"prompt": prompt_text, "max_tokens": max_tokens, "temperature": 1.0,
+            "ignore_eos": True}
+
+
+def time_server(path, prompt_text, max_tokens, reps, extra_args=()):
+    """`mlxsup start` on the model; sequential /generate requests (one sequence at a time).
+    Returns per-token ms inside the engine, on the client's clock, TTFT and queue ms
+    (medians)."""
+    with started_server(path, extra_args) as (client, _):
+        return one_at_a_time(client, generate_body(prompt_text, max_tokens), reps)
 
 
 def _print_row(batch: int, row: dict) -> None:

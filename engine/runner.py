@@ -193,9 +193,11 @@ class ModelRunner:
             _merge([make_prompt_cache(model), make_prompt_cache(model)])
         except Exception as e:  # a cache type mlx-lm cannot batch
             raise ValueError(f"this model's KV cache does not support batching: {e}") from e
+        self._jobs: list[_PrefillJob] = []  # admissions still prefilling, oldest first
         self._clear()
 
     def _clear(self) -> None:
+        """Drop every row (the jobs still prefilling stay)."""
         self.seq_ids: list[int] = []
         self.params: list[SamplingParams] = []
         self.fresh: list[bool] = []  # rows whose pending token is their last prompt token
@@ -207,7 +209,6 @@ class ModelRunner:
         self.pending_version = 0
         self.solo = False  # the one row's caches are plain caches, not batch caches
         self._last_step_at = None  # no rows: the next step starts a new run of steps
-        self._jobs: list[_PrefillJob] = []  # admissions still prefilling, oldest first
 
     @property
     def num_rows(self) -> int:
@@ -466,9 +467,7 @@ class ModelRunner:
         if len(keep) == len(self.seq_ids):
             return
         if not keep:
-            jobs = self._jobs
             self._clear()
-            self._jobs = jobs
             return
         with mx.stream(self.stream):
             for c in self.cache:
@@ -484,10 +483,11 @@ class ModelRunner:
         self.rows = sampling.RowParams.build(self.params, self.vocab_size)
 
     def reset(self) -> None:
-        """Drop every row (and the step in flight)."""
+        """Drop every row, the step in flight and the jobs still prefilling."""
         if self.pending is not None:
             mx.eval(*self.pending)  # let the queued step finish before its buffers go
         self._clear()
+        self._jobs = []
 
     # ------------------------------------------------------------------ scoring
 

@@ -91,16 +91,14 @@ class RowParams:
     any_penalty: bool
     raw_differs: bool  # a raw-mode row whose processed distribution is not the raw one
 
-    # What a compiled sampler takes as inputs, and what selects which one (see `sample`).
+    # What a compiled sampler takes as inputs, and the flags it is traced with (chosen by
+    # `_compile_flags`, see `sample`).
     ARRAYS = ("inv_temp", "greedy", "top_k", "top_p", "log_min_p", "penalty", "want_raw")
     FLAGS = ("all_greedy", "any_greedy", "any_temp", "max_top_k", "any_top_p",
              "any_min_p", "any_penalty", "raw_differs")
 
     def arrays(self) -> list:
         return [getattr(self, name) for name in self.ARRAYS]
-
-    def flags(self) -> tuple:
-        return tuple(getattr(self, name) for name in self.FLAGS)
 
     @classmethod
     def build(cls, params: Sequence[SamplingParams], vocab_size: int, modes=None) -> "RowParams":

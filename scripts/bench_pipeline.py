@@ -32,27 +32,21 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=100)
     args = p.parse_args(argv)
-    from mlxsup.blas import reexec_with_blas
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from profile_step import setup
 
-    reexec_with_blas()
-
+    path, model, tok, vocab, _ = setup(args.model, args.preset, args.prompt_tokens)
     import mlx.core as mx
-    from mlx_lm import load
 
-    from mlxsup.demo import ensure_demo_model
     from mlxsup.engine.config import EngineConfig
     from mlxsup.engine.core import Engine
     from mlxsup.ipc.messages import SamplingParams
 
-    path = args.model or ensure_demo_model(
-        os.path.expanduser(f"~/.cache/mlxsup/bench-{args.preset}-seed0"), preset=args.preset)
-    model, tok = load(path)
     batches = [int(b) for b in args.batch.split(",")]
     engines = {mode: Engine(EngineConfig(model=path, max_batch=max(batches),
                                          flush_interval_ms=0.0, pipeline=setting),
                             model=model, tokenizer=tok)
                for mode, setting in (("pipelined", True), ("stepwise", False), ("adaptive", None))}
-    vocab = engines["stepwise"].vocab_size
     params = SamplingParams(max_tokens=args.max_tokens, temperature=1.0,
                             logprobs_mode="processed", ignore_eos=True)
     warm = SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True)

@@ -21,6 +21,7 @@ for the device; the rest is host work that the pipelining must hide).
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import cProfile
 import io
@@ -28,6 +29,7 @@ import json
 import os
 import pstats
 import shlex
+import shutil
 import socket
 import statistics
 import subprocess
@@ -193,6 +195,7 @@ def started_server(path, extra_args=()):
     finally:
         subprocess.run([sys.executable, "-m", "mlxsup", "stop", "--run-dir", run_dir],
                        timeout=120, cwd=tempfile.gettempdir())
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def one_at_a_time(client, body, reps):
@@ -251,11 +254,14 @@ def setup(model_dir, preset, prompt_tokens):
     shim's PYTHONPATH too), re-execute with OpenBLAS as the supervisor starts the engine, load
     `model_dir` or the preset's demo model. Returns (path, model, tokenizer, vocabulary size,
     a prompt of `prompt_tokens` ids)."""
-    import tempfile
-
     from bench_lib.systems import mlxsup_import_env
 
-    os.environ.update(mlxsup_import_env(REPO, tempfile.mkdtemp(prefix="mlxsup-profile-")))
+    # One shim folder for this process and the one it re-executes as (exit handlers do not
+    # survive the exec), removed when the last one ends.
+    shim = os.environ.get("MLXSUP_PROFILE_SHIM") or tempfile.mkdtemp(prefix="mlxsup-profile-")
+    os.environ["MLXSUP_PROFILE_SHIM"] = shim
+    atexit.register(shutil.rmtree, shim, True)
+    os.environ.update(mlxsup_import_env(REPO, shim))
     from mlxsup.blas import reexec_with_blas
 
     reexec_with_blas()

@@ -83,13 +83,21 @@ def prompt_ids_from(codec: TextCodec, *, text=None, ids=None, messages=None,
     if ids is not None:
         batch = ids if ids and isinstance(ids[0], list) else [ids]
         for i, one in enumerate(batch):
-            codec.check_ids(one, f"{ids_name}[{i}]" if batch is ids else ids_name)
+            check_token_ids(one, codec.vocab_size, f"{ids_name}[{i}]" if batch is ids else ids_name)
         return [list(one) for one in batch]
     if messages is not None:
         if messages and isinstance(messages[0], list):
             return [codec.encode_chat(conv, f"{messages_name}[{i}]") for i, conv in enumerate(messages)]
         return [codec.encode_chat(messages, messages_name)]
     raise invalid(text_name, f"give one of: {', '.join(names)}")
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int, field: str) -> None:
+    """Token ids must exist in the vocabulary (the engine would index out of range): one max()
+    per list; the offending index is searched for only when there is one."""
+    if ids and max(ids) >= vocab_size:
+        i = next(i for i, t in enumerate(ids) if t >= vocab_size)
+        raise invalid(f"{field}[{i}]", f"{field}[{i}] is not a token id of this model (vocabulary size {vocab_size})")
 
 
 def check_lengths(codec: TextCodec, prompts: list[list[int]], max_tokens: int, field: str,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from mlxsup.api.common import new_request_id, prompt_ids_from, sampling_params, send_json
+from mlxsup.api.common import check_token_ids, new_request_id, prompt_ids_from, sampling_params, send_json
 from mlxsup.api.errors import invalid, unavailable
 from mlxsup.api.media import read_json_object
 
@@ -27,7 +27,7 @@ class ScoreResource:
         (prompt_ids,) = prompt_ids_from(codec, text=body["prompt"], ids=body["prompt_ids"],
                                         messages=body["messages"])
         completion_ids = body["completion_ids"]
-        codec.check_ids(completion_ids, "completion_ids")
+        check_token_ids(completion_ids, codec.vocab_size, "completion_ids")
         total = len(prompt_ids) + len(completion_ids)
         if codec.context_length is not None and total > codec.context_length:
             raise invalid("completion_ids", f"prompt and completion are {total} tokens; the model's context "

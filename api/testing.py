@@ -1,7 +1,8 @@
 """Test doubles for the API's dependencies (as `falcon.testing` is for falcon apps): a fake
-engine link that answers deterministically, and a fake supervisor for the adapter routes.
+engine link that answers deterministically, a codec that needs no model, and a fake supervisor
+for the adapter routes.
 
-    app = create_app(config, engine_link=FakeEngineLink(), codec=codec, adapters=FakeAdapters())
+    app = create_app(config, engine_link=FakeEngineLink(), codec=fake_codec(), adapters=FakeAdapters())
     client = falcon.testing.TestClient(app)
 """
 
@@ -14,6 +15,7 @@ from typing import Callable, Optional, Sequence
 
 from mlxsup.api.engine_link import EngineStatus
 from mlxsup.api.errors import ApiError
+from mlxsup.api.textcodec import TextCodec
 from mlxsup.ipc.messages import LOGPROBS_NONE, SamplingParams, ScoreResult, SequenceDone, TokenChunk
 
 
@@ -100,6 +102,29 @@ class FakeEngineLink:
     async def abort(self, tag):
         self.aborted.append(tag)
         return 0
+
+
+def fake_codec(context_length: Optional[int] = 4096, template: Optional[str] = None) -> TextCodec:
+    """A real `TextCodec` over a tokenizer built in memory instead of a model's files: byte-level
+    with no merges (one token per UTF-8 byte, so any text round-trips), the demo model's special
+    tokens (ids 0-3: pad, bos, eot, start; bos prepended to prompts) and its chat template unless
+    `template` is given. Builds in milliseconds; API resource tests use it."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    from mlxsup import demo
+
+    vocab = {token: i for i, token in enumerate(demo.SPECIAL_TOKENS)}
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[char] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in demo.SPECIAL_TOKENS])
+    tok.post_processor = processors.TemplateProcessing(single=f"{demo.BOS} $A", pair=f"{demo.BOS} $A $B",
+                                                       special_tokens=[(demo.BOS, vocab[demo.BOS])])
+    return TextCodec(tok, template=demo.CHAT_TEMPLATE if template is None else template,
+                     named_specials={"bos_token": demo.BOS, "eos_token": demo.EOT, "pad_token": demo.PAD},
+                     context_length=context_length, name="fake-model")
 
 
 class FakeAdapters:

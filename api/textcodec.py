@@ -1,9 +1,14 @@
 """Text <-> token ids in the API worker: tokenizer, chat template, (incremental) detokenizing,
 stop strings. The engine sees token ids only.
 
-The tokenizer is `transformers.AutoTokenizer` loaded from the model directory; a Hugging Face
-hub id is resolved to its local snapshot as the engine does (`snapshot_download` with
-`local_files_only`: nothing is downloaded here). Nothing in this module imports mlx.
+The tokenizer is the model's `tokenizer.json`, loaded with `tokenizers` (the library behind
+transformers' fast tokenizers), and chat templates render with jinja2 (`chat_template.py`):
+transformers is not imported, because where torch is installed it pulls torch into every API
+worker (833 MiB RSS each instead of ~70; docs/architecture.md, "API worker memory"). A model
+without `tokenizer.json`, or whose tokenizer is remote code (`--trust-remote-code`), is loaded
+through transformers when it is installed, and its fast tokenizer's backend used the same way.
+A Hugging Face hub id is resolved to its local snapshot with huggingface_hub, as the engine
+does. Nothing in this module imports mlx.
 """
 
 from __future__ import annotations
@@ -13,35 +18,45 @@ import logging
 import os
 from typing import Optional, Sequence
 
+from tokenizers import AddedToken, Tokenizer
+
+from mlxsup.api import chat_template
 from mlxsup.api.errors import invalid
 
 log = logging.getLogger("mlxsup.api")
 
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length",
                  "max_seq_len")
+# What the API worker needs of a hub snapshot that is not on disk yet: never the weights.
+_TOKENIZER_FILES = ["*.json", "*.jinja", "additional_chat_templates/*", "*.model", "*.tiktoken", "*.txt",
+                    "*.py"]
 
 
 def resolve_model_dir(model: Optional[str]) -> str:
     """Local directory of `model`: the demo model's cache directory for None, the path itself
-    for a directory, else the local snapshot of a hub id (never downloaded here)."""
+    for a directory, else the snapshot of a hub id: the cached one, or its tokenizer and config
+    files fetched (never the weights; the engine fetches those)."""
     if model is None:
         from mlxsup.demo import default_demo_dir
 
         return default_demo_dir()
     if os.path.isdir(model):
         return model
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(model, local_files_only=True)
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:
+        raise RuntimeError(f"model {model!r} is not a directory, and resolving a Hugging Face hub id needs "
+                           "huggingface_hub (pip install huggingface_hub)") from None
+    try:
+        return snapshot_download(model, local_files_only=True)
+    except LocalEntryNotFoundError:
+        return snapshot_download(model, allow_patterns=_TOKENIZER_FILES)
 
 
 def context_length(model_dir: str) -> Optional[int]:
     """The model's context length from its config.json, when it states one."""
-    try:
-        with open(os.path.join(model_dir, "config.json")) as f:
-            config = json.load(f)
-    except (OSError, ValueError):
-        return None
+    config = _read_json(os.path.join(model_dir, "config.json"))
     sources = [config] + [config[k] for k in ("text_config", "llm_config") if isinstance(config.get(k), dict)]
     for source in sources:
         for key in _CONTEXT_KEYS:
@@ -51,68 +66,115 @@ def context_length(model_dir: str) -> Optional[int]:
     return None
 
 
-class TextCodec:
-    """One model's tokenizer, as the API needs it."""
+def special_tokens(tokenizer_config: dict, model_dir: Optional[str] = None) -> tuple[dict, list]:
+    """(named, extra): the named special tokens as strings (`bos_token` -> "<s>", what chat
+    templates see) and AddedTokens of every special token the config declares, as
+    transformers reads them from tokenizer_config.json (special_tokens_map.json fills gaps)."""
+    config = dict(tokenizer_config)
+    if model_dir is not None:
+        for key, value in _read_json(os.path.join(model_dir, "special_tokens_map.json")).items():
+            config.setdefault(key, value)
+    named, tokens = {}, []
+    for key in chat_template.NAMED_SPECIAL_TOKENS:
+        token = _added_token(config.get(key))
+        if token is not None:
+            named[key] = token.content
+            tokens.append(token)
+    for key in ("extra_special_tokens", "additional_special_tokens"):
+        values = config.get(key)
+        if isinstance(values, dict):  # model-specific names: {"image_token": "<image>"}
+            values = list(values.values())
+        for value in values if isinstance(values, list) else ():
+            token = _added_token(value)
+            if token is not None:
+                tokens.append(token)
+    return named, tokens
 
-    def __init__(self, tokenizer, context_length: Optional[int] = None, name: str = "model"):
+
+def _added_token(value) -> Optional[AddedToken]:
+    if isinstance(value, str) and value:
+        return AddedToken(value, special=True, normalized=False)
+    if isinstance(value, dict) and value.get("content"):
+        props = {k: value[k] for k in ("single_word", "lstrip", "rstrip", "normalized") if k in value}
+        return AddedToken(value["content"], special=True, **props)
+    return None
+
+
+class TextCodec:
+    """One model's tokenizer and chat template, as the API needs them.
+
+    `tokenizer` is a `tokenizers.Tokenizer` with the model's special tokens registered;
+    `template` its chat template (a string, named templates, or None); `named_specials` what
+    templates see as `bos_token`, `eos_token`, ...; `clean_up_spaces` transformers'
+    `clean_up_tokenization_spaces` (applied, as transformers does, to non-BPE models only)."""
+
+    def __init__(self, tokenizer: Tokenizer, *, template: Optional[chat_template.Template] = None,
+                 named_specials: Optional[dict] = None, context_length: Optional[int] = None,
+                 name: str = "model", clean_up_spaces: bool = False):
         self.tokenizer = tokenizer
+        self.template = template
+        self.named_specials = dict(named_specials or {})
         self.context_length = context_length
         self.name = name
-        self.vocab_size = len(tokenizer)
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.clean_up_spaces = clean_up_spaces and type(tokenizer.model).__name__ != "BPE"
 
     @classmethod
     def load(cls, model: Optional[str], trust_remote_code: bool = False) -> "TextCodec":
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # "PyTorch was not found" etc.
-        from transformers import AutoTokenizer
-
         model_dir = resolve_model_dir(model)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        name = model if model is not None else "mlxsup-demo"
-        return cls(tokenizer, context_length(model_dir), name=name)
+        config = _read_json(os.path.join(model_dir, "tokenizer_config.json"))
+        tokenizer_file = os.path.join(model_dir, "tokenizer.json")
+        remote = trust_remote_code and "AutoTokenizer" in json.dumps(config.get("auto_map", {}))
+        if remote or not os.path.isfile(tokenizer_file):
+            tokenizer, template = _from_transformers(model_dir, trust_remote_code)
+        else:
+            tokenizer = Tokenizer.from_file(tokenizer_file)
+            template = chat_template.find_chat_template(model_dir, config)
+        named, specials = special_tokens(config, model_dir)
+        _register_added_tokens(tokenizer, config, specials)
+        return cls(tokenizer, template=template, named_specials=named, context_length=context_length(model_dir),
+                   name=model if model is not None else "mlxsup-demo",
+                   clean_up_spaces=bool(config.get("clean_up_tokenization_spaces", False)))
 
     # ---------------------------------------------------------------- encoding
 
     def encode(self, text: str, field: str = "prompt") -> list[int]:
         """A text prompt as the seed's server tokenized it: with the tokenizer's special tokens."""
-        try:
-            ids = list(self.tokenizer.encode(text, add_special_tokens=True))
-        except Exception as e:  # a tokenizer refusing some input is the client's problem
-            raise invalid(field, f"{field} could not be tokenized: {_short(e)}") from None
+        ids = self._encode(text, field, add_special_tokens=True)
         if not ids:
             raise invalid(field, f"{field} tokenizes to no tokens")
         return ids
 
-    def encode_chat(self, messages: Sequence[dict], field: str = "messages") -> list[int]:
-        """Chat messages through the model's chat template, with the generation prompt."""
+    def render_chat(self, messages: Sequence[dict], field: str = "messages", tools: Optional[list] = None) -> str:
+        """Chat messages through the model's chat template, with the generation prompt. Text
+        parts are joined into one string and a null content is empty, as text-only templates
+        expect; `tools` (JSON schemas) are handed to the template as given."""
         clean = [{k: v for k, v in m.items() if v is not None or k == "content"} for m in messages]
         for m in clean:
             if isinstance(m.get("content"), list):  # text parts -> one string
                 m["content"] = "".join(part["text"] for part in m["content"])
             if m.get("content") is None:
                 m["content"] = ""
-        if not getattr(self.tokenizer, "chat_template", None):
+        if not self.template:
             raise invalid(field, f"{self.name} has no chat template; send prompt or prompt_ids")
         try:
-            text = self.tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # jinja raises whatever the template author chose
-            raise invalid(field, f"the chat template refused these messages: {_short(e)}") from None
-        if not isinstance(text, str):
-            raise invalid(field, "the chat template did not render text")
-        try:
-            ids = list(self.tokenizer.encode(text, add_special_tokens=False))
-        except Exception as e:
-            raise invalid(field, f"{field} could not be tokenized: {_short(e)}") from None
+            template = chat_template.pick_template(self.template, tools is not None)
+            return chat_template.render(template, clean, special_tokens=self.named_specials, tools=tools)
+        except chat_template.ChatTemplateError as e:
+            raise invalid(field, f"the chat template refused these messages: {_clip(str(e))}") from None
+
+    def encode_chat(self, messages: Sequence[dict], field: str = "messages", tools: Optional[list] = None) -> list[int]:
+        """`render_chat`'s text as token ids (the template writes the special tokens itself)."""
+        ids = self._encode(self.render_chat(messages, field, tools), field, add_special_tokens=False)
         if not ids:
             raise invalid(field, f"{field} render to no tokens")
         return ids
 
-    def check_ids(self, ids: Sequence[int], field: str) -> None:
-        """Token ids must exist in the vocabulary (the engine would index out of range)."""
-        vocab = self.vocab_size
-        for i, t in enumerate(ids):
-            if t >= vocab:
-                raise invalid(f"{field}[{i}]", f"{field}[{i}] is not a token id of this model "
-                                               f"(vocabulary size {vocab})")
+    def _encode(self, text: str, field: str, add_special_tokens: bool) -> list[int]:
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        except Exception as e:  # a tokenizer refusing some input is the client's problem
+            raise invalid(field, f"{field} could not be tokenized: {_clip(f'{type(e).__name__}: {e}')}") from None
 
     def check_length(self, num_prompt_tokens: int, max_tokens: int, field: str = "prompt",
                      max_tokens_field: str = "max_tokens") -> None:
@@ -128,14 +190,67 @@ class TextCodec:
     # ---------------------------------------------------------------- decoding
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        text = self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        return _clean_up_spaces(text) if self.clean_up_spaces else text
 
     def token_text(self, token_id: int) -> str:
         """One token as text (special tokens included), for OpenAI logprobs entries."""
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+        text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return _clean_up_spaces(text) if self.clean_up_spaces else text
 
     def text_stream(self, stops: Sequence[str] = ()) -> "TextStream":
         return TextStream(self, stops)
+
+
+def _clean_up_spaces(text: str) -> str:
+    """transformers' `clean_up_tokenization` (for WordPiece-era tokenizers that ask for it)."""
+    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(before, after)
+    return text
+
+
+def _register_added_tokens(tokenizer: Tokenizer, config: dict, specials: list) -> None:
+    """Add what tokenizer_config.json declares beyond tokenizer.json, as transformers does when
+    it loads one: its `added_tokens_decoder` entries missing from the tokenizer, then every
+    named and extra special token as special (an id the vocabulary has already keeps it)."""
+    present = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+    decoder = config.get("added_tokens_decoder")
+    for _, value in sorted(decoder.items(), key=lambda kv: int(kv[0])) if isinstance(decoder, dict) else ():
+        if isinstance(value, dict) and value.get("content") and value["content"] not in present:
+            props = {k: value[k] for k in ("single_word", "lstrip", "rstrip", "normalized", "special") if k in value}
+            tokenizer.add_tokens([AddedToken(value["content"], **props)])
+    if specials:
+        tokenizer.add_special_tokens(specials)
+
+
+def _from_transformers(model_dir: str, trust_remote_code: bool):
+    """(backend tokenizer, chat template) through transformers, for a model without
+    tokenizer.json or with a remote-code tokenizer: its fast tokenizer's `tokenizers` backend
+    is what the codec uses, so only loading differs."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # "PyTorch was not found" etc.
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise RuntimeError(f"{model_dir} has no tokenizer.json (or its tokenizer is remote code): loading it "
+                           "needs transformers (pip install transformers)") from None
+    log.warning("loading the tokenizer of %s through transformers (no tokenizer.json, or remote code): each "
+                "API worker imports transformers, and torch where it is installed", model_dir)
+    hf = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    backend = getattr(hf, "backend_tokenizer", None)
+    if backend is None:
+        raise RuntimeError(f"the tokenizer of {model_dir} is a slow (Python) one; mlxsup needs a fast tokenizer "
+                           "(save it with tokenizer.json)")
+    return backend, hf.chat_template
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> str:
@@ -201,6 +316,5 @@ class TextStream:
         return out
 
 
-def _short(e: Exception, limit: int = 300) -> str:
-    text = f"{type(e).__name__}: {e}"
+def _clip(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -11,8 +11,7 @@ from falcon import testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mlxsup.api.testing import make_app
-from mlxsup.api.textcodec import TextCodec
+from mlxsup.api.testing import fake_codec, make_app
 
 CHAT = [{"role": "user", "content": "hi"}]
 ROUTES = {
@@ -48,8 +47,8 @@ json_values = st.recursive(
 
 
 @pytest.fixture(scope="module")
-def client(tiny_model_dir, tmp_path_factory):
-    codec = TextCodec.load(tiny_model_dir)
+def client(tmp_path_factory):
+    codec = fake_codec()
     app, _, _ = make_app(codec, str(tmp_path_factory.mktemp("fuzz")))
     return testing.TestClient(app)
 

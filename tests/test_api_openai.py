@@ -10,8 +10,7 @@ import httpx
 import pytest
 
 from mlxsup.api.errors import ApiError
-from mlxsup.api.testing import FakeEngineLink, make_app
-from mlxsup.api.textcodec import TextCodec
+from mlxsup.api.testing import FakeEngineLink, fake_codec, make_app
 from mlxsup.ipc.messages import TokenChunk
 
 openai = pytest.importorskip("openai")
@@ -20,8 +19,8 @@ CHAT = [{"role": "user", "content": "Say something."}]
 
 
 @pytest.fixture(scope="module")
-def codec(tiny_model_dir):
-    return TextCodec.load(tiny_model_dir)
+def codec():
+    return fake_codec()
 
 
 def sdk_for(app):
@@ -118,8 +117,8 @@ def test_chat(env, codec):
         assert len(entries) == chat.usage.completion_tokens == 5
         assert "".join(e.token for e in entries) == choice.message.content
         assert entries[0].bytes == list(entries[0].token.encode()) and entries[0].top_logprobs[0].token == entries[0].token
-        rendered = codec.tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
-        assert link.requests[0][1] == codec.tokenizer.encode(rendered, add_special_tokens=False)
+        rendered = "<|start|>user\nSay something.<|eot|>\n<|start|>assistant\n"  # the demo model's template
+        assert link.requests[0][1] == codec.tokenizer.encode(rendered, add_special_tokens=False).ids
 
         stream = await sdk.chat.completions.create(model="m", messages=CHAT, max_tokens=5, temperature=0, stream=True,
                                                    stream_options={"include_usage": True}, logprobs=True)

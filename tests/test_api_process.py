@@ -1,4 +1,4 @@
-"""The API worker as a process: it never imports mlx, and under gunicorn's asgi worker (uvloop)
+"""The API worker as a process: it never imports mlx (nor transformers or torch), and under gunicorn's asgi worker (uvloop)
 it serves real HTTP over the real shared-memory IPC, with this test playing the engine (no
 model): seed shapes, the openai SDK streaming over SSE, 503 before the engine is ready, and a
 client that hangs up getting its request aborted in the engine."""
@@ -39,6 +39,8 @@ assert client.simulate_post("/v1/completions", json={"prompt": "hi", "logprobs":
 assert testing.TestClient(mlxsup.api.asgi.app).simulate_get("/health").status_code == 503  # no engine
 loaded = sorted(m for m in sys.modules if m == "mlx" or m.startswith(("mlx.", "mlx_lm")))
 assert not loaded, loaded
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("transformers", "torch"))
+assert not heavy, heavy  # tokenizers and jinja2 do the worker's text work
 print("ok", len(sys.modules))
 """
 

@@ -1,5 +1,5 @@
-"""Resource logic of every route with falcon's TestClient over a fake engine link and the tiny
-demo model's real tokenizer: the seed's response shape exactly, the multi-result envelope,
+"""Resource logic of every route with falcon's TestClient over a fake engine link and the
+model-free codec (api.testing.fake_codec): the seed's response shape exactly, the multi-result envelope,
 /score, /abort, /health, /metrics (JSON and Prometheus), /adapter, the OpenAPI document."""
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import pytest
 from falcon import testing
 
 from mlxsup.api.errors import ApiError
-from mlxsup.api.testing import FakeEngineLink, make_app, status_with
-from mlxsup.api.textcodec import TextCodec
+from mlxsup.api.testing import FakeEngineLink, fake_codec, make_app, status_with
 
 SEED_KEYS = ["request_id", "policy_version", "step_id", "prompt_ids", "completion_ids", "text", "logprobs",
              "finish_reason", "metadata"]
@@ -22,8 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def codec(tiny_model_dir):
-    return TextCodec.load(tiny_model_dir)
+def codec():
+    return fake_codec()
 
 
 @pytest.fixture
@@ -105,10 +104,8 @@ def test_prompt_ids_and_messages(setup, codec):
     messages = [{"role": "system", "content": "be brief"},
                 {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]}]
     body = client.simulate_post("/generate", json={"messages": messages}).json
-    rendered = codec.tokenizer.apply_chat_template(
-        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}],
-        tokenize=False, add_generation_prompt=True)
-    assert body["prompt_ids"] == codec.tokenizer.encode(rendered, add_special_tokens=False)
+    rendered = "<|start|>system\nbe brief<|eot|>\n<|start|>user\nhi there<|eot|>\n<|start|>assistant\n"
+    assert body["prompt_ids"] == codec.tokenizer.encode(rendered, add_special_tokens=False).ids
     body = client.simulate_post("/generate", json={"messages": [messages, messages[1:]]}).json
     assert len(body["results"]) == 2
 

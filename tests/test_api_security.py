@@ -14,16 +14,15 @@ import pytest
 from falcon import testing
 
 from mlxsup.api.adapters import SupervisorAdapters
-from mlxsup.api.testing import FakeAdapters, make_app
-from mlxsup.api.textcodec import TextCodec
+from mlxsup.api.testing import FakeAdapters, fake_codec, make_app
 
 ADAPTER_CONFIG = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": {"rank": 4, "scale": 1.0},
                   "model_type": "llama", "target_modules": ["q_proj"], "trainable": True}
 
 
 @pytest.fixture(scope="module")
-def codec(tiny_model_dir):
-    return TextCodec.load(tiny_model_dir)
+def codec():
+    return fake_codec()
 
 
 def client_for(codec, tmp_path, **config):

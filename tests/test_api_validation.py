@@ -7,8 +7,7 @@ import pytest
 from falcon import testing
 
 from mlxsup.api.media import MAX_DEPTH, json_depth
-from mlxsup.api.testing import make_app
-from mlxsup.api.textcodec import TextCodec
+from mlxsup.api.testing import fake_codec, make_app
 
 CHAT = [{"role": "user", "content": "hi"}]
 VALID = {
@@ -22,8 +21,8 @@ VALID = {
 
 
 @pytest.fixture(scope="module")
-def codec(tiny_model_dir):
-    return TextCodec.load(tiny_model_dir)
+def codec():
+    return fake_codec()
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ stop strings. The engine sees token ids only.
 The tokenizer is the model's `tokenizer.json`, loaded with `tokenizers` (the library behind
 transformers' fast tokenizers), and chat templates render with jinja2 (`chat_template.py`):
 transformers is not imported, because where torch is installed it pulls torch into every API
-worker (833 MiB RSS each instead of ~70; docs/architecture.md, "API worker memory"). A model
+worker (833 MiB RSS each on the GPU host; docs/reliability.md, "API worker memory"). A model
 without `tokenizer.json`, or whose tokenizer is remote code (`--trust-remote-code`), is loaded
 through transformers when it is installed, and its fast tokenizer's backend used the same way.
 A Hugging Face hub id is resolved to its local snapshot with huggingface_hub, as the engine

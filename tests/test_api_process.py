@@ -223,3 +223,46 @@ def test_client_that_hangs_up_gets_its_request_aborted(served):
     while rid not in engine.aborts:
         assert time.monotonic() < deadline, "no AbortRequest after the client hung up"
         time.sleep(0.05)
+
+
+def api_worker() -> "psutil.Process":
+    """The one gunicorn worker `served` started (the master is this test's child)."""
+    import psutil
+
+    (master,) = [c for c in psutil.Process().children() if "gunicorn" in " ".join(c.cmdline())]
+    (worker,) = master.children()
+    return worker
+
+
+def peak_rss(proc) -> int:
+    """The process's high-water RSS in bytes (Linux: VmHWM), else its RSS now."""
+    try:
+        with open(f"/proc/{proc.pid}/status") as f:
+            return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmHWM:"))
+    except OSError:
+        return proc.memory_info().rss
+
+
+def test_a_32_mib_deeply_nested_body_is_refused_and_the_worker_lives_on_bounded_memory(served):
+    url, engine = served
+    from mlxsup.api.media import MAX_JSON_BYTES
+
+    worker = api_worker()
+    with httpx.Client(base_url=url, timeout=60) as c:
+        assert c.post("/generate", json={"prompt": "warm up"}).status_code in (200, 503)
+        rss_before, peak_before = worker.memory_info().rss, peak_rss(worker)
+        depth = (MAX_JSON_BYTES - 64) // 2
+        body = b'{"prompt": ' + b"[" * depth + b"]" * depth + b"}"
+        assert MAX_JSON_BYTES - 64 < len(body) <= MAX_JSON_BYTES  # under the size cap: it is parsed
+        r = c.post("/generate", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 422 and r.json()["error"]["type"] == "validation_error"
+        assert "more than 1024 deep" in r.json()["error"]["message"]
+        r = c.post("/generate", content=b"[" * (MAX_JSON_BYTES + 1))
+        assert r.status_code == 413 and r.json()["error"]["type"] == "payload_too_large"
+        # the same worker answers on, and held the body a few times over at most (a pre-scan
+        # of it with numpy arrays took ~40 bytes per byte: over 1 GiB)
+        assert api_worker().pid == worker.pid
+        assert c.post("/generate", json={"prompt": "still here"}).status_code in (200, 503)
+        growth = max(worker.memory_info().rss - rss_before, peak_rss(worker) - peak_before)
+    print(f"growth {growth >> 20} MiB")
+    assert growth < 8 * MAX_JSON_BYTES, f"the worker grew by {growth >> 20} MiB"

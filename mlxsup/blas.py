@@ -1,14 +1,19 @@
 """An optimized BLAS for the engine process on Linux.
 
-`mlx[cpu]` on Linux links the reference BLAS, which ran a 1024x1024 float32 matmul at about
-8 GFLOP/s on the development machine; preloading OpenBLAS (Debian's `libopenblas0-pthread`)
-gave about 250 GFLOP/s. The supervisor builds the engine's environment with `engine_env` so
-users get the fast path without doing anything; `--blas off` or `MLXSUP_BLAS=off` opts out.
+`mlx[cpu]` on Linux links the reference BLAS, about 30x slower at matrix products than
+OpenBLAS (Debian's `libopenblas0-pthread`) preloaded in its place (docs/engine.md, "BLAS").
+The supervisor builds the engine's environment with `engine_env` so users get the fast path
+without doing anything, and `mlxsup start` warns (`blas_warning`) when there is none to
+preload; `--blas off` or `MLXSUP_BLAS=off` opts out of both.
+
+Only libraries exporting the standard `cblas_*` names can take the reference BLAS's place:
+pip's scipy-openblas wheels prefix theirs (`scipy_cblas_sgemm`), so preloading them maps the
+library and changes nothing (measured: docs/engine.md); they are not looked for.
 """
 
 from __future__ import annotations
 
-import glob
+import importlib.metadata
 import os
 import sys
 from typing import Mapping, Optional
@@ -30,12 +35,35 @@ def find_blas(candidates=CANDIDATES) -> Optional[str]:
     for path in candidates:
         if os.path.exists(path):
             return path
-    # pip's scipy-openblas wheels ship one too.
-    for site in sys.path:
-        hits = sorted(glob.glob(os.path.join(site, "scipy_openblas*", "lib", "libscipy_openblas*.so")))
-        if hits:
-            return hits[0]
     return None
+
+
+def _opted_out(mode: str, env: Mapping[str, str]) -> bool:
+    return mode == "off" or env.get("MLXSUP_BLAS", "").lower() == "off" or not sys.platform.startswith("linux")
+
+
+def has_cuda_backend() -> bool:
+    """Whether MLX's CUDA backend is installed (`mlx[cuda]`: an `mlx-cuda*` distribution);
+    the model then runs on the GPU and the CPU's BLAS hardly matters."""
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+        if name.startswith("mlx-cuda"):
+            return True
+    return False
+
+
+def blas_warning(mode: str = "auto", env: Mapping[str, str] = os.environ) -> Optional[str]:
+    """What `mlxsup start` warns on Linux when the engine would multiply matrices with the
+    reference BLAS: none found to preload, none preloaded by the user, no CUDA backend, not
+    opted out. None otherwise."""
+    if _opted_out(mode, env) or find_blas() is not None or "blas" in env.get("LD_PRELOAD", "").lower():
+        return None
+    if has_cuda_backend():
+        return None
+    return ("WARNING: no optimized BLAS found: the engine's CPU matrix products run on the reference BLAS "
+            "that mlx[cpu] ships, about 30x slower.\n"
+            "WARNING:   install OpenBLAS (Debian/Ubuntu: apt-get install libopenblas0-pthread; Fedora: dnf install "
+            "openblas) and start again; --blas off (or MLXSUP_BLAS=off) silences this.")
 
 
 def engine_env(base: Mapping[str, str], mode: str = "auto") -> dict[str, str]:
@@ -44,7 +72,7 @@ def engine_env(base: Mapping[str, str], mode: str = "auto") -> dict[str, str]:
     Only on Linux (macOS uses Accelerate, CUDA builds their own BLAS); `mode` "off" or
     MLXSUP_BLAS=off in `base` leaves the environment as it is."""
     env = dict(base)
-    if mode == "off" or env.get("MLXSUP_BLAS", "").lower() == "off" or not sys.platform.startswith("linux"):
+    if _opted_out(mode, env):
         return env
     lib = find_blas()
     if lib is None:

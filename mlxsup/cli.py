@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import Optional
 
 from mlxsup import __version__
 
@@ -16,7 +18,29 @@ def _demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def install_hint(error: ImportError) -> str:
+    """Why the server commands are missing and how to get them: a source checkout run without
+    installing (`mlxsup.supervisor` lives in supervisor/, which only the install maps), or a
+    dependency that is not installed."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    target = root if os.path.isfile(os.path.join(root, "pyproject.toml")) else "mlxsup"
+    extra = "[cpu]" if sys.platform.startswith("linux") else ""
+    command = f"pip install -e '{target}{extra}'" if target != "mlxsup" else f"pip install 'mlxsup{extra}'"
+    name = getattr(error, "name", None) or ""
+    if name.startswith("mlxsup"):
+        why = f"{name} is not importable: mlxsup is not installed (a source checkout needs installing first)"
+    else:
+        why = f"a dependency is missing ({error})"
+    return (f"mlxsup: the server commands (start, stop, status, reload-adapter) could not be loaded: {why}.\n"
+            f"  importing mlxsup.supervisor.cli failed with {type(error).__name__}: {error}\n"
+            f"  install mlxsup with its dependencies: {command}")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    return _build_parser()[0]
+
+
+def _build_parser() -> tuple[argparse.ArgumentParser, Optional[ImportError]]:
     parser = argparse.ArgumentParser(
         prog="mlxsup",
         description="Rollout server for RL trainers on MLX models.",
@@ -32,15 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     try:
         from mlxsup.supervisor.cli import add_subcommands
-    except ImportError:
-        pass
-    else:
-        add_subcommands(sub)
-    return parser
+    except ImportError as e:  # said when a command needs them (main), not at every import
+        parser.epilog = install_hint(e)
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        return parser, e
+    add_subcommands(sub)
+    return parser, None
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    parser, import_error = _build_parser()
+    words = sys.argv[1:] if argv is None else list(argv)
+    command = next((w for w in words if not w.startswith("-")), None)
+    if import_error is not None and command is not None and command != "demo-model":
+        print(install_hint(import_error), file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -23,6 +23,7 @@ import time
 import traceback
 from typing import Callable, Optional
 
+from mlxsup.blas import blas_warning
 from mlxsup.config import ServerConfig
 from mlxsup.supervisor import protocol
 from mlxsup.supervisor.children import kill_all, orphans
@@ -183,7 +184,7 @@ def start(config: ServerConfig, foreground: bool = False, out=sys.stdout, err=sy
     except StartError as e:
         print(f"mlxsup start: {e}", file=err)
         return e.exit_code
-    warning = exposure_warning(config)
+    warning = "\n".join(w for w in (exposure_warning(config), blas_warning(config.blas)) if w) or None
     if warning:
         print(warning, file=err)
     if foreground:

@@ -80,3 +80,55 @@ def test_scripts_reexec_themselves_with_the_blas_once():
     assert lib == find_blas() and mapped == "True" and args == ["['auto',", "'--flag']"]
     lib, mapped, *_ = run("off")
     assert lib == "-"
+
+
+def test_scipy_openblas_wheels_are_not_taken_for_an_optimized_blas():
+    # Their symbols are prefixed (scipy_cblas_sgemm): preloaded, MLX still calls the reference
+    # BLAS (docs/engine.md, "BLAS"). Even with one installed, only real candidates count.
+    assert find_blas(candidates=()) is None
+    assert find_blas(candidates=("/nonexistent/libopenblas.so.0", __file__)) == __file__
+
+
+@pytest.fixture
+def linux_cpu(monkeypatch):
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr("mlxsup.blas.find_blas", lambda: None)
+    monkeypatch.setattr("mlxsup.blas.has_cuda_backend", lambda: False)
+
+
+def test_start_warns_with_the_fix_when_there_is_no_blas(linux_cpu, monkeypatch):
+    from mlxsup.blas import blas_warning
+
+    warning = blas_warning("auto", {})
+    assert "30x slower" in warning and "apt-get install libopenblas0-pthread" in warning and "--blas off" in warning
+    assert blas_warning("off", {}) is None and blas_warning("auto", {"MLXSUP_BLAS": "off"}) is None
+    assert blas_warning("auto", {"LD_PRELOAD": "/opt/intel/libmkl_rt.so:/opt/libopenblas.so"}) is None
+    monkeypatch.setattr("mlxsup.blas.find_blas", lambda: "/usr/lib/libopenblas.so.0")
+    assert blas_warning("auto", {}) is None
+    monkeypatch.setattr("mlxsup.blas.find_blas", lambda: None)
+    monkeypatch.setattr("mlxsup.blas.has_cuda_backend", lambda: True)  # the model runs on the GPU
+    assert blas_warning("auto", {}) is None
+    monkeypatch.setattr(sys, "platform", "darwin")  # Accelerate
+    monkeypatch.setattr("mlxsup.blas.has_cuda_backend", lambda: False)
+    assert blas_warning("auto", {}) is None
+
+
+def test_mlxsup_start_prints_and_logs_the_blas_warning(linux_cpu, monkeypatch, tmp_path, capsys):
+    from mlxsup.config import ServerConfig
+    from mlxsup.supervisor import launcher
+
+    seen = {}
+
+    def start_daemon(config, out, err, warning, options):  # what the daemon would log
+        seen["warning"] = warning
+        return 0
+
+    monkeypatch.setattr(launcher, "check_port", lambda host, port: None)
+    monkeypatch.setattr(launcher, "_start_daemon", start_daemon)
+    config = ServerConfig(run_dir=str(tmp_path / "run"), host="127.0.0.1", port=1)
+    assert launcher.start(config) == 0
+    assert "apt-get install libopenblas0-pthread" in capsys.readouterr().err
+    assert "apt-get install libopenblas0-pthread" in seen["warning"]  # what the daemon logs
+    seen.clear()
+    assert launcher.start(ServerConfig(run_dir=str(tmp_path / "run2"), host="127.0.0.1", port=1, blas="off")) == 0
+    assert seen["warning"] is None and "BLAS" not in capsys.readouterr().err

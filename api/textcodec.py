@@ -9,6 +9,12 @@ without `tokenizer.json`, or whose tokenizer is remote code (`--trust-remote-cod
 through transformers when it is installed, and its fast tokenizer's backend used the same way.
 A Hugging Face hub id is resolved to its local snapshot with huggingface_hub, as the engine
 does. Nothing in this module imports mlx.
+
+The tokenizer is the file as written: transformers 5 rebuilds parts of some model-specific
+classes from their Python definition instead (Qwen2Tokenizer's pre-tokenizer regex, the
+Mistral regex patch for vocabularies over 100k), which matters only for a tokenizer.json that
+disagrees with its own class. tests/test_api_textcodec.py checks ids, text and chat
+renderings against transformers.
 """
 
 from __future__ import annotations

@@ -141,6 +141,23 @@ def test_encode_and_decode_equal_transformers(model_dir):
     assert ours.decode(every_id) == theirs.decode(every_id, skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("tokenizer_class", ["LlamaTokenizer", "GPT2Tokenizer"])
+def test_model_specific_tokenizer_classes_read_tokenizer_json_as_we_do(tiny_model_dir, tmp_path, tokenizer_class):
+    # transformers picks a class by tokenizer_config's name; these take tokenizer.json as it
+    # is. (Qwen2Tokenizer rebuilds the pre-tokenizer with Qwen's regex whatever the file
+    # says, so it differs on this made-up tokenizer; on Qwen's own files the two agree.)
+    path = variant(tmp_path, tiny_model_dir)
+    config = json.loads(open(os.path.join(path, "tokenizer_config.json")).read())
+    config["tokenizer_class"] = tokenizer_class
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f)
+    ours, theirs = TextCodec.load(path), transformers.AutoTokenizer.from_pretrained(path)
+    for text in PROMPTS:
+        ids = ours.encode(text)
+        assert ids == theirs.encode(text) and ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
+    assert ours.encode_chat(CONVERSATIONS[1]) == hf_chat(theirs, CONVERSATIONS[1])[1]
+
+
 @pytest.mark.parametrize("template", ["model's own", TOOL_TEMPLATE, DATED_TEMPLATE])
 def test_chat_templates_render_as_transformers_does(model_dir, tmp_path, template):
     path = model_dir if template == "model's own" else variant(tmp_path, model_dir, config_template=template)

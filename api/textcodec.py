@@ -136,6 +136,10 @@ class TextCodec:
         else:
             tokenizer = Tokenizer.from_file(tokenizer_file)
             template = chat_template.find_chat_template(model_dir, config)
+        # A tokenizer.json may carry truncation or padding settings; transformers turns them
+        # off for every call that does not ask for them, and so does the API: whole prompts.
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
         named, specials = special_tokens(config, model_dir)
         _register_added_tokens(tokenizer, config, specials)
         return cls(tokenizer, template=template, named_specials=named, context_length=context_length(model_dir),

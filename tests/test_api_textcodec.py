@@ -141,6 +141,20 @@ def test_encode_and_decode_equal_transformers(model_dir):
     assert ours.decode(every_id) == theirs.decode(every_id, skip_special_tokens=True)
 
 
+def test_truncation_and_padding_in_tokenizer_json_do_not_cut_prompts(tiny_model_dir, tmp_path):
+    path = variant(tmp_path, tiny_model_dir)
+    data = json.loads(open(os.path.join(path, "tokenizer.json")).read())
+    data["truncation"] = {"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0}
+    data["padding"] = {"strategy": {"Fixed": 64}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0,
+                       "pad_type_id": 0, "pad_token": "<|pad|>"}
+    with open(os.path.join(path, "tokenizer.json"), "w") as f:
+        json.dump(data, f)
+    ours, theirs = TextCodec.load(path), transformers.AutoTokenizer.from_pretrained(path)
+    text = PROMPTS[0]
+    assert ours.encode(text) == theirs.encode(text) == TextCodec.load(tiny_model_dir).encode(text)
+    assert len(ours.encode(text)) > 8
+
+
 @pytest.mark.parametrize("tokenizer_class", ["LlamaTokenizer", "GPT2Tokenizer"])
 def test_model_specific_tokenizer_classes_read_tokenizer_json_as_we_do(tiny_model_dir, tmp_path, tokenizer_class):
     # transformers picks a class by tokenizer_config's name; these take tokenizer.json as it

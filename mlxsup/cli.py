@@ -26,6 +26,8 @@ def install_hint(error: ImportError) -> str:
     target = root if os.path.isfile(os.path.join(root, "pyproject.toml")) else "mlxsup"
     extra = "[cpu]" if sys.platform.startswith("linux") else ""
     command = f"pip install -e '{target}{extra}'" if target != "mlxsup" else f"pip install 'mlxsup{extra}'"
+    if extra:
+        command += " (with an NVIDIA GPU: [cuda] instead of [cpu])"
     name = getattr(error, "name", None) or ""
     if name.startswith("mlxsup"):
         why = f"{name} is not importable: mlxsup is not installed (a source checkout needs installing first)"
@@ -56,7 +58,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, Optional[ImportError]]:
 
     try:
         from mlxsup.supervisor.cli import add_subcommands
-    except ImportError as e:  # said when a command needs them (main), not at every import
+    except ImportError as e:  # `main` says so when a command is asked for; --help shows it too
         parser.epilog = install_hint(e)
         parser.formatter_class = argparse.RawDescriptionHelpFormatter
         return parser, e

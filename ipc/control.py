@@ -32,7 +32,7 @@ _LINE = LINE_BYTES
 _MAGIC_OFF = 0
 _ENGINE_SEQ_OFF = _LINE
 _ENGINE_OFF = 2 * _LINE
-_ENGINE = struct.Struct(f"<QQQqQQQQQQQI{MAX_ADAPTER_ID_BYTES}s")
+_ENGINE = struct.Struct(f"<QQQqQQQQQQQQQI{MAX_ADAPTER_ID_BYTES}s")
 _SUPERVISOR_SEQ_OFF = _ENGINE_OFF + -(-_ENGINE.size // _LINE) * _LINE
 _SUPERVISOR_OFF = _SUPERVISOR_SEQ_OFF + _LINE
 _SUPERVISOR = struct.Struct(f"<QQI{MAX_SUPERVISOR_STATE_BYTES}s")
@@ -52,6 +52,8 @@ ENGINE_FIELDS = (
     "prefill_tokens",
     "num_swaps",
     "num_requests",
+    "vocab_size",
+    "context_length",
     "adapter_id",
 )
 SUPERVISOR_FIELDS = ("engine_restarts", "supervisor_pid", "supervisor_state")
@@ -73,6 +75,9 @@ class ControlSnapshot:
     prefill_tokens: int = 0
     num_swaps: int = 0
     num_requests: int = 0
+    # the model's limits, published once with "ready": the API checks requests against them
+    vocab_size: int = 0
+    context_length: int = 0  # 0: the model's config states none
     engine_restarts: int = 0
     supervisor_pid: int = 0
     supervisor_state: str = ""

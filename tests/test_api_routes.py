@@ -1,6 +1,7 @@
 """Resource logic of every route with falcon's TestClient over a fake engine link and the
 model-free codec (api.testing.fake_codec): the seed's response shape exactly, the multi-result envelope,
-/score, /abort, /health, /metrics (JSON and Prometheus), /adapter, the OpenAPI document."""
+/score, /abort, /health, /metrics (JSON and Prometheus), /adapter (the OpenAPI document:
+test_api_spec.py)."""
 
 from __future__ import annotations
 
@@ -250,35 +251,6 @@ def test_adapter(setup):
     body = client.simulate_get("/adapter").json
     assert body == {"policy_version": 4, "adapter_path": "/a/b", "adapter_id": "/a/b",
                     "loaded_at": "2023-11-14T22:13:20.500000+00:00", "committed_version": 4, "num_swaps": 4}
-
-
-def test_openapi_document_is_served_and_matches_docs(setup):
-    from mlxsup.api.spec import spec_text
-
-    client, _, _ = setup
-    served = client.simulate_get("/openapi.json").json
-    with open(os.path.join(ROOT, "docs", "openapi.json")) as f:
-        on_disk = json.load(f)
-    assert served == on_disk == json.loads(spec_text()), "regenerate: python -m mlxsup.api.spec > docs/openapi.json"
-    assert served["openapi"].startswith("3.1")
-    props = served["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert props["additionalProperties"] is False and props["properties"]["max_tokens"]["default"] == 128
-    assert set(served["paths"]) >= {"/generate", "/score", "/abort", "/load_adapter", "/upload_adapter",
-                                    "/adapter", "/health", "/metrics", "/v1/models", "/v1/completions",
-                                    "/v1/chat/completions"}
-    chat = served["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert "tools" in chat["properties"] and "additionalProperties" in chat
-
-
-def test_openapi_document_is_valid_json_schema_for_the_requests(setup):
-    jsonschema = pytest.importorskip("jsonschema")
-    client, _, _ = setup
-    spec = client.simulate_get("/openapi.json").json
-    schema = spec["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    jsonschema.Draft202012Validator.check_schema(schema)
-    validator = jsonschema.Draft202012Validator(schema)
-    assert validator.is_valid({"prompt": "hi", "n": 2, "stop": ["x"], "policy_version": "v"})
-    assert not validator.is_valid({"prompt": "hi", "max_token": 3})
 
 
 def test_one_failing_prompt_cancels_the_others(codec, tmp_path):

@@ -37,10 +37,13 @@ STATUS_TEXT = {
     404: "not found (error.field names what)",
     413: "the body is too large",
     415: "not multipart/form-data",
-    422: "the request is invalid (error.field names the field by its path)",
+    409: "aborted (POST /abort) while the engine restarted",
+    422: "the request is invalid (error.field names the field by its path), or the engine died twice "
+         "with it in flight (request_refused)",
     503: "overloaded, the engine (re)starting, or the supervisor busy: retry after Retry-After seconds",
 }
 API = (400, 401, 413, 422)  # every JSON route behind --api-key
+ENGINE = (409, 503)  # every route whose request goes to the engine
 
 
 @dataclass
@@ -77,13 +80,13 @@ def _sse(*events) -> dict:
 def _routes() -> list[Route]:
     return [
         Route("/generate", "post", "Generate completions (the seed's route)",
-              _json({"oneOf": [_ref(p.GenerateResult), _ref(p.GenerateResults)]}), (*API, 403, 503),
+              _json({"oneOf": [_ref(p.GenerateResult), _ref(p.GenerateResults)]}), (*API, *ENGINE),
               body=p.GenerateRequest,
               ok_text="one prompt with n=1: a bare result; otherwise {results: [...]}, prompt-major"),
         Route("/score", "post", "Teacher-forced log-probs of given completion tokens",
-              _json(_ref(p.ScoreResult)), (*API, 403, 503), body=p.ScoreRequest),
+              _json(_ref(p.ScoreResult)), (*API, *ENGINE), body=p.ScoreRequest),
         Route("/abort", "post", "Abort a request by its request_id (any worker)",
-              _json(_ref(p.AbortResult)), (*API, 403), body=p.AbortRequest),
+              _json(_ref(p.AbortResult)), API, body=p.AbortRequest),
         Route("/load_adapter", "post", "Swap in a LoRA adapter from the server's disk",
               _json(_ref(p.SwapResult)), (*API, 403, 404, 503), body=p.LoadAdapterRequest, security="admin",
               ok_text="committed"),
@@ -116,12 +119,12 @@ def _routes() -> list[Route]:
         Route("/v1/models", "get", "OpenAI: list models", _json(_ref(oa.ModelList)), (401, 503)),
         Route("/v1/completions", "post", "OpenAI: completions",
               {**_json(_ref(oa.CompletionResponse)), **_sse(oa.CompletionChunk, p.ErrorBody)},
-              (*API, 503), body=oa.CompletionRequest,
+              (*API, *ENGINE), body=oa.CompletionRequest,
               ok_text="text_completion; with stream: true, SSE events (an error after the first event is an "
                       "error event)"),
         Route("/v1/chat/completions", "post", "OpenAI: chat completions",
               {**_json(_ref(oa.ChatCompletionResponse)), **_sse(oa.ChatCompletionChunk, p.ErrorBody)},
-              (*API, 503), body=oa.ChatCompletionRequest,
+              (*API, *ENGINE), body=oa.ChatCompletionRequest,
               ok_text="chat.completion; with stream: true, SSE events (an error after the first event is an "
                       "error event)"),
     ]

@@ -269,3 +269,37 @@ def test_one_failing_prompt_cancels_the_others(codec, tmp_path):
     r = testing.TestClient(app).simulate_post("/generate", json={"prompt": ["ok", "bad", "fine"]})
     assert r.status_code == 422 and r.json["error"]["message"] == "engine refused it"
     assert link.cancelled == 2  # the other prompts' engine requests were cancelled (so aborted)
+
+
+def test_context_rule_explicit_max_tokens_must_fit_and_absent_one_takes_the_room_left(codec, tmp_path):
+    # the limits as the engine publishes them with "ready" (here a small context)
+    app, link, _ = make_app(codec, str(tmp_path), link=FakeEngineLink(vocab_size=codec.vocab_size,
+                                                                      context_length=20), max_tokens=8)
+    client = testing.TestClient(app)
+    r = client.simulate_post("/generate", json={"prompt_ids": [5] * 15, "max_tokens": 6})
+    assert r.status_code == 422 and r.json["error"]["field"] == "max_tokens" and "20" in r.json["error"]["message"]
+    r = client.simulate_post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                                                           "max_completion_tokens": 10**5})
+    assert r.status_code == 422 and r.json["error"]["field"] == "max_completion_tokens"
+    assert not link.requests
+    assert client.simulate_post("/generate", json={"prompt_ids": [5] * 15, "max_tokens": 5}).status_code == 200
+    assert client.simulate_post("/generate", json={"prompt_ids": [5] * 15}).status_code == 200
+    assert client.simulate_post("/generate", json={"prompt_ids": [5] * 4}).status_code == 200
+    # per prompt of a batch: each gets the room its own length leaves
+    assert client.simulate_post("/generate", json={"prompt_ids": [[5] * 17, [5] * 2]}).status_code == 200
+    assert [params.max_tokens for _, _, params, _, _ in link.requests] == [5, 5, 8, 3, 8]
+    r = client.simulate_post("/generate", json={"prompt_ids": [[5] * 2, [5] * 20]})
+    assert r.status_code == 422 and r.json["error"]["field"] == "prompt_ids[1]"
+
+
+def test_token_ids_are_checked_against_the_vocabulary_the_engine_published(codec, tmp_path):
+    app, link, _ = make_app(codec, str(tmp_path), link=FakeEngineLink(vocab_size=100, context_length=64))
+    client = testing.TestClient(app)
+    r = client.simulate_post("/generate", json={"prompt_ids": [[1, 2], [3, 100]]})
+    assert r.status_code == 422 and r.json["error"]["field"] == "prompt_ids[1][1]"
+    assert "vocabulary size 100" in r.json["error"]["message"]
+    r = client.simulate_post("/v1/completions", json={"prompt": [99, 100]})
+    assert r.status_code == 422 and r.json["error"]["field"] == "prompt[1]"
+    assert not link.requests
+    assert client.simulate_post("/generate", json={"prompt_ids": [99]}).status_code == 200
+    assert client.simulate_get("/v1/models").json["data"][0]["max_model_len"] == 64

@@ -9,13 +9,13 @@ API does once per request. Run it under the heavy lock; the ratio is what matter
 
 Measured on the 2-core CI box (one run, shared machine), microseconds per body, best of 5:
 
-    body          pydantic   msgspec
-    text prompt   ~11        ~1.6
-    2k token ids  ~32        ~12
+    body          pydantic   msgspec   ratio
+    text prompt        5.1       2.3     2.3
+    2k token ids     137.4      61.6     2.2
 
-Picked: pydantic. msgspec is ~3-7x faster, but both are far below one millisecond, and a
-/generate request spends milliseconds in the tokenizer and the engine, so the difference is
-under 0.1% of a request. What decides is what the edge must express: msgspec refuses a union
+Picked: pydantic. msgspec is ~2x faster, but both stay well under one millisecond, and a
+/generate request spends milliseconds in the tokenizer and the engine, so the difference is a
+small part of a request. What decides is what the edge must express: msgspec refuses a union
 of two array types (`prompt_ids`: a list of ids or a list of lists), has no per-field
 validators for the "exactly one of prompt / prompt_ids / messages" rule and reports one error
 as a sentence without a machine-readable path; pydantic (as vLLM's protocol.py) gives typed

@@ -278,9 +278,6 @@ def test_context_rule_explicit_max_tokens_must_fit_and_absent_one_takes_the_room
     client = testing.TestClient(app)
     r = client.simulate_post("/generate", json={"prompt_ids": [5] * 15, "max_tokens": 6})
     assert r.status_code == 422 and r.json["error"]["field"] == "max_tokens" and "20" in r.json["error"]["message"]
-    r = client.simulate_post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
-                                                           "max_completion_tokens": 10**5})
-    assert r.status_code == 422 and r.json["error"]["field"] == "max_completion_tokens"
     assert not link.requests
     assert client.simulate_post("/generate", json={"prompt_ids": [5] * 15, "max_tokens": 5}).status_code == 200
     assert client.simulate_post("/generate", json={"prompt_ids": [5] * 15}).status_code == 200
@@ -290,6 +287,16 @@ def test_context_rule_explicit_max_tokens_must_fit_and_absent_one_takes_the_room
     assert [params.max_tokens for _, _, params, _, _ in link.requests] == [5, 5, 8, 3, 8]
     r = client.simulate_post("/generate", json={"prompt_ids": [[5] * 2, [5] * 20]})
     assert r.status_code == 422 and r.json["error"]["field"] == "prompt_ids[1]"
+    # chat: the field named is the one the client gave
+    app, link, _ = make_app(codec, str(tmp_path), link=FakeEngineLink(vocab_size=codec.vocab_size,
+                                                                      context_length=64))
+    client = testing.TestClient(app)
+    chat = {"messages": [{"role": "user", "content": "x"}]}
+    r = client.simulate_post("/v1/chat/completions", json={**chat, "max_completion_tokens": 10**5})
+    assert r.status_code == 422 and r.json["error"]["field"] == "max_completion_tokens"
+    r = client.simulate_post("/v1/chat/completions", json={**chat, "max_tokens": 60})
+    assert r.status_code == 422 and r.json["error"]["field"] == "max_tokens"
+    assert not link.requests
 
 
 def test_token_ids_are_checked_against_the_vocabulary_the_engine_published(codec, tmp_path):

@@ -1,7 +1,7 @@
 """The OpenAPI document: generated from the body models, served as docs/openapi.json says, and
 exact: every answer of every route (errors, SSE events, -inf log-probs included) validates
-against the schema the document gives for its route and status. Over falcon's TestClient and
-the fake engine link; tests/test_api_schema_fuzz.py does the same against a live server."""
+against the schema the document gives for its route and status. Over falcon's TestClient, the
+fake engine link and the model-free codec; tests/test_api_schema_fuzz.py does the same against a live server."""
 
 from __future__ import annotations
 
@@ -18,16 +18,15 @@ import pytest
 from falcon import testing
 
 from mlxsup.api.protocol import LOGPROB_FLOOR
-from mlxsup.api.testing import FakeEngineLink, make_app, status_with
-from mlxsup.api.textcodec import TextCodec
+from mlxsup.api.testing import FakeEngineLink, fake_codec, make_app, status_with
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHAT = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture(scope="module")
-def codec(tiny_model_dir):
-    return TextCodec.load(tiny_model_dir)
+def codec():
+    return fake_codec()
 
 
 @pytest.fixture

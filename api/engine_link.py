@@ -55,7 +55,7 @@ from mlxsup.ipc.messages import (
 
 log = logging.getLogger("mlxsup.api")
 
-READY_STATES = ("ready", "draining")
+READY_STATES = ("ready", "draining", "paused")  # (paused: requests queue until /resume)
 HEARTBEAT_STALE_S = 10.0  # the supervisor kills an engine silent this long
 TICK_BUSY_S = 0.05
 TICK_IDLE_S = 0.25

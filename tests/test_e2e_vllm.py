@@ -1,0 +1,226 @@
+"""vLLM's routes end to end over real HTTP (`mlxsup start` on the tiny generated model, real
+gunicorn workers and engine): /inference/v1/generate as verifiers / prime-rl drive it (a
+multi-turn rollout whose turns extend each other's token ids), its log-probs against /score,
+top and prompt log-probs, /tokenize, and the pause family under load."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import time
+
+import pytest
+from e2e_support import make_adapter, running_server, wait_for
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    with running_server(tmp_path_factory.mktemp("e2e-vllm"), tiny_model_dir, "--max-tokens", "24",
+                        "--max-batch", "8", workers=2) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with server.client() as c:
+        yield c
+
+
+def post(client, path, body=None, status=200, **kw):
+    r = client.post(path, json=body, **kw)
+    assert r.status_code == status, r.text
+    return r.json()
+
+
+def gen(client, token_ids, **sampling):
+    return post(client, "/inference/v1/generate", {"model": "m", "token_ids": token_ids,
+                                                   "sampling_params": sampling})
+
+
+def score(client, prompt_ids, completion_ids, **kw):
+    return post(client, "/score", {"prompt_ids": prompt_ids, "completion_ids": completion_ids,
+                                   **kw})["logprobs"]
+
+
+def test_multi_turn_rollout_extends_ids_and_logprobs_equal_score(client):
+    first = post(client, "/tokenize", {"messages": [{"role": "user", "content": "Hello there"}]})
+    ids = first["tokens"]
+    assert first["count"] == len(ids) > 0
+    sampling = dict(temperature=0.8, top_k=20, max_tokens=12, seed=3, logprobs=0,
+                    logprobs_mode="processed")
+    turn1 = gen(client, ids, **sampling)
+    (c1,) = turn1["choices"]
+    assert turn1["prompt_token_ids"] == ids
+    assert len(c1["token_ids"]) == len(c1["logprobs"]["content"]) > 0
+    assert all(e["token"] == f"token_id:{t}" for e, t in zip(c1["logprobs"]["content"],
+                                                            c1["token_ids"]))
+    assert c1["generated_by_version"] == turn1["policy_version"]
+    assert turn1["usage"]["prompt_tokens"] == len(ids)
+    # turn 2 as verifiers builds it: the previous prompt and completion, then the new user turn
+    suffix = post(client, "/tokenize", {"prompt": " And now?", "add_special_tokens": False})["tokens"]
+    ids2 = ids + c1["token_ids"] + suffix
+    turn2 = gen(client, ids2, **sampling)
+    (c2,) = turn2["choices"]
+    assert turn2["prompt_token_ids"][:len(ids) + len(c1["token_ids"])] == ids + c1["token_ids"]
+    for prompt, choice in ((ids, c1), (ids2, c2)):
+        want = score(client, prompt, choice["token_ids"], temperature=0.8, top_k=20,
+                     logprobs_mode="processed")
+        got = [e["logprob"] for e in choice["logprobs"]["content"]]
+        assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-4
+
+
+def test_top_logprobs_hold_the_sampled_token_and_at_most_all_the_mass(client):
+    out = gen(client, [5, 6, 7, 8], temperature=1.0, max_tokens=16, n=3, seed=1, logprobs=5,
+              logprobs_mode="raw")
+    assert len(out["choices"]) == 3
+    for choice in out["choices"]:
+        for t, entry in zip(choice["token_ids"], choice["logprobs"]["content"]):
+            tops = entry["top_logprobs"]
+            assert 5 <= len(tops) <= 6
+            assert f"token_id:{t}" in [x["token"] for x in tops]
+            assert sum(math.exp(x["logprob"]) for x in tops) <= 1 + 1e-5
+            assert [x["logprob"] for x in tops[:5]] == sorted((x["logprob"] for x in tops[:5]),
+                                                              reverse=True)
+        raw = score(client, [5, 6, 7, 8], choice["token_ids"], logprobs_mode="raw")
+        got = [e["logprob"] for e in choice["logprobs"]["content"]]
+        assert max(abs(a - b) for a, b in zip(got, raw)) <= 1e-4
+
+
+def test_prompt_logprobs_are_the_teacher_forced_scores(client):
+    prompt = [3, 50, 21, 99, 7, 12]
+    out = gen(client, prompt, max_tokens=1, temperature=0.0, prompt_logprobs=2)
+    plp = out["prompt_logprobs"]
+    assert plp[0] is None and len(plp) == len(prompt)
+    want = score(client, prompt[:1], prompt[1:], logprobs_mode="raw")
+    for t, entry, w in zip(prompt[1:], plp[1:], want):
+        assert abs(entry[str(t)]["logprob"] - w) <= 1e-4
+        ranked = sorted((v for v in entry.values() if v["rank"] is not None),
+                        key=lambda v: v["rank"])
+        assert len(ranked) == 2 and ranked[0]["logprob"] >= ranked[1]["logprob"]
+
+
+def test_unsupported_sampling_params_refused_neutral_ones_accepted(client):
+    ok = gen(client, [5, 6], max_tokens=2, presence_penalty=0.0, skip_special_tokens=False,
+             logit_bias={}, min_tokens=0)
+    assert len(ok["choices"][0]["token_ids"]) == 2
+    for field, value in (("presence_penalty", 0.5), ("logit_bias", {"5": 3.0}), ("min_tokens", 2)):
+        r = client.post("/inference/v1/generate",
+                        json={"token_ids": [5, 6], "sampling_params": {field: value}})
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["field"] == f"sampling_params.{field}"
+    r = client.post("/inference/v1/generate", json={"token_ids": [5], "sampling_params":
+                                                   {"max_token": 3}})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "sampling_params.max_token"
+    r = client.post("/inference/v1/generate", json={"token_ids": [10**9]})
+    assert r.status_code == 422 and r.json()["error"]["field"].startswith("token_ids")
+
+
+def test_detokenize_inverts_tokenize(client):
+    ids = post(client, "/tokenize", {"prompt": "machine learning", "return_token_strs": True})
+    assert len(ids["token_strs"]) == ids["count"]
+    text = post(client, "/detokenize", {"tokens": ids["tokens"]})["prompt"]
+    assert "machine learning" in text
+
+
+# ---------------------------------------------------------------- pause under load
+
+
+def _load(server, n, **sampling):
+    """`n` long generate requests in flight at once, each on its own connection; returns once
+    the engine runs them (the control block is published every 100 ms: a reading lags, so the
+    request count is read fresh first, and one snapshot must show the n new requests and n
+    running sequences)."""
+    with server.client() as c:
+        time.sleep(0.3)
+        base = _metrics(c)["num_requests"]
+
+    def one(i):
+        with server.client(timeout=120) as c:
+            body = {"token_ids": [5 + i, 6, 7], "request_id": f"load-{i}",
+                    "sampling_params": {"max_tokens": 400, "ignore_eos": True, "temperature": 1.0,
+                                        "seed": 100 + i, "logprobs": 0, "logprobs_mode": "raw",
+                                        **sampling}}
+            r = c.post("/inference/v1/generate", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()
+    pool = concurrent.futures.ThreadPoolExecutor(n + 1)
+    futures = [pool.submit(one, i) for i in range(n)]
+    with server.client() as c:
+        def running():
+            m = _metrics(c)
+            return m["num_requests"] >= base + n and m["num_running"] >= n
+        wait_for(running, timeout=60, what=f"{n} running sequences", interval=0.02)
+    return pool, futures
+
+
+def _metrics(client) -> dict:
+    return client.get("/metrics", headers={"Accept": "application/json"}).json()
+
+
+def test_pause_abort_ends_in_flight_requests_with_their_tokens(server, client):
+    pool, futures = _load(server, 4)
+    with pool:
+        paused = post(client, "/pause?mode=abort")
+        assert paused["is_paused"] and paused["mode"] == "abort"
+        results = [f.result(timeout=120) for f in futures]
+    assert all(r["choices"][0]["finish_reason"] == "abort" for r in results)
+    assert post(client, "/resume")["is_paused"] is False
+    assert gen(client, [5], max_tokens=3)["choices"][0]["finish_reason"] == "length"
+
+
+def test_pause_wait_lets_in_flight_finish_and_holds_new_ones(server, client):
+    pool, futures = _load(server, 3, max_tokens=150)
+    with pool:
+        post(client, "/pause?mode=wait")  # answers once the three are done in the engine
+        results = [f.result(timeout=30) for f in futures]
+        assert all(r["choices"][0]["finish_reason"] == "length" for r in results)
+        assert all(len(r["choices"][0]["token_ids"]) == 150 for r in results)
+        assert client.get("/is_paused").json() == {"is_paused": True, "mode": "wait"}
+        other = server.client()
+        late = pool.submit(gen, other, [9, 9], max_tokens=2)
+        time.sleep(0.5)
+        assert not late.done()  # queued while paused
+        post(client, "/resume")
+        assert late.result(timeout=60)["choices"][0]["finish_reason"] == "length"
+        other.close()
+
+
+def test_pause_keep_resumes_the_same_sequences_and_versions_move_with_a_swap(
+        server, client, tiny_model_dir, tmp_path):
+    reference = [f.result(timeout=120) for f in _load(server, 3, max_tokens=200)[1]]
+    adapter = make_adapter(tmp_path / "lora", tiny_model_dir, seed=5)
+    version = client.get("/adapter").json()["policy_version"]
+    pool, futures = _load(server, 3, max_tokens=200)
+    with pool:
+        post(client, "/pause?mode=keep")
+        assert client.get("/is_paused").json() == {"is_paused": True, "mode": "keep"}
+        time.sleep(0.3)  # (the control block is published every 100 ms)
+        frozen = _metrics(client)["tokens_generated"]
+        time.sleep(0.5)
+        assert _metrics(client)["tokens_generated"] == frozen  # nothing decodes
+        assert not any(f.done() for f in futures)  # frozen, not ended
+        post(client, "/resume")
+        results_unswapped = [f.result(timeout=120) for f in futures]
+    for got, want in zip(results_unswapped, reference):
+        assert got["choices"][0]["token_ids"] == want["choices"][0]["token_ids"]
+        assert got["choices"][0]["finish_reason"] == "length"
+        assert set(got["choices"][0]["token_versions"]) == {version}
+
+    # frozen mid-way, a LoRA load commits at once; the rows continue under the new version
+    pool, futures = _load(server, 2, max_tokens=300)
+    with pool:
+        post(client, "/pause?mode=keep")
+        loaded = post(client, "/v1/load_lora_adapter", {"lora_name": "step1",
+                                                        "lora_path": adapter})
+        assert loaded["policy_version"] == version + 1 and loaded["lora_name"] == "step1"
+        post(client, "/resume")
+        results = [f.result(timeout=120) for f in futures]
+    for r in results:
+        versions = r["choices"][0]["token_versions"]
+        assert len(versions) == 300 and versions[0] == version and versions[-1] == version + 1
+        assert versions == sorted(versions)
+    unloaded = post(client, "/v1/unload_lora_adapter", {"lora_name": "step1"})
+    assert unloaded["policy_version"] == version + 2
+    assert gen(client, [5], max_tokens=2)["choices"][0]["generated_by_version"] == version + 2

@@ -197,6 +197,17 @@ _MLXSUP_EXTRAS = {
     "repetition_context_size": Field(Integer(minimum=1, maximum=1 << 20), 20),
 }
 
+# vLLM's extensions of the OpenAI routes (api/vllm.py writes their answers).
+_VLLM_EXTRAS = {
+    "return_token_ids": Field(Boolean(), False,
+                              description="vLLM extension: the prompt's and each choice's token ids"),
+    "return_tokens_as_token_ids": Field(Boolean(), False,
+                                        description='vLLM extension: log-prob tokens as "token_id:<id>"'),
+    "prompt_logprobs": Field(Integer(minimum=0, maximum=20), None,
+                             description="vLLM extension: teacher-forced log-probs of the prompt "
+                                         "tokens (raw), with this many most likely tokens each"),
+}
+
 
 def completions_schema(config: ServerConfig) -> Object:
     return Object(
@@ -210,19 +221,23 @@ def completions_schema(config: ServerConfig) -> Object:
                        Array(TokenIds(), min_items=1, max_items=config.max_queue)],
                       describe="a string, an array of strings, an array of token ids or an array of such arrays"),
             ),
-            "max_tokens": Field(Integer(minimum=1, maximum=MAX_MAX_TOKENS), 16,
-                                description="OpenAI's default, 16"),
+            "max_tokens": Field(Integer(minimum=0, maximum=MAX_MAX_TOKENS), 16,
+                                description="OpenAI's default, 16; 0 generates nothing (with echo: "
+                                            "the prompt's log-probs only)"),
             **_sampling_fields(1.0),
             "ignore_eos": IGNORE_EOS,
             "n": Field(Integer(minimum=1, maximum=MAX_N), 1),
             "stream": Field(Boolean(), False),
             "stream_options": Field(STREAM_OPTIONS, None),
             "logprobs": Field(Integer(minimum=0, maximum=20), None,
-                              description="any value >= 0 returns the sampled token's log-prob"),
-            "echo": Field(Boolean(), False, description="prepend the prompt to the text"),
+                              description="the sampled token's log-prob and the `logprobs` most "
+                                          "likely tokens' at each position"),
+            "echo": Field(Boolean(), False, description="prepend the prompt to the text (with "
+                                                         "logprobs: and its teacher-forced log-probs)"),
             "stop": Field(STOP, None),
             "seed": Field(Integer(minimum=0, maximum=INT64_MAX), None),
             **_MLXSUP_EXTRAS,
+            **_VLLM_EXTRAS,
         },
         ignored=frozenset(OPENAI_COMPLETIONS_IGNORED),
         name="CompletionRequest",
@@ -261,10 +276,12 @@ def chat_schema(config: ServerConfig) -> Object:
             "stream_options": Field(STREAM_OPTIONS, None),
             "logprobs": Field(Boolean(), False),
             "top_logprobs": Field(Integer(minimum=0, maximum=20), None,
-                                  description="accepted; only the sampled token is listed"),
+                                  description="the most likely tokens at each position (with "
+                                              "logprobs)"),
             "stop": Field(STOP, None),
             "seed": Field(Integer(minimum=0, maximum=INT64_MAX), None),
             **_MLXSUP_EXTRAS,
+            **_VLLM_EXTRAS,
         },
         ignored=frozenset(OPENAI_CHAT_IGNORED),
         name="ChatCompletionRequest",

@@ -12,6 +12,7 @@ import json
 from mlxsup import __version__
 from mlxsup.api.common import send_json
 from mlxsup.api.schemas import Schemas
+from mlxsup.api.vllm_protocol import openapi as vllm_openapi
 from mlxsup.config import ServerConfig
 
 _NUM = {"type": "number"}
@@ -119,6 +120,7 @@ def _op(summary: str, ok: dict, *codes: int, body: dict = None, security=True, a
 
 def build_spec(config: ServerConfig = None) -> dict:
     schemas = Schemas(config or ServerConfig(run_dir="/nonexistent"))
+    vllm_paths, vllm_components = vllm_openapi(_op, _json)
     common = (400, 401, 403, 413, 422, 503)
     sse = {"text/event-stream": {"schema": {"type": "string"},
                                  "description": "with stream: true: `data: <chunk>` lines, then `data: [DONE]`"}}
@@ -127,7 +129,7 @@ def build_spec(config: ServerConfig = None) -> dict:
         "info": {"title": "mlxsup", "version": __version__,
                  "description": "Rollout server for RL trainers on MLX models. See docs/api.md."},
         "components": {
-            "schemas": _components(),
+            "schemas": {**_components(), **vllm_components},
             "securitySchemes": {
                 "apiKey": {"type": "http", "scheme": "bearer", "description": "--api-key"},
                 "adminKey": {"type": "http", "scheme": "bearer",
@@ -199,6 +201,7 @@ def build_spec(config: ServerConfig = None) -> dict:
                 {"description": "chat.completion", "content": {"application/json": {"schema": {"type": "object"}},
                                                                **sse}},
                 *common, body=schemas.chat.schema())},
+            **vllm_paths,
         },
     }
 

@@ -182,3 +182,124 @@ class UnloadLoraRequest(_Body):
     lora_name: str = Field(min_length=1)
     lora_int_id: Optional[int] = None
     mode: Literal["drain", "abort", "inflight"] = "drain"
+
+
+# ---------------------------------------------------------------- responses (for the OpenAPI document)
+
+
+class TopLogprob(BaseModel):
+    token: str = Field(description='"token_id:<id>" on /inference/v1/generate')
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(
+        description="the k most likely tokens, plus the sampled one when not among them")
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class GenerateTokensChoice(BaseModel):
+    index: int
+    token_ids: list[int]
+    logprobs: Optional[ChoiceLogprobs]
+    finish_reason: Literal["stop", "length", "abort"]
+    generated_by_version: int = Field(description="mlxsup: the version of the first token")
+    token_versions: list[int] = Field(description="mlxsup: the version of each token")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class GenerateTokensResponse(BaseModel):
+    request_id: str
+    model: str
+    prompt_token_ids: list[int]
+    choices: list[GenerateTokensChoice]
+    prompt_logprobs: Optional[list[Optional[dict[str, dict]]]] = Field(
+        description="null for the first token, then {token id: {logprob, rank, decoded_token}}")
+    usage: Usage
+    policy_version: int = Field(description="mlxsup: the version serving when it answered")
+
+
+class PauseState(BaseModel):
+    is_paused: bool
+    mode: Optional[Literal["abort", "wait", "keep"]]
+    status: Optional[str] = None
+    num_aborted: Optional[int] = None
+    policy_version: Optional[int] = None
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: Optional[int]
+    tokens: list[int]
+    token_strs: Optional[list[str]]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class AbortRequestsResponse(BaseModel):
+    status: Literal["cancelled"]
+    cancelled_request_ids: list[str]
+    num_aborted: Optional[int] = None
+
+
+REF = "#/components/schemas/{model}"
+
+
+def openapi(op, json_body) -> tuple[dict, dict]:
+    """(paths, component schemas) of vLLM's routes, from the models above. `op` and
+    `json_body` are mlxsup.api.spec's operation and content builders."""
+    components: dict = {}
+
+    def schema(model) -> dict:
+        s = model.model_json_schema(ref_template=REF)
+        components.update(s.pop("$defs", {}))
+        components[model.__name__] = s
+        return {"$ref": REF.format(model=model.__name__)}
+
+    def ok(model, description="ok"):
+        return {"description": description, **json_body(schema(model))}
+
+    common = (400, 401, 403, 413, 422, 503)
+    mode = {"name": "mode", "in": "query", "required": False,
+            "schema": {"enum": ["abort", "wait", "keep"], "default": "abort"}}
+    wait = {"name": "wait_for_inflight_requests", "in": "query", "required": False,
+            "schema": {"type": "boolean", "default": False},
+            "description": "older spelling of mode=wait (used when mode is absent)"}
+    paths = {
+        "/inference/v1/generate": {"post": op(
+            "vLLM: tokens in, tokens out", ok(GenerateTokensResponse), *common,
+            body=schema(GenerateTokensRequest))},
+        "/tokenize": {"post": op("vLLM: tokenize a prompt or messages", ok(TokenizeResponse),
+                                 400, 401, 403, 422, 503, body=schema(TokenizeRequest))},
+        "/detokenize": {"post": op("vLLM: token ids to text", ok(DetokenizeResponse),
+                                   400, 401, 403, 422, 503, body=schema(DetokenizeRequest))},
+        "/pause": {"post": op("vLLM: pause generation (abort, wait or keep in-flight requests)",
+                              ok(PauseState, "paused (mode=wait: once in-flight requests are done)"),
+                              401, 403, 422, 503, admin=True, parameters=[mode, wait])},
+        "/resume": {"post": op("vLLM: resume after a pause", ok(PauseState), 401, 403, 503,
+                               admin=True)},
+        "/is_paused": {"get": op("vLLM: the pause state", ok(PauseState), 401, 403, 503)},
+        "/abort_requests": {"post": op("vLLM: abort the given requests (any worker), or all",
+                                       ok(AbortRequestsResponse), 400, 401, 403, 422, 503,
+                                       body=schema(AbortRequestsRequest), admin=True)},
+        "/v1/load_lora_adapter": {"post": op(
+            "vLLM: load a LoRA adapter (a versioned swap)",
+            {"description": "committed", **json_body({"$ref": "#/components/schemas/SwapResult"})},
+            400, 401, 403, 404, 422, 503, body=schema(LoadLoraRequest), admin=True)},
+        "/v1/unload_lora_adapter": {"post": op(
+            "vLLM: back to the base model (a versioned swap)",
+            {"description": "committed", **json_body({"$ref": "#/components/schemas/SwapResult"})},
+            400, 401, 403, 422, 503, body=schema(UnloadLoraRequest), admin=True)},
+    }
+    return paths, components

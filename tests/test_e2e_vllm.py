@@ -224,3 +224,87 @@ def test_pause_keep_resumes_the_same_sequences_and_versions_move_with_a_swap(
     unloaded = post(client, "/v1/unload_lora_adapter", {"lora_name": "step1"})
     assert unloaded["policy_version"] == version + 2
     assert gen(client, [5], max_tokens=2)["choices"][0]["generated_by_version"] == version + 2
+
+
+# ---------------------------------------------------------------- the openai SDK, extra_body
+
+
+@pytest.fixture(scope="module")
+def sdk(server):
+    openai = pytest.importorskip("openai")
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
+                       timeout=60) as c:
+        yield c
+
+
+def test_sdk_completions_echo_logprobs_equal_score_with_max_tokens_zero(sdk, client):
+    """lm-eval's log-likelihood call: echo, logprobs 1, max_tokens 0, on token-id prompts."""
+    prompt = [3, 50, 21, 99, 7]
+    out = sdk.completions.create(model="m", prompt=prompt, max_tokens=0, echo=True, logprobs=1,
+                                 temperature=0.0)
+    lp = out.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(prompt)
+    want = score(client, prompt[:1], prompt[1:], logprobs_mode="raw")
+    assert max(abs(a - b) for a, b in zip(lp.token_logprobs[1:], want)) <= 1e-4
+    assert lp.top_logprobs[0] is None
+    for top, got in zip(lp.top_logprobs[1:], lp.token_logprobs[1:]):
+        assert max(top.values()) >= got - 1e-6  # is_greedy is readable from it
+    assert out.usage.completion_tokens == 0
+
+
+def test_sdk_completions_echo_with_generation_and_extra_body_fields(sdk, client):
+    prompt = [3, 50, 21, 99]
+    out = sdk.completions.create(
+        model="m", prompt=prompt, max_tokens=6, echo=True, logprobs=3, temperature=1.0, seed=4,
+        extra_body={"return_token_ids": True, "return_tokens_as_token_ids": True,
+                    "prompt_logprobs": 2, "logprobs_mode": "raw"})
+    choice = out.choices[0].model_dump()
+    assert choice["prompt_token_ids"] == prompt and len(choice["token_ids"]) == 6
+    lp = choice["logprobs"]
+    assert lp["tokens"] == [f"token_id:{t}" for t in prompt + choice["token_ids"]]
+    want_prompt = score(client, prompt[:1], prompt[1:], logprobs_mode="raw")
+    want_completion = score(client, prompt, choice["token_ids"], logprobs_mode="raw")
+    got = lp["token_logprobs"]
+    assert max(abs(a - b) for a, b in zip(got[1:], want_prompt + want_completion)) <= 1e-4
+    for t, top in zip(choice["token_ids"], lp["top_logprobs"][len(prompt):]):
+        assert f"token_id:{t}" in top and 3 <= len(top) <= 4
+        assert sum(math.exp(v) for v in top.values()) <= 1 + 1e-5
+    plp = choice["prompt_logprobs"]
+    assert plp[0] is None
+    assert max(abs(plp[i + 1][str(t)]["logprob"] - w)
+               for i, (t, w) in enumerate(zip(prompt[1:], want_prompt))) <= 1e-4
+
+
+def test_sdk_chat_top_logprobs_and_token_ids(sdk, client):
+    out = sdk.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0.9,
+        seed=2, logprobs=True, top_logprobs=4,
+        extra_body={"return_token_ids": True, "prompt_logprobs": 1, "logprobs_mode": "processed"})
+    body = out.model_dump()
+    prompt_ids = body["prompt_token_ids"]
+    ids = body["choices"][0]["token_ids"]
+    assert prompt_ids == post(client, "/tokenize", {"messages": [{"role": "user", "content": "hi"}]})["tokens"]
+    content = body["choices"][0]["logprobs"]["content"]
+    assert len(content) == len(ids)
+    for t, entry in zip(ids, content):
+        assert entry["token"] in [x["token"] for x in entry["top_logprobs"]]
+        assert 4 <= len(entry["top_logprobs"]) <= 5
+        assert sum(math.exp(x["logprob"]) for x in entry["top_logprobs"]) <= 1 + 1e-5
+    want = score(client, prompt_ids, ids, temperature=0.9, logprobs_mode="processed")
+    assert max(abs(e["logprob"] - w) for e, w in zip(content, want)) <= 1e-4
+    assert len(body["prompt_logprobs"]) == len(prompt_ids)
+
+
+def test_sdk_streamed_completion_carries_ids_and_top_logprobs(sdk):
+    prompt = [3, 50, 21]
+    stream = sdk.completions.create(model="m", prompt=prompt, max_tokens=5, logprobs=2,
+                                    temperature=1.0, seed=9, stream=True,
+                                    extra_body={"return_token_ids": True})
+    chunks = [c.model_dump() for c in stream]
+    first = chunks[0]["choices"][0]
+    assert first["prompt_token_ids"] == prompt
+    ids = [t for c in chunks for ch in c["choices"] for t in (ch.get("token_ids") or [])]
+    assert len(ids) == 5
+    tops = [d for c in chunks for ch in c["choices"] if ch["logprobs"]
+            for d in ch["logprobs"]["top_logprobs"]]
+    assert len(tops) == 5 and all(2 <= len(d) <= 3 for d in tops)

@@ -36,6 +36,7 @@ from mlxsup.api.errors import ApiError, invalid, unavailable
 from mlxsup.api.media import read_json_object
 from mlxsup.api.schemas import stop_list
 from mlxsup.api.textcodec import TextStream, cut_at_stop
+from mlxsup.api.tools import ToolParser, ToolSplitter
 from mlxsup.api.vllm import logprob_content, prompt_logprobs_list, score_prompt
 from mlxsup.ipc.messages import FINISH_LENGTH, SequenceDone
 
@@ -193,6 +194,7 @@ class _OpenAIResource:
                 state = states.get(index)
                 if state is None:
                     state = states[index] = _ChoiceState(codec.text_stream(job.stops))
+                    state.splitter = self.splitter(codec, body)
                     if self.chat:
                         first_choice = {"index": index, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}
@@ -207,9 +209,16 @@ class _OpenAIResource:
                 if isinstance(event, SequenceDone):
                     text += state.stream.finish()
                     finish = event.finish_reason
+                calls = []
+                if state.splitter is not None:
+                    text, calls = self.stream_tool_calls(body, state, text, finish is not None)
+                    if finish == "stop" and state.splitter.made_call:
+                        finish = "tool_calls"
                 logprobs = self.stream_logprobs(codec, body, state, event)
-                if text or logprobs is not None or finish is not None:
+                if text or calls or logprobs is not None or finish is not None:
                     choice = self.stream_choice(index, text, logprobs, finish)
+                    if calls:
+                        choice["delta"]["tool_calls"] = calls
                     if body["return_token_ids"]:
                         choice["token_ids"] = list(event.token_ids)
                     yield chunk([choice])
@@ -230,10 +239,15 @@ class _ChoiceState:
     def __init__(self, stream: TextStream):
         self.stream = stream
         self.text_offset = 0
+        self.splitter: Optional[ToolSplitter] = None  # chat with tools and a parser
+        self.num_calls = 0
 
 
 class CompletionsResource(_OpenAIResource):
     chat = False
+
+    def splitter(self, codec, body):
+        return None
 
     def build(self, codec, body) -> _Job:
         prompt = body["prompt"]
@@ -343,9 +357,30 @@ class CompletionsResource(_OpenAIResource):
 
 class ChatCompletionsResource(_OpenAIResource):
     chat = True
+    _parsers: dict = {}  # id(tokenizer) -> ToolParser or None (mlx-lm's, see api/tools.py)
+
+    def parser(self, codec) -> Optional[ToolParser]:
+        key = id(codec.tokenizer)
+        if key not in self._parsers:
+            self._parsers[key] = ToolParser.for_tokenizer(codec.tokenizer)
+        return self._parsers[key]
+
+    def splitter(self, codec, body) -> Optional[ToolSplitter]:
+        """Tool calls are parsed when the request gives tools (tool_choice not "none") and
+        mlx-lm has a parser for the model; otherwise the text is returned as is."""
+        if not body["tools"] or body["tool_choice"] == "none":
+            return None
+        parser = self.parser(codec)
+        return None if parser is None else ToolSplitter(parser)
 
     def build(self, codec, body) -> _Job:
-        prompts = [codec.encode_chat(body["messages"], "messages")]
+        choice = body["tool_choice"]
+        if choice is not None and choice not in ("auto", "none"):
+            raise invalid("tool_choice", 'tool_choice must be "auto" or "none": forcing a call '
+                          "needs constrained decoding, which mlxsup does not do")
+        if choice == "auto" and not body["tools"]:
+            raise invalid("tool_choice", 'tool_choice "auto" needs tools')
+        prompts = [codec.encode_chat(body["messages"], "messages", tools=body["tools"])]
         max_tokens = body["max_completion_tokens"] or body["max_tokens"] or self.config.max_tokens
         k = (body["top_logprobs"] or 0) if body["logprobs"] else 0
         return _job(codec, body, prompts, [""], max_tokens, bool(body["logprobs"]),
@@ -366,15 +401,39 @@ class ChatCompletionsResource(_OpenAIResource):
         if body["logprobs"] and (done.logprobs or not done.token_ids):
             logprobs = {"content": self.entries(codec, body, done.token_ids, done.logprobs,
                                                 done.top_ids, done.top_logprobs), "refusal": None}
+        message = {"role": "assistant", "content": text, "refusal": None}
+        finish = done.finish_reason
+        splitter = self.splitter(codec, body)
+        if splitter is not None:
+            content, texts = splitter.push(text)
+            rest, more = splitter.finish()
+            calls = splitter.parser.calls(texts + more, body["tools"])
+            if calls:
+                message["content"] = (content + rest) or None
+                message["tool_calls"] = calls
+                if finish == "stop":
+                    finish = "tool_calls"
         out = {
             "index": p * job.n + done.seq_index,
-            "message": {"role": "assistant", "content": text, "refusal": None},
+            "message": message,
             "logprobs": logprobs,
-            "finish_reason": done.finish_reason,
+            "finish_reason": finish,
         }
         if body["return_token_ids"]:
             out["token_ids"] = list(done.token_ids)
         return out
+
+    def stream_tool_calls(self, body, state, text, final) -> tuple[str, list]:
+        """A streamed delta's content, and the tool calls completed in it (with their index)."""
+        content, texts = state.splitter.push(text)
+        if final:
+            rest, more = state.splitter.finish()
+            content, texts = content + rest, texts + more
+        calls = state.splitter.parser.calls(texts, body["tools"])
+        for call in calls:
+            call["index"] = state.num_calls
+            state.num_calls += 1
+        return content, calls
 
     def stream_logprobs(self, codec, body, state, event):
         if not body["logprobs"] or not event.token_ids or not event.logprobs:

@@ -178,7 +178,7 @@ OPENAI_COMMON_IGNORED = frozenset({
 })
 OPENAI_COMPLETIONS_IGNORED = OPENAI_COMMON_IGNORED | {"best_of", "suffix"}
 OPENAI_CHAT_IGNORED = OPENAI_COMMON_IGNORED | {
-    "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "response_format",
+    "parallel_tool_calls", "functions", "function_call", "response_format",
     "modalities", "audio", "prediction", "reasoning_effort", "web_search_options", "verbosity",
     "prompt_cache_key", "safety_identifier",
 }
@@ -259,12 +259,30 @@ OPENAI_MESSAGE = Object(
 )
 
 
+TOOL = Object(
+    {"type": Field(String(choices=("function",)), "function"),
+     "function": Field(Object({"name": Field(String(min_length=1, max_length=256))},
+                              allow_unknown=True, name="FunctionDefinition"))},
+    allow_unknown=True,
+    name="Tool",
+)
+TOOL_CHOICE = AnyOf(
+    [String(choices=("none", "auto", "required")), Object({}, allow_unknown=True)],
+    describe='"none", "auto", or "required" / a named function (refused: they need constrained decoding)',
+)
+
+
 def chat_schema(config: ServerConfig) -> Object:
     return Object(
         {
             "model": Field(String(max_length=4096), None,
                            description="any name is accepted (one model is served)"),
             "messages": Field(Array(OPENAI_MESSAGE, min_items=1, max_items=4096)),
+            "tools": Field(Array(TOOL, max_items=1024), None,
+                           description="rendered by the chat template; calls in the output are "
+                                       "parsed into message.tool_calls where mlx-lm has a parser "
+                                       "for the model"),
+            "tool_choice": Field(TOOL_CHOICE, None, description='"auto" (with tools) or "none"'),
             "max_tokens": Field(Integer(minimum=1, maximum=MAX_MAX_TOKENS), None,
                                 description="default: the server's --max-tokens"),
             "max_completion_tokens": Field(Integer(minimum=1, maximum=MAX_MAX_TOKENS), None,

@@ -6,6 +6,7 @@ top and prompt log-probs, /tokenize, and the pause family under load."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import math
 import time
 
@@ -308,3 +309,91 @@ def test_sdk_streamed_completion_carries_ids_and_top_logprobs(sdk):
     tops = [d for c in chunks for ch in c["choices"] if ch["logprobs"]
             for d in ch["logprobs"]["top_logprobs"]]
     assert len(tops) == 5 and all(2 <= len(d) <= 3 for d in tops)
+
+
+# ---------------------------------------------------------------- tool calls
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                    "unit": {"type": "string"}}}}}]
+
+
+@pytest.fixture(scope="module")
+def tool_server(tmp_path_factory):
+    from _tool_model import build_tool_model
+
+    model = build_tool_model(str(tmp_path_factory.mktemp("tool-model")))
+    with running_server(tmp_path_factory.mktemp("e2e-tools"), model, workers=1) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def tool_sdk(tool_server):
+    openai = pytest.importorskip("openai")
+    with openai.OpenAI(base_url=f"{tool_server.url}/v1", api_key="unused", max_retries=0,
+                       timeout=60) as c:
+        yield c
+
+
+def test_tool_calls_are_parsed_into_message_tool_calls(tool_sdk):
+    from _tool_model import CALL
+
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    out = tool_sdk.chat.completions.create(model="m", messages=messages, tools=TOOLS,
+                                           max_tokens=10, temperature=0.7, seed=1)
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == CALL["name"]
+    assert json.loads(call.function.arguments) == CALL["arguments"]
+    # the call goes back into the conversation through the chat template
+    follow = messages + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                         {"role": "tool", "tool_call_id": call.id, "content": "21 C"}]
+    again = tool_sdk.chat.completions.create(model="m", messages=follow, tools=TOOLS, max_tokens=10)
+    assert again.choices[0].message.tool_calls
+
+
+def test_streamed_tool_calls_arrive_as_deltas(tool_sdk):
+    from _tool_model import CALL
+
+    stream = tool_sdk.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "Weather?"}], tools=TOOLS,
+        max_tokens=10, stream=True)
+    chunks = list(stream)
+    calls = [tc for c in chunks for ch in c.choices for tc in (ch.delta.tool_calls or [])]
+    assert len(calls) == 1 and calls[0].index == 0 and calls[0].function.name == CALL["name"]
+    assert json.loads(calls[0].function.arguments) == CALL["arguments"]
+    assert "".join(ch.delta.content or "" for c in chunks for ch in c.choices) == ""
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_without_tools_or_with_tool_choice_none_the_text_is_returned_as_is(tool_sdk, tool_server):
+    from _tool_model import CALL_TEXT
+
+    for extra in ({}, {"tools": TOOLS, "tool_choice": "none"}):
+        out = tool_sdk.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "Weather?"}], max_tokens=10, **extra)
+        assert out.choices[0].message.tool_calls is None
+        assert CALL_TEXT in out.choices[0].message.content
+        assert out.choices[0].finish_reason == "stop"
+    with tool_server.client() as c:
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                                                 "tools": TOOLS, "tool_choice": "required"})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "tool_choice"
+        with_tools = post(c, "/tokenize", {"messages": [{"role": "user", "content": "x"}],
+                                           "tools": TOOLS})
+        without = post(c, "/tokenize", {"messages": [{"role": "user", "content": "x"}]})
+        assert with_tools["count"] > without["count"]
+        assert c.post("/detokenize", json={"tokens": with_tools["tokens"]}).json()["prompt"] \
+            .count("get_weather") == 1
+
+
+def test_a_model_without_a_tool_parser_returns_its_text_as_is(sdk):
+    kw = dict(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=8, seed=5,
+              temperature=1.0)
+    plain = sdk.chat.completions.create(**kw)
+    with_tools = sdk.chat.completions.create(tools=TOOLS, **kw)
+    assert with_tools.choices[0].message.content == plain.choices[0].message.content
+    assert with_tools.choices[0].message.tool_calls is None

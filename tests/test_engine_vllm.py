@@ -189,3 +189,31 @@ def test_pause_abort_ends_in_flight_with_their_tokens(tiny_model_dir):
     assert len(done) == 2 and all(e.finish_reason == FINISH_ABORT for e in done)
     assert all(len(e.token_ids) >= 1 for e in done)
     assert eng.is_drained and eng.paused == "abort"
+
+
+def test_top_logprobs_build_no_compiled_sampler_and_leave_the_tokens_unchanged(
+        tiny_model_dir, monkeypatch):
+    """Where the sampler is compiled, rows asking for top log-probs build no sampler of their
+    own and trace none (the top-k runs beside it), and every row's tokens are the ones it gets
+    without top log-probs."""
+    from mlxsup.engine import sampling
+
+    monkeypatch.setattr(sampling, "COMPILE", True)
+    monkeypatch.setattr(sampling, "_compiled", {})
+    eng = make_engine(tiny_model_dir)
+    built = set(sampling._compiled)
+    prompts = [[5, 6, 7], [9, 10], [11, 12, 13, 14]]
+
+    def batch(top):
+        reqs = [req(p, temperature=t, max_tokens=10, seed=i, logprobs_mode="raw",
+                    top_logprobs=top if i != 1 else 0)
+                for i, (p, t) in enumerate(zip(prompts, (1.0, 0.0, 1.0)))]
+        events = run(eng, reqs)
+        return [done_events(events, r.request_id)[0] for r in reqs]
+
+    plain = batch(0)
+    traces = sampling.traces
+    with_top = batch(5)
+    assert sampling.traces == traces and set(sampling._compiled) == built
+    assert [d.token_ids for d in with_top] == [d.token_ids for d in plain]
+    assert with_top[0].top_ids and not with_top[1].top_ids

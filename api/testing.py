@@ -16,7 +16,16 @@ from typing import Callable, Optional, Sequence
 from mlxsup.api.engine_link import EngineStatus
 from mlxsup.api.errors import ApiError
 from mlxsup.api.textcodec import TextCodec
-from mlxsup.ipc.messages import LOGPROBS_NONE, SamplingParams, ScoreResult, SequenceDone, TokenChunk
+from mlxsup.ipc.messages import (
+    LOGPROBS_NONE,
+    OP_PAUSE,
+    OP_RESUME,
+    ControlResult,
+    SamplingParams,
+    ScoreResult,
+    SequenceDone,
+    TokenChunk,
+)
 
 
 def default_completion(prompt_ids: Sequence[int], params: SamplingParams, seq_index: int) -> list[int]:
@@ -29,7 +38,7 @@ def default_completion(prompt_ids: Sequence[int], params: SamplingParams, seq_in
 class FakeEngineLink:
     """An `EngineLink` without an engine. Settable: `status_fields` (EngineStatus fields),
     `error` (an ApiError every request raises), `delay_s`, `completion` (prompt, params, seq ->
-    ids). Records `requests` (kind, prompt_ids, params, n, tag) and `aborted` tags."""
+    ids). Records `requests` (kind, prompt_ids, params, n, tag), `aborted` tags and `controls`."""
 
     def __init__(self, completion: Optional[Callable] = None, **status_fields):
         self.status_fields = {"link_open": True, "engine_state": "ready", "heartbeat_age_s": 0.1,
@@ -39,6 +48,8 @@ class FakeEngineLink:
         self.delay_s = 0.0
         self.requests: list = []
         self.aborted: list = []
+        self.controls: list = []
+        self.paused: Optional[str] = None
         self.cancelled = 0
         self.num_starts = 0
         self.num_closes = 0
@@ -94,10 +105,20 @@ class FakeEngineLink:
                                versions=[], num_prompt_tokens=len(prompt_ids), batch_size=n,
                                policy_version=version)
 
-    async def score(self, prompt_ids, completion_ids, *, logprobs_mode, params, tag=None):
+    async def score(self, prompt_ids, completion_ids, *, logprobs_mode, params, tag=None,
+                    top_logprobs=0):
         await self._begin("score", prompt_ids, params, 1, tag)
         return ScoreResult(request_id=1, logprobs=[-0.25] * len(completion_ids),
                            policy_version=self.status_fields.get("policy_version", 0))
+
+    async def control(self, op, mode=""):
+        """Engine controls, recorded in `controls`; the pause state kept in `paused`."""
+        self.controls.append((op, mode))
+        if op == OP_PAUSE:
+            self.paused = mode
+        elif op == OP_RESUME:
+            self.paused = None
+        return ControlResult(1, self.paused is not None, self.paused or "")
 
     async def abort(self, tag):
         self.aborted.append(tag)

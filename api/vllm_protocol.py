@@ -12,6 +12,7 @@ for. Anything else unknown is refused, naming the field. docs/api.md lists both.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -26,14 +27,20 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|literal\[.*\])$", re.I)
+
+
 def parse(model: type[BaseModel], body: dict, prefix: str = ""):
     """`body` as `model`, or the 422 ApiError naming the first offending field by its path."""
     try:
         return model.model_validate(body)
     except ValidationError as e:
         err = e.errors()[0]
-        path = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
-        path = path.replace(".[", "[")
+        path = prefix
+        for part in err["loc"]:  # list indices as `field[i]`, as the other routes name them
+            if isinstance(part, str) and _UNION_TAG.match(part):
+                continue  # (pydantic names the union member it tried: not a field)
+            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
         message = err["msg"]
         if err["type"] == "extra_forbidden":
             message = f"unknown field {path!r}"

@@ -397,3 +397,21 @@ def test_a_model_without_a_tool_parser_returns_its_text_as_is(sdk):
     with_tools = sdk.chat.completions.create(tools=TOOLS, **kw)
     assert with_tools.choices[0].message.content == plain.choices[0].message.content
     assert with_tools.choices[0].message.tool_calls is None
+
+
+def test_abort_requests_by_id_and_all(server, client):
+    pool, futures = _load(server, 3)
+    with pool:
+        got = post(client, "/abort_requests", {"request_ids": ["load-1"]})
+        assert got == {"status": "cancelled", "cancelled_request_ids": ["load-1"]}
+        one = futures[1].result(timeout=60)
+        assert one["choices"][0]["finish_reason"] == "abort"
+        assert one["request_id"] == "load-1"
+        assert not futures[0].done() and not futures[2].done()
+        everything = post(client, "/abort_requests")
+        assert everything["num_aborted"] == 2
+        assert all(f.result(timeout=60)["choices"][0]["finish_reason"] == "abort"
+                   for f in (futures[0], futures[2]))
+    r = client.post("/pause?mode=later")
+    assert r.status_code == 422 and r.json()["error"]["field"] == "mode"
+    assert client.get("/is_paused").json() == {"is_paused": False, "mode": None}

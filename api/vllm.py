@@ -16,6 +16,9 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
+import orjson
+from falcon.asgi import SSEvent
+
 from mlxsup.api.adapters import resolve_adapter_path, swap_answer
 from mlxsup.api.common import gather_or_cancel, new_request_id, send_json
 from mlxsup.api.errors import ApiError, invalid, unavailable
@@ -139,9 +142,8 @@ class InferenceGenerateResource:
         for name in ("kv_transfer_params", "features"):
             if getattr(body, name):
                 raise invalid(name, f"{name} is not supported by mlxsup")
-        if body.stream:
-            raise invalid("stream", "streaming is not served on /inference/v1/generate; send "
-                          "stream: false (or use /v1/completions with token-id prompts)")
+        if body.stream and sp.prompt_logprobs is not None:
+            raise invalid("sampling_params.prompt_logprobs", "prompt_logprobs needs stream false")
         if body.priority != 0:
             raise invalid("priority", "mlxsup schedules first come, first served: priority "
                           "must be 0")
@@ -157,6 +159,9 @@ class InferenceGenerateResource:
         if not status.is_ready:
             raise unavailable(status.why_not_ready())
         min_version = -1 if body.min_policy_version is None else body.min_policy_version
+        if body.stream:
+            await self.start_stream(resp, codec, body, ids, params, request_id, min_version)
+            return
         calls = [self.link.generate(ids, params, n=sp.n, min_policy_version=min_version,
                                     tag=request_id)]
         if sp.prompt_logprobs is not None:
@@ -190,6 +195,59 @@ class InferenceGenerateResource:
                       "total_tokens": len(ids) + completion_tokens},
             "policy_version": self.link.status().policy_version,
         })
+
+
+    async def start_stream(self, resp, codec, body, ids, params, request_id, min_version):
+        """vLLM's streamed answer: one `data:` chunk per batch of new tokens of a choice
+        (`token_ids` and `logprobs` of those tokens, `finish_reason` on its last), a usage chunk
+        with `stream_options.include_usage`, then `data: [DONE]`. The first engine event is
+        awaited before the response starts, so early errors keep their HTTP status."""
+        events = self.link.stream(ids, params, n=body.sampling_params.n,
+                                  min_policy_version=min_version, tag=request_id)
+        try:
+            first = await events.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            await events.aclose()
+            raise
+        resp.content_type = "text/event-stream"
+        resp.set_header("Cache-Control", "no-cache")
+        resp.set_header("X-Accel-Buffering", "no")
+        resp.sse = self._sse(codec, body, ids, params, request_id, first, events)
+
+    async def _sse(self, codec, body, ids, params, request_id, first, events):
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        wants_logprobs = body.sampling_params.logprobs is not None
+        num_tokens = 0
+        try:
+            event = first
+            while event is not None:
+                num_tokens += len(event.token_ids)
+                finish = getattr(event, "finish_reason", None)
+                if event.token_ids or finish is not None:
+                    logprobs = None
+                    if wants_logprobs:
+                        logprobs = {"content": logprob_content(
+                            codec, event.token_ids, event.logprobs, event.top_ids,
+                            event.top_logprobs, params.top_logprobs, True)}
+                    yield SSEvent(data=orjson.dumps({"request_id": request_id, "choices": [{
+                        "index": event.seq_index, "token_ids": list(event.token_ids),
+                        "logprobs": logprobs, "finish_reason": finish,
+                        "token_versions": list(event.versions)}]}))
+                try:
+                    event = await events.__anext__()
+                except StopAsyncIteration:
+                    event = None
+            if include_usage:
+                yield SSEvent(data=orjson.dumps({"request_id": request_id, "choices": [], "usage": {
+                    "prompt_tokens": len(ids), "completion_tokens": num_tokens,
+                    "total_tokens": len(ids) + num_tokens}}))
+        except ApiError as e:
+            yield SSEvent(data=orjson.dumps(e.body(openai=True)))
+        finally:
+            await events.aclose()
+        yield SSEvent(data=b"[DONE]")
 
 
 class TokenizeResource:

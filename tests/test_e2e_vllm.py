@@ -104,7 +104,7 @@ def test_prompt_logprobs_are_the_teacher_forced_scores(client):
 
 def test_unsupported_sampling_params_refused_neutral_ones_accepted(client):
     ok = gen(client, [5, 6], max_tokens=2, presence_penalty=0.0, skip_special_tokens=False,
-             logit_bias={}, min_tokens=0)
+             logit_bias={}, min_tokens=0, ignore_eos=True)
     assert len(ok["choices"][0]["token_ids"]) == 2
     for field, value in (("presence_penalty", 0.5), ("logit_bias", {"5": 3.0}), ("min_tokens", 2)):
         r = client.post("/inference/v1/generate",
@@ -116,6 +116,26 @@ def test_unsupported_sampling_params_refused_neutral_ones_accepted(client):
     assert r.status_code == 422 and r.json()["error"]["field"] == "sampling_params.max_token"
     r = client.post("/inference/v1/generate", json={"token_ids": [10**9]})
     assert r.status_code == 422 and r.json()["error"]["field"].startswith("token_ids")
+
+
+def test_streamed_generate_gives_the_tokens_of_the_unstreamed(server, client):
+    sampling = dict(temperature=1.0, max_tokens=10, seed=8, n=2, logprobs=1, logprobs_mode="raw",
+                    ignore_eos=True)
+    whole = gen(client, [5, 6, 7], **sampling)
+    with server.client() as c, c.stream("POST", "/inference/v1/generate", json={
+            "token_ids": [5, 6, 7], "stream": True, "stream_options": {"include_usage": True},
+            "sampling_params": sampling}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    chunks = [json.loads(x) for x in lines[:-1]]
+    assert chunks[-1]["usage"]["completion_tokens"] == 20
+    for choice in whole["choices"]:
+        mine = [ch for c in chunks for ch in c["choices"] if ch["index"] == choice["index"]]
+        assert [t for ch in mine for t in ch["token_ids"]] == choice["token_ids"]
+        got = [e["logprob"] for ch in mine for e in ch["logprobs"]["content"]]
+        assert max(abs(a - b["logprob"]) for a, b in zip(got, choice["logprobs"]["content"])) < 1e-5
+        assert mine[-1]["finish_reason"] == "length"
 
 
 def test_detokenize_inverts_tokenize(client):
@@ -168,7 +188,7 @@ def test_pause_abort_ends_in_flight_requests_with_their_tokens(server, client):
         results = [f.result(timeout=120) for f in futures]
     assert all(r["choices"][0]["finish_reason"] == "abort" for r in results)
     assert post(client, "/resume")["is_paused"] is False
-    assert gen(client, [5], max_tokens=3)["choices"][0]["finish_reason"] == "length"
+    assert gen(client, [5], max_tokens=3, ignore_eos=True)["choices"][0]["finish_reason"] == "length"
 
 
 def test_pause_wait_lets_in_flight_finish_and_holds_new_ones(server, client):
@@ -180,7 +200,7 @@ def test_pause_wait_lets_in_flight_finish_and_holds_new_ones(server, client):
         assert all(len(r["choices"][0]["token_ids"]) == 150 for r in results)
         assert client.get("/is_paused").json() == {"is_paused": True, "mode": "wait"}
         other = server.client()
-        late = pool.submit(gen, other, [9, 9], max_tokens=2)
+        late = pool.submit(gen, other, [9, 9], max_tokens=2, ignore_eos=True)
         time.sleep(0.5)
         assert not late.done()  # queued while paused
         post(client, "/resume")
@@ -258,7 +278,7 @@ def test_sdk_completions_echo_with_generation_and_extra_body_fields(sdk, client)
     out = sdk.completions.create(
         model="m", prompt=prompt, max_tokens=6, echo=True, logprobs=3, temperature=1.0, seed=4,
         extra_body={"return_token_ids": True, "return_tokens_as_token_ids": True,
-                    "prompt_logprobs": 2, "logprobs_mode": "raw"})
+                    "prompt_logprobs": 2, "logprobs_mode": "raw", "ignore_eos": True})
     choice = out.choices[0].model_dump()
     assert choice["prompt_token_ids"] == prompt and len(choice["token_ids"]) == 6
     lp = choice["logprobs"]
@@ -300,7 +320,7 @@ def test_sdk_streamed_completion_carries_ids_and_top_logprobs(sdk):
     prompt = [3, 50, 21]
     stream = sdk.completions.create(model="m", prompt=prompt, max_tokens=5, logprobs=2,
                                     temperature=1.0, seed=9, stream=True,
-                                    extra_body={"return_token_ids": True})
+                                    extra_body={"return_token_ids": True, "ignore_eos": True})
     chunks = [c.model_dump() for c in stream]
     first = chunks[0]["choices"][0]
     assert first["prompt_token_ids"] == prompt

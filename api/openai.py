@@ -167,7 +167,7 @@ class _OpenAIResource:
         states: dict[int, _ChoiceState] = {}
         completion_tokens = 0
 
-        def chunk(choices, usage=False):
+        def chunk(choices, usage=False, **extra):
             obj = {
                 "id": job.tag,
                 "object": "chat.completion.chunk" if self.chat else "text_completion",
@@ -175,6 +175,7 @@ class _OpenAIResource:
                 "model": job.model,
                 "system_fingerprint": None,
                 "choices": choices,
+                **extra,
             }
             if include_usage:
                 obj["usage"] = None
@@ -198,9 +199,8 @@ class _OpenAIResource:
                     if self.chat:
                         first_choice = {"index": index, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}
-                        if body["return_token_ids"]:
-                            first_choice["prompt_token_ids"] = job.prompts[p]
-                        yield chunk([first_choice])
+                        extra = {"prompt_token_ids": job.prompts[p]} if body["return_token_ids"] else {}
+                        yield chunk([first_choice], **extra)
                     elif body.get("echo") or body["return_token_ids"] or job.prompt_top is not None:
                         yield chunk([self.first_choice(codec, body, job, p, index, state)])
                 completion_tokens += len(event.token_ids)
@@ -215,7 +215,8 @@ class _OpenAIResource:
                     if finish == "stop" and state.splitter.made_call:
                         finish = "tool_calls"
                 logprobs = self.stream_logprobs(codec, body, state, event)
-                if text or calls or logprobs is not None or finish is not None:
+                ids_due = body["return_token_ids"] and event.token_ids
+                if text or calls or ids_due or logprobs is not None or finish is not None:
                     choice = self.stream_choice(index, text, logprobs, finish)
                     if calls:
                         choice["delta"]["tool_calls"] = calls

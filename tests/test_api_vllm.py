@@ -132,3 +132,17 @@ def test_lora_routes_are_versioned_swaps(app, tmp_path):
     assert r.status_code == 404 and r.json["error"]["field"] == "lora_path"
     r = client.simulate_post("/v1/load_lora_adapter", json={"lora_name": "a"})
     assert r.status_code == 422 and r.json["error"]["field"] == "lora_path"
+
+
+def test_chat_stream_sends_the_prompt_ids_first_and_each_chunks_ids(app, codec):
+    import json
+
+    client, _, _ = app
+    r = client.simulate_post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True,
+        "return_token_ids": True})
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    assert chunks[0]["prompt_token_ids"] == codec.encode_chat([{"role": "user", "content": "hi"}])
+    ids = [t for c in chunks[1:] for ch in c["choices"] for t in ch.get("token_ids", [])]
+    assert len(ids) == 3

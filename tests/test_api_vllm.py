@@ -134,15 +134,26 @@ def test_lora_routes_are_versioned_swaps(app, tmp_path):
     assert r.status_code == 422 and r.json["error"]["field"] == "lora_path"
 
 
-def test_chat_stream_sends_the_prompt_ids_first_and_each_chunks_ids(app, codec):
+def test_chat_stream_sends_the_prompt_ids_first_and_each_chunks_ids(codec, tmp_path):
+    import asyncio
     import json
 
-    client, _, _ = app
-    r = client.simulate_post("/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True,
-        "return_token_ids": True})
-    chunks = [json.loads(line[6:]) for line in r.text.splitlines()
-              if line.startswith("data: ") and line != "data: [DONE]"]
+    import httpx
+
+    app, _, _ = make_app(codec, str(tmp_path / "run"))
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://test") as http:
+            r = await http.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True,
+                "return_token_ids": True})
+            return r.text
+
+    text = asyncio.run(main())
+    lines = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    chunks = [json.loads(x) for x in lines[:-1]]
     assert chunks[0]["prompt_token_ids"] == codec.encode_chat([{"role": "user", "content": "hi"}])
     ids = [t for c in chunks[1:] for ch in c["choices"] for t in ch.get("token_ids", [])]
     assert len(ids) == 3

@@ -112,7 +112,8 @@ class EngineProcess:
                 self._dispatch(slot, msg)
             if eng.has_work():
                 self._route(eng.step())
-            if self._pause_waiters and (eng.paused is None or eng.is_drained):
+            if self._pause_waiters and (eng.paused != PAUSE_WAIT or eng.is_drained):
+                # (drained, or the pause became another one or ended: nothing left to wait for)
                 self._answer_pause_waiters()
             self.channel.flush()
             self._publish()

@@ -42,7 +42,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 
-from mlxsup.ipc.messages import MAX_TOP_LOGPROBS, SamplingParams
+from mlxsup.ipc.messages import LOGPROBS_RAW, MAX_TOP_LOGPROBS, SamplingParams
 
 from . import sampling
 
@@ -331,7 +331,9 @@ class ModelRunner:
             self.ctx = sampling.push_context(self.ctx, inputs, self.rows.context_sizes,
                                              self.vocab_size)
         tokens, logprobs, self.keys = sampling.sample(logits, self.rows, self.keys, self.ctx)
-        self.pending_top = sampling.top_logprobs(logits, self.rows, self.ctx, MAX_TOP_LOGPROBS) \
+        self.pending_top = sampling.top_logprobs(
+            logits, self.rows, self.ctx, MAX_TOP_LOGPROBS,
+            all_raw=all(p.logprobs_mode == LOGPROBS_RAW for p in self.params)) \
             if self.num_top else None
         return tokens, logprobs
 
@@ -582,7 +584,8 @@ class ModelRunner:
             k = max(items[i].top_logprobs for i in batch)
             top_ids = top_lps = None
             if k:
-                ids, vals = sampling.top_logprobs(rows_logits, rows, ctx, k)
+                ids, vals = sampling.top_logprobs(rows_logits, rows, ctx, k,
+                                                  all_raw=all(m == LOGPROBS_RAW for m in modes))
                 top_ids, top_lps = ids.tolist(), vals.tolist()
         for i, start, end in spans:
             out = results[i] = ScoreOutput(lp[start:end])

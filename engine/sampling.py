@@ -372,15 +372,17 @@ def score(logits: mx.array, targets: mx.array, rows: RowParams,
 
 
 def top_logprobs(logits: mx.array, rows: RowParams, ctx: Optional[mx.array],
-                 k: int) -> tuple[mx.array, mx.array]:
+                 k: int, all_raw: bool = False) -> tuple[mx.array, mx.array]:
     """The `k` most likely tokens of each row and their log-probs under the row's mode
     (processed: the distribution the sampler draws from, -inf where truncated, a greedy row's
     argmax at 0; raw: log-softmax of the logits). Returns (ids int32 (B, k), log-probs (B, k)),
     most likely first. Run op by op beside the sampler, only for batches with a row that asks
-    for top log-probs, so the compiled sampler's traces stay those of the common path."""
+    for top log-probs, so the compiled sampler's traces stay those of the common path.
+    `all_raw` (every row in raw mode) skips the processed distribution; it is the caller's
+    Python flag, not read from `rows` (reading an array back would wait for the queued step)."""
     x = logits.astype(mx.float32)
     lp = x - mx.logsumexp(x, axis=-1, keepdims=True)
-    if not bool(mx.all(rows.want_raw).item()):
+    if not all_raw:
         z = process_logits(x, rows, ctx)
         proc = z - mx.logsumexp(z, axis=-1, keepdims=True)
         if rows.any_greedy:

@@ -181,12 +181,15 @@ def _metrics(client) -> dict:
 
 
 def test_pause_abort_ends_in_flight_requests_with_their_tokens(server, client):
+    version = client.get("/adapter").json()["policy_version"]
     pool, futures = _load(server, 4)
     with pool:
         paused = post(client, "/pause?mode=abort")
         assert paused["is_paused"] and paused["mode"] == "abort"
         results = [f.result(timeout=120) for f in futures]
     assert all(r["choices"][0]["finish_reason"] == "abort" for r in results)
+    assert all(0 < len(r["choices"][0]["token_ids"]) < 400 for r in results)  # tokens so far
+    assert all(set(r["choices"][0]["token_versions"]) == {version} for r in results)
     assert post(client, "/resume")["is_paused"] is False
     assert gen(client, [5], max_tokens=3, ignore_eos=True)["choices"][0]["finish_reason"] == "length"
 
@@ -194,10 +197,11 @@ def test_pause_abort_ends_in_flight_requests_with_their_tokens(server, client):
 def test_pause_wait_lets_in_flight_finish_and_holds_new_ones(server, client):
     pool, futures = _load(server, 3, max_tokens=150)
     with pool:
-        post(client, "/pause?mode=wait")  # answers once the three are done in the engine
+        paused_version = post(client, "/pause?mode=wait")["policy_version"]  # once they are done
         results = [f.result(timeout=30) for f in futures]
         assert all(r["choices"][0]["finish_reason"] == "length" for r in results)
         assert all(len(r["choices"][0]["token_ids"]) == 150 for r in results)
+        assert all(r["choices"][0]["generated_by_version"] == paused_version for r in results)
         assert client.get("/is_paused").json() == {"is_paused": True, "mode": "wait"}
         other = server.client()
         late = pool.submit(gen, other, [9, 9], max_tokens=2, ignore_eos=True)

@@ -358,12 +358,12 @@ class CompletionsResource(_OpenAIResource):
 
 class ChatCompletionsResource(_OpenAIResource):
     chat = True
-    _parsers: dict = {}  # id(tokenizer) -> ToolParser or None (mlx-lm's, see api/tools.py)
+    _parsers: dict = {}  # id(codec) -> ToolParser or None (mlx-lm's, see api/tools.py)
 
     def parser(self, codec) -> Optional[ToolParser]:
-        key = id(codec.tokenizer)
+        key = id(codec)
         if key not in self._parsers:
-            self._parsers[key] = ToolParser.for_tokenizer(codec.tokenizer)
+            self._parsers[key] = ToolParser.for_codec(codec)
         return self._parsers[key]
 
     def splitter(self, codec, body) -> Optional[ToolSplitter]:

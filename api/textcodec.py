@@ -116,8 +116,10 @@ class TextCodec:
 
     def __init__(self, tokenizer: Tokenizer, *, template: Optional[chat_template.Template] = None,
                  named_specials: Optional[dict] = None, context_length: Optional[int] = None,
-                 name: str = "model", clean_up_spaces: bool = False):
+                 name: str = "model", clean_up_spaces: bool = False,
+                 tool_parser_type: Optional[str] = None):
         self.tokenizer = tokenizer
+        self.tool_parser_type = tool_parser_type  # mlx-lm's, when tokenizer_config.json names one
         self.template = template
         self.named_specials = dict(named_specials or {})
         self.context_length = context_length
@@ -144,7 +146,8 @@ class TextCodec:
         _register_added_tokens(tokenizer, config, specials)
         return cls(tokenizer, template=template, named_specials=named, context_length=context_length(model_dir),
                    name=model if model is not None else "mlxsup-demo",
-                   clean_up_spaces=bool(config.get("clean_up_tokenization_spaces", False)))
+                   clean_up_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
+                   tool_parser_type=config.get("tool_parser_type"))
 
     # ---------------------------------------------------------------- encoding
 

@@ -4,15 +4,17 @@ mlx-lm knows, per model family, the markers around a tool call in the generated 
 to parse what lies between them (`mlx_lm/tool_parsers/<family>.py`: `tool_call_start`,
 `tool_call_end`, `parse_tool_call(text, tools)`), and which family a tokenizer belongs to
 (`tool_parser_type` in tokenizer_config.json, else inferred from the chat template or the
-vocabulary by `mlx_lm.tokenizer_utils._infer_tool_parser`). We use those modules as they are.
-API workers never import mlx, and importing anything under the `mlx_lm` package runs its
-`__init__`, which imports mlx; so the two files are loaded from the installed package's
-directory under private names (they import only the standard library, `regex` and
-transformers). A model without a parser gets its text back as is.
+vocabulary by `mlx_lm.tokenizer_utils._infer_tool_parser`). We use that code as it is. API
+workers never import mlx (importing anything under the `mlx_lm` package runs its `__init__`,
+which imports mlx) nor transformers; so the parser modules are loaded from the installed
+package's directory under a private package name (they import only the standard library and
+`regex`), and the inference function is compiled alone from its file. A model without a
+parser gets its text back as is.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.util
 import json
@@ -48,16 +50,47 @@ def _load_file(name: str, path: str, package_dir: Optional[str] = None):
     return module
 
 
-def parser_type(tokenizer) -> Optional[str]:
-    """The mlx-lm tool parser family of `tokenizer` (a transformers tokenizer), or None."""
+def _mlx_lm_inference():
+    """mlx-lm's `_infer_tool_parser` (and the helper it calls) from the installed
+    tokenizer_utils.py, compiled alone: the module imports transformers at its top, which API
+    workers do not load (it pulls in torch where torch is installed)."""
     root = _mlx_lm_dir()
     if root is None:
         return None
-    kind = getattr(tokenizer, "init_kwargs", {}).get("tool_parser_type")
+    path = f"{root}/tokenizer_utils.py"
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    wanted = {"_infer_tool_parser", "_is_xtml_vocab"}
+    body = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name in wanted]
+    namespace: dict = {}
+    exec(compile(ast.Module(body=body, type_ignores=[]), path, "exec"), namespace)
+    return namespace.get("_infer_tool_parser")
+
+
+@dataclass(frozen=True)
+class _TemplateView:
+    """What `_infer_tool_parser` reads of a tokenizer: its chat template and vocabulary."""
+
+    chat_template: Optional[str]
+    vocab: dict
+
+    def get_vocab(self) -> dict:
+        return self.vocab
+
+
+def parser_type(codec) -> Optional[str]:
+    """The mlx-lm tool parser family of a TextCodec's model: `tool_parser_type` of its
+    tokenizer_config.json, else inferred from the chat template or vocabulary as mlx-lm does."""
+    kind = getattr(codec, "tool_parser_type", None)
     if kind:
         return kind
-    utils = _load_file("_mlxsup_mlx_lm_tokenizer_utils", f"{root}/tokenizer_utils.py")
-    return utils._infer_tool_parser(tokenizer)
+    infer = _mlx_lm_inference()
+    if infer is None:
+        return None
+    template = codec.template
+    if isinstance(template, dict):  # named templates: the one used with tools
+        template = template.get("tool_use") or template.get("default")
+    return infer(_TemplateView(template, codec.tokenizer.get_vocab(with_added_tokens=True)))
 
 
 @dataclass(frozen=True)
@@ -70,9 +103,9 @@ class ToolParser:
     parse: Callable
 
     @classmethod
-    def for_tokenizer(cls, tokenizer) -> Optional["ToolParser"]:
+    def for_codec(cls, codec) -> Optional["ToolParser"]:
         try:
-            kind = parser_type(tokenizer)
+            kind = parser_type(codec)
             if kind is None:
                 return None
             root = _mlx_lm_dir()

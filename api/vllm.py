@@ -20,7 +20,7 @@ import orjson
 from falcon.asgi import SSEvent
 
 from mlxsup.api.adapters import resolve_adapter_path, swap_answer
-from mlxsup.api.common import gather_or_cancel, new_request_id, send_json
+from mlxsup.api.common import check_token_ids, gather_or_cancel, new_request_id, send_json
 from mlxsup.api.errors import ApiError, invalid, unavailable
 from mlxsup.api.media import read_json_object
 from mlxsup.api.schemas import stop_list
@@ -149,7 +149,7 @@ class InferenceGenerateResource:
                           "must be 0")
         codec = self.codecs.get()
         ids = list(body.token_ids)
-        codec.check_ids(ids, "token_ids")
+        check_token_ids(ids, codec.vocab_size, "token_ids")
         ctx = codec.context_length
         max_tokens = sp.max_tokens or (ctx - len(ids) if ctx else self.config.max_tokens)
         codec.check_length(len(ids), max(1, max_tokens), "token_ids", "sampling_params.max_tokens")
@@ -269,7 +269,7 @@ class TokenizeResource:
                 ids = _with_bos(codec, ids)
         else:
             ids = codec.encode(body.prompt, "prompt") if body.add_special_tokens in (None, True) \
-                else list(codec.tokenizer.encode(body.prompt, add_special_tokens=False))
+                else list(codec.tokenizer.encode(body.prompt, add_special_tokens=False).ids)
         send_json(resp, {
             "count": len(ids), "max_model_len": codec.context_length, "tokens": ids,
             "token_strs": [codec.token_text(t) for t in ids] if body.return_token_strs else None,
@@ -277,7 +277,8 @@ class TokenizeResource:
 
 
 def _with_bos(codec, ids: list[int]) -> list[int]:
-    bos = getattr(codec.tokenizer, "bos_token_id", None)
+    bos_text = codec.named_specials.get("bos_token")
+    bos = codec.tokenizer.token_to_id(bos_text) if isinstance(bos_text, str) else None
     return ids if bos is None or (ids and ids[0] == bos) else [bos] + ids
 
 
@@ -288,11 +289,11 @@ class DetokenizeResource:
     async def on_post(self, req, resp):
         body = parse(DetokenizeRequest, await read_json_object(req))
         codec = self.codecs.get()
-        codec.check_ids(body.tokens, "tokens")
+        check_token_ids(body.tokens, codec.vocab_size, "tokens")
         for i, t in enumerate(body.tokens):
             if t < 0:
                 raise invalid(f"tokens[{i}]", f"tokens[{i}] is not a token id")
-        send_json(resp, {"prompt": codec.tokenizer.decode(body.tokens)})
+        send_json(resp, {"prompt": codec.tokenizer.decode(body.tokens, skip_special_tokens=False)})
 
 
 # ---------------------------------------------------------------- control routes

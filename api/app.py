@@ -22,12 +22,13 @@ from mlxsup.api.common import CodecRef
 from mlxsup.api.engine_link import EngineLink, IpcEngineLink
 from mlxsup.api.generate import AbortResource, GenerateResource
 from mlxsup.api.middleware import AuthMiddleware, LifespanMiddleware
-from mlxsup.api.openai import ChatCompletionsResource, CompletionsResource, ModelsResource
+from mlxsup.api.openai import ChatCompletionsResource, CompletionsResource, ModelsResource, served_model_name
 from mlxsup.api.score import ScoreResource
 from mlxsup.api.spec import OpenApiResource
 from mlxsup.api.status import HealthResource, MetricsResource
 from mlxsup.api.textcodec import TextCodec
 from mlxsup.api.uploads import UploadStore
+from mlxsup.api import vllm
 from mlxsup.config import ServerConfig
 
 RUN_DIR_ENV = "MLXSUP_RUN_DIR"
@@ -87,6 +88,18 @@ def create_app(
     app.add_route("/v1/models", ModelsResource(link, config))
     app.add_route("/v1/completions", CompletionsResource(link, codecs, config))
     app.add_route("/v1/chat/completions", ChatCompletionsResource(link, codecs, config))
+
+    # vLLM's routes (docs/rl-frameworks.md)
+    app.add_route("/inference/v1/generate",
+                  vllm.InferenceGenerateResource(link, codecs, config, served_model_name(config)))
+    app.add_route("/tokenize", vllm.TokenizeResource(link, codecs))
+    app.add_route("/detokenize", vllm.DetokenizeResource(link, codecs, config))
+    app.add_route("/pause", vllm.PauseResource(link))
+    app.add_route("/resume", vllm.ResumeResource(link))
+    app.add_route("/is_paused", vllm.IsPausedResource(link))
+    app.add_route("/abort_requests", vllm.AbortRequestsResource(link))
+    app.add_route("/v1/load_lora_adapter", vllm.LoadLoraResource(adapters, config.adapter_root))
+    app.add_route("/v1/unload_lora_adapter", vllm.UnloadLoraResource(adapters))
 
     app.add_error_handler(Exception, errors.handle_unexpected)
     app.add_error_handler(falcon.HTTPError, errors.handle_http_error)

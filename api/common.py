@@ -86,7 +86,7 @@ class CodecRef:
 
 
 def prompt_ids_from(codec: TextCodec, *, text=None, ids=None, messages=None,
-                    names=("prompt", "prompt_ids", "messages")) -> list[list[int]]:
+                    names=("prompt", "prompt_ids", "messages"), tools=None) -> list[list[int]]:
     """One token-id list per prompt from whichever input form the request used (token ids were
     checked against the vocabulary by the request model); errors name the field (and the index
     within a list)."""
@@ -100,8 +100,9 @@ def prompt_ids_from(codec: TextCodec, *, text=None, ids=None, messages=None,
         return [list(one) for one in batch]
     if messages is not None:
         if messages and isinstance(messages[0], list):
-            return [codec.encode_chat(_dicts(conv), f"{messages_name}[{i}]") for i, conv in enumerate(messages)]
-        return [codec.encode_chat(_dicts(messages), messages_name)]
+            return [codec.encode_chat(_dicts(conv), f"{messages_name}[{i}]", tools=tools)
+                    for i, conv in enumerate(messages)]
+        return [codec.encode_chat(_dicts(messages), messages_name, tools=tools)]
     raise invalid(text_name, f"give one of: {', '.join(names)}")
 
 

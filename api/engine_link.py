@@ -44,6 +44,8 @@ from mlxsup.ipc.messages import (
     ERR_OVERLOADED,
     ERR_TIMEOUT,
     AbortRequest,
+    ControlResult,
+    EngineControl,
     ErrorEvent,
     GenerateRequest,
     SamplingParams,
@@ -55,7 +57,7 @@ from mlxsup.ipc.messages import (
 
 log = logging.getLogger("mlxsup.api")
 
-READY_STATES = ("ready", "draining")
+READY_STATES = ("ready", "draining", "paused")  # (paused: requests queue until /resume)
 HEARTBEAT_STALE_S = 10.0  # the supervisor kills an engine silent this long
 TICK_BUSY_S = 0.05
 TICK_IDLE_S = 0.25
@@ -129,7 +131,12 @@ class EngineLink(Protocol):
         ...
 
     async def score(self, prompt_ids: Sequence[int], completion_ids: Sequence[int], *,
-                    logprobs_mode: str, params: SamplingParams, tag: Optional[str] = None) -> ScoreResult: ...
+                    logprobs_mode: str, params: SamplingParams, tag: Optional[str] = None,
+                    top_logprobs: int = 0) -> ScoreResult: ...
+
+    async def control(self, op: str, mode: str = "") -> ControlResult:
+        """An engine-wide control: pause (`mode` abort/wait/keep), resume, status, abort_all."""
+        ...
 
     async def abort(self, tag: str) -> int:
         """Abort every request tagged `tag` (in this worker and, through the abort board, in the
@@ -296,12 +303,23 @@ class IpcEngineLink:
             async for event in events:
                 yield event
 
-    async def score(self, prompt_ids, completion_ids, *, logprobs_mode, params, tag=None):
+    async def score(self, prompt_ids, completion_ids, *, logprobs_mode, params, tag=None,
+                    top_logprobs=0):
         def make(rid):
-            return ScoreRequest(rid, list(prompt_ids), list(completion_ids), logprobs_mode, params)
+            return ScoreRequest(rid, list(prompt_ids), list(completion_ids), logprobs_mode, params,
+                                top_logprobs)
 
         result = None
         async with contextlib.aclosing(self._fly(make, tag, expect=1, stream=False)) as events:
+            async for event in events:
+                result = event
+        return result
+
+    async def control(self, op: str, mode: str = "") -> ControlResult:
+        """An engine-wide control (pause, resume, status, abort_all); its ControlResult."""
+        result = None
+        async with contextlib.aclosing(self._fly(lambda rid: EngineControl(rid, op, mode), None,
+                                                 expect=1, stream=False)) as events:
             async for event in events:
                 result = event
         return result
@@ -351,7 +369,7 @@ class IpcEngineLink:
                 if isinstance(event, ErrorEvent):
                     flight.is_finished = True
                     raise error_from_event(event)
-                if isinstance(event, (SequenceDone, ScoreResult)):
+                if isinstance(event, (SequenceDone, ScoreResult, ControlResult)):
                     num_done += 1
                 if stream:
                     flight.is_delivered = True

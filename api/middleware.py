@@ -2,7 +2,7 @@
 
 Auth rules (DESIGN.md, issue 8):
 - `--api-key`: every route but /health needs `Authorization: Bearer <key>` (or `X-API-Key`);
-- `--admin-key`: /load_adapter and /upload_adapter need it (Bearer or `X-Admin-Key`); the admin
+- `--admin-key`: /load_adapter, /upload_adapter and vLLM's control routes need it (Bearer or `X-Admin-Key`); the admin
   key is accepted wherever the API key is;
 - without an admin key the adapter routes accept loopback clients only (the TCP peer address,
   never a forwarded header);
@@ -24,7 +24,10 @@ from mlxsup.api.errors import ApiError
 log = logging.getLogger("mlxsup.api")
 
 OPEN_ROUTES = frozenset({"/health"})
-ADMIN_ROUTES = frozenset({"/load_adapter", "/upload_adapter"})
+ADMIN_ROUTES = frozenset({"/load_adapter", "/upload_adapter",
+                          # vLLM's control routes (api/vllm.py)
+                          "/pause", "/resume", "/abort_requests", "/v1/load_lora_adapter",
+                          "/v1/unload_lora_adapter"})
 
 
 class LifespanMiddleware:

@@ -53,7 +53,7 @@ LOGPROB_FLOOR = -9999.0
 # Union branch tags: they appear in pydantic's error locations and are removed from the field
 # path (parsing.py); their names say which shape the value was read as.
 TAGS = frozenset({"~text", "~texts", "~ids", "~id_batch", "~conversation", "~conversations",
-                  "~int", "~str", "~parts"})
+                  "~int", "~str", "~parts", "~object"})
 TOKEN_ID_TAGS = frozenset({"~ids", "~id_batch"})
 TOKEN_ID_FIELDS = frozenset({"prompt_ids", "completion_ids"})
 

@@ -21,6 +21,7 @@ from pydantic.json_schema import models_json_schema
 from mlxsup import __version__
 from mlxsup.api import openai_protocol as oa
 from mlxsup.api import protocol as p
+from mlxsup.api import vllm_protocol as vp
 from mlxsup.api.common import send_json
 from mlxsup.api.errors import RETRY_AFTER_OVERLOADED, RETRY_AFTER_UNAVAILABLE
 from mlxsup.config import SWAP_MODES, ServerConfig
@@ -127,13 +128,43 @@ def _routes() -> list[Route]:
               (*API, *ENGINE), body=oa.ChatCompletionRequest,
               ok_text="chat.completion; with stream: true, SSE events (an error after the first event is an "
                       "error event)"),
+        # vLLM's routes (docs/rl-frameworks.md)
+        Route("/inference/v1/generate", "post", "vLLM: tokens in, tokens out",
+              {**_json(_ref(vp.GenerateTokensResponse)), **_sse(vp.GenerateTokensChunk, p.ErrorBody)},
+              (*API, *ENGINE), body=vp.GenerateTokensRequest,
+              ok_text="with stream: true, SSE events (an error after the first event is an error event)"),
+        Route("/tokenize", "post", "vLLM: tokenize a prompt or messages", _json(_ref(vp.TokenizeResponse)),
+              (*API, 503), body=vp.TokenizeRequest),
+        Route("/detokenize", "post", "vLLM: token ids to text", _json(_ref(vp.DetokenizeResponse)),
+              (*API, 503), body=vp.DetokenizeRequest),
+        Route("/pause", "post", "vLLM: pause generation (abort, wait or keep in-flight requests)",
+              _json(_ref(vp.PauseState)), (401, 403, 422, *ENGINE), security="admin",
+              ok_text="paused (mode=wait: once in-flight requests are done)", extra={"parameters": [
+                  {"name": "mode", "in": "query", "required": False,
+                   "schema": {"enum": ["abort", "wait", "keep"], "default": "abort"}},
+                  {"name": "wait_for_inflight_requests", "in": "query", "required": False,
+                   "schema": {"type": "boolean", "default": False},
+                   "description": "older spelling of mode=wait (used when mode is absent)"}]}),
+        Route("/resume", "post", "vLLM: resume after a pause", _json(_ref(vp.PauseState)), (401, 403, *ENGINE),
+              security="admin"),
+        Route("/is_paused", "get", "vLLM: the pause state", _json(_ref(vp.PauseState)), (401, *ENGINE)),
+        Route("/abort_requests", "post", "vLLM: abort the given requests (any worker), or all",
+              _json(_ref(vp.AbortRequestsResponse)), (*API, 403, *ENGINE), body=vp.AbortRequestsRequest,
+              security="admin"),
+        Route("/v1/load_lora_adapter", "post", "vLLM: load a LoRA adapter (a versioned swap)",
+              _json(_ref(vp.LoraSwapResult)), (*API, 403, 404, 503), body=vp.LoadLoraRequest, security="admin",
+              ok_text="committed"),
+        Route("/v1/unload_lora_adapter", "post", "vLLM: back to the base model (a versioned swap)",
+              _json(_ref(vp.LoraSwapResult)), (*API, 403, 503), body=vp.UnloadLoraRequest, security="admin",
+              ok_text="committed"),
     ]
 
 
 RESPONSE_MODELS = (
     p.GenerateResult, p.GenerateResults, p.ScoreResult, p.AbortResult, p.SwapResult, p.AdapterState,
     p.Health, p.Unhealthy, p.Metrics, p.ErrorBody, oa.ModelList, oa.CompletionResponse, oa.CompletionChunk,
-    oa.ChatCompletionResponse, oa.ChatCompletionChunk,
+    oa.ChatCompletionResponse, oa.ChatCompletionChunk, vp.GenerateTokensResponse, vp.GenerateTokensChunk,
+    vp.TokenizeResponse, vp.DetokenizeResponse, vp.PauseState, vp.AbortRequestsResponse, vp.LoraSwapResult,
 )
 
 

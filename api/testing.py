@@ -16,7 +16,16 @@ from typing import Callable, Optional, Sequence
 from mlxsup.api.engine_link import EngineStatus
 from mlxsup.api.errors import ApiError
 from mlxsup.api.textcodec import TextCodec
-from mlxsup.ipc.messages import LOGPROBS_NONE, SamplingParams, ScoreResult, SequenceDone, TokenChunk
+from mlxsup.ipc.messages import (
+    LOGPROBS_NONE,
+    OP_PAUSE,
+    OP_RESUME,
+    ControlResult,
+    SamplingParams,
+    ScoreResult,
+    SequenceDone,
+    TokenChunk,
+)
 
 
 def default_completion(prompt_ids: Sequence[int], params: SamplingParams, seq_index: int) -> list[int]:
@@ -29,7 +38,7 @@ def default_completion(prompt_ids: Sequence[int], params: SamplingParams, seq_in
 class FakeEngineLink:
     """An `EngineLink` without an engine. Settable: `status_fields` (EngineStatus fields),
     `error` (an ApiError every request raises), `delay_s`, `completion` (prompt, params, seq ->
-    ids). Records `requests` (kind, prompt_ids, params, n, tag) and `aborted` tags."""
+    ids). Records `requests` (kind, prompt_ids, params, n, tag), `aborted` tags and `controls`."""
 
     def __init__(self, completion: Optional[Callable] = None, **status_fields):
         self.status_fields = {"link_open": True, "engine_state": "ready", "heartbeat_age_s": 0.1,
@@ -39,6 +48,8 @@ class FakeEngineLink:
         self.delay_s = 0.0
         self.requests: list = []
         self.aborted: list = []
+        self.controls: list = []
+        self.paused: Optional[str] = None
         self.cancelled = 0
         self.num_starts = 0
         self.num_closes = 0
@@ -58,6 +69,17 @@ class FakeEngineLink:
         finish = "length" if len(ids) >= params.max_tokens else "stop"
         return ids, logprobs, finish
 
+    def _tops(self, ids, logprobs, k):
+        """With top_logprobs k: the token itself as the most likely, then the next ids at one
+        nat less each (flat, k per token, as the engine packs them)."""
+        if not k or not logprobs:
+            return [], []
+        top_ids, top_lps = [], []
+        for t, lp in zip(ids, logprobs):
+            top_ids += [t + j for j in range(k)]
+            top_lps += [lp - j for j in range(k)]
+        return top_ids, top_lps
+
     async def _begin(self, kind, prompt_ids, params, n, tag):
         self.requests.append((kind, list(prompt_ids), params, n, tag))
         try:
@@ -75,10 +97,12 @@ class FakeEngineLink:
         out = []
         for s in range(n):
             ids, logprobs, finish = self._sequence(prompt_ids, params, s)
+            top_ids, top_lps = self._tops(ids, logprobs, params.top_logprobs)
             out.append(SequenceDone(request_id=1, seq_index=s, finish_reason=finish, token_ids=ids,
                                     logprobs=logprobs, versions=[version] * len(ids),
                                     num_prompt_tokens=len(prompt_ids), batch_size=n, policy_version=version,
-                                    queue_ms=0.5, ttft_ms=1.0, total_ms=2.0))
+                                    queue_ms=0.5, ttft_ms=1.0, total_ms=2.0, top_ids=top_ids,
+                                    top_logprobs=top_lps))
         return out
 
     async def stream(self, prompt_ids, params, *, n=1, min_policy_version=-1, tag=None):
@@ -87,17 +111,30 @@ class FakeEngineLink:
         for s in range(n):
             ids, logprobs, finish = self._sequence(prompt_ids, params, s)
             for i, t in enumerate(ids):
-                yield TokenChunk(request_id=1, seq_index=s, token_ids=[t],
-                                 logprobs=logprobs[i:i + 1], versions=[version])
+                top_ids, top_lps = self._tops([t], logprobs[i:i + 1], params.top_logprobs)
+                yield TokenChunk(request_id=1, seq_index=s, token_ids=[t], logprobs=logprobs[i:i + 1],
+                                 versions=[version], top_ids=top_ids, top_logprobs=top_lps)
                 await asyncio.sleep(0)
             yield SequenceDone(request_id=1, seq_index=s, finish_reason=finish, token_ids=[], logprobs=[],
                                versions=[], num_prompt_tokens=len(prompt_ids), batch_size=n,
                                policy_version=version)
 
-    async def score(self, prompt_ids, completion_ids, *, logprobs_mode, params, tag=None):
+    async def score(self, prompt_ids, completion_ids, *, logprobs_mode, params, tag=None,
+                    top_logprobs=0):
         await self._begin("score", prompt_ids, params, 1, tag)
-        return ScoreResult(request_id=1, logprobs=[-0.25] * len(completion_ids),
-                           policy_version=self.status_fields.get("policy_version", 0))
+        logprobs = [-0.25] * len(completion_ids)
+        top_ids, top_lps = self._tops(list(completion_ids), logprobs, top_logprobs)
+        return ScoreResult(request_id=1, logprobs=logprobs, policy_version=self.status_fields.get("policy_version", 0),
+                           top_ids=top_ids, top_logprobs=top_lps)
+
+    async def control(self, op, mode=""):
+        """Engine controls, recorded in `controls`; the pause state kept in `paused`."""
+        self.controls.append((op, mode))
+        if op == OP_PAUSE:
+            self.paused = mode
+        elif op == OP_RESUME:
+            self.paused = None
+        return ControlResult(1, self.paused is not None, self.paused or "")
 
     async def abort(self, tag):
         self.aborted.append(tag)

@@ -116,8 +116,10 @@ class TextCodec:
 
     def __init__(self, tokenizer: Tokenizer, *, template: Optional[chat_template.Template] = None,
                  named_specials: Optional[dict] = None, context_length: Optional[int] = None,
-                 name: str = "model", clean_up_spaces: bool = False):
+                 name: str = "model", clean_up_spaces: bool = False,
+                 tool_parser_type: Optional[str] = None):
         self.tokenizer = tokenizer
+        self.tool_parser_type = tool_parser_type  # mlx-lm's, when tokenizer_config.json names one
         self.template = template
         self.named_specials = dict(named_specials or {})
         self.context_length = context_length
@@ -144,7 +146,8 @@ class TextCodec:
         _register_added_tokens(tokenizer, config, specials)
         return cls(tokenizer, template=template, named_specials=named, context_length=context_length(model_dir),
                    name=model if model is not None else "mlxsup-demo",
-                   clean_up_spaces=bool(config.get("clean_up_tokenization_spaces", False)))
+                   clean_up_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
+                   tool_parser_type=config.get("tool_parser_type"))
 
     # ---------------------------------------------------------------- encoding
 
@@ -155,10 +158,14 @@ class TextCodec:
             raise invalid(field, f"{field} tokenizes to no tokens")
         return ids
 
-    def render_chat(self, messages: Sequence[dict], field: str = "messages", tools: Optional[list] = None) -> str:
+    def render_chat(self, messages: Sequence[dict], field: str = "messages", tools: Optional[list] = None,
+                    *, add_generation_prompt: bool = True, continue_final_message: bool = False) -> str:
         """Chat messages through the model's chat template, with the generation prompt. Text
         parts are joined into one string and a null content is empty, as text-only templates
-        expect; `tools` (JSON schemas) are handed to the template as given."""
+        expect; `tools` (JSON schemas) are handed to the template as given.
+        `continue_final_message` (vLLM's and transformers' option) renders without the
+        generation prompt and ends the text at the end of the last message's content, so the
+        model continues that message."""
         clean = [{k: v for k, v in m.items() if v is not None or k == "content"} for m in messages]
         for m in clean:
             if isinstance(m.get("content"), list):  # text parts -> one string
@@ -169,13 +176,25 @@ class TextCodec:
             raise invalid(field, f"{self.name} has no chat template; send prompt or prompt_ids")
         try:
             template = chat_template.pick_template(self.template, tools is not None)
-            return chat_template.render(template, clean, special_tokens=self.named_specials, tools=tools)
+            text = chat_template.render(template, clean, special_tokens=self.named_specials, tools=tools,
+                                        add_generation_prompt=add_generation_prompt and not continue_final_message)
         except chat_template.ChatTemplateError as e:
             raise invalid(field, f"the chat template refused these messages: {_clip(str(e))}") from None
+        if continue_final_message:
+            last = clean[-1]["content"] if clean else ""
+            at = text.rfind(last) if last else -1
+            if at < 0:
+                raise invalid(field, "continue_final_message: the last message's content is not in the "
+                                     "rendered text")
+            text = text[:at + len(last)]
+        return text
 
-    def encode_chat(self, messages: Sequence[dict], field: str = "messages", tools: Optional[list] = None) -> list[int]:
+    def encode_chat(self, messages: Sequence[dict], field: str = "messages", tools: Optional[list] = None,
+                    *, add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[int]:
         """`render_chat`'s text as token ids (the template writes the special tokens itself)."""
-        ids = self._encode(self.render_chat(messages, field, tools), field, add_special_tokens=False)
+        text = self.render_chat(messages, field, tools, add_generation_prompt=add_generation_prompt,
+                                continue_final_message=continue_final_message)
+        ids = self._encode(text, field, add_special_tokens=False)
         if not ids:
             raise invalid(field, f"{field} render to no tokens")
         return ids

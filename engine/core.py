@@ -25,6 +25,9 @@ from mlxsup.ipc.messages import (
     LOGPROBS_NONE,
     LOGPROBS_PROCESSED,
     LOGPROBS_RAW,
+    PAUSE_ABORT,
+    PAUSE_KEEP,
+    PAUSE_MODES,
     ErrorEvent,
     Event,
     GenerateRequest,
@@ -153,6 +156,8 @@ class Engine:
         self._swap: Optional[SwapTicket] = None
         self._first_token_of: Optional[SwapTicket] = None  # committed, no new token yet
         self._trimmer = HeapTrimmer()
+        # vLLM's pause: None while serving, else the mode of the pause (see `pause`).
+        self.paused: Optional[str] = None
         self.counters = dict(tokens_generated=0, prefill_tokens=0, num_swaps=0,
                              num_requests=0, num_steps=0)
 
@@ -225,9 +230,39 @@ class Engine:
         self._end_request(state, FINISH_ABORT, self._outbox)
         return True
 
-    def abort_all(self) -> None:
-        for rid in list(self._requests):
+    def abort_all(self) -> int:
+        """Abort every request; returns how many there were."""
+        rids = list(self._requests)
+        for rid in rids:
             self.abort(rid)
+        return len(rids)
+
+    # ------------------------------------------------------------------ pause
+
+    def pause(self, mode: str) -> int:
+        """Stop admitting work (vLLM's /pause). `abort`: in-flight requests end now with
+        finish_reason "abort" (their tokens so far); `wait`: running sequences finish (and the
+        waiting samples of a group already partly admitted: a request is never left half
+        done); `keep`: running rows are frozen where they are, with their KV caches, and go
+        on from the same position on `resume`. Requests that arrive while paused wait in the
+        queue (their time counts toward the request timeout). A swap requested while paused
+        commits at once in `keep` (the frozen rows continue under the new weights, as their
+        per-token versions show) and as usual otherwise. Returns the requests aborted."""
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"pause mode must be one of {PAUSE_MODES}, not {mode!r}")
+        num_aborted = self.abort_all() if mode == PAUSE_ABORT else 0
+        self.paused = mode
+        return num_aborted
+
+    def resume(self) -> None:
+        self.paused = None
+
+    @property
+    def is_drained(self) -> bool:
+        """Nothing in flight: no running or prefilling row, no partly admitted request."""
+        return (self.runner.num_rows == 0 and self.runner.num_prefilling == 0
+                and self.scheduler.num_running == 0
+                and not any(s.is_partially_admitted for s in self.scheduler.waiting))
 
     def _end_request(self, state: RequestState, reason: str, events: list[Event]) -> None:
         """Finish every unfinished sample of `state` with `reason` (abort paths)."""
@@ -291,10 +326,15 @@ class Engine:
     # ------------------------------------------------------------------ the loop
 
     def has_work(self) -> bool:
+        if self.paused is not None:
+            return bool(self._outbox) or self._swap is not None or (
+                self.paused != PAUSE_KEEP and not self.is_drained)
         return bool(self._outbox) or self.scheduler.has_work() or self.runner.num_rows > 0
 
     def wait_hint(self) -> Optional[float]:
         """Seconds until `step()` has something to do: 0 now, None when idle."""
+        if self.paused is not None:
+            return 0.0 if self.has_work() else None
         if self._outbox or self.runner.num_rows:
             return 0.0
         return self.scheduler.wait_hint(time.monotonic(), self.policy_version)
@@ -303,7 +343,12 @@ class Engine:
         """One iteration: schedule, run the model, turn results into events."""
         events, self._outbox = self._outbox, []
         now = time.monotonic()
-        plan = self.scheduler.schedule(now, self.policy_version)
+        if self.paused == PAUSE_KEEP:
+            if self._swap is not None:  # (nothing runs: a swap cannot wait for a boundary)
+                self.scheduler.cancel_swap()
+                self._commit_swap()
+            return events
+        plan = self.scheduler.schedule(now, self.policy_version, hold=self.paused is not None)
         for state in plan.expired:
             self._forget(state)
             events.append(ErrorEvent(
@@ -387,13 +432,17 @@ class Engine:
         now = time.monotonic()
         batch_size = len(out.seq_ids)
         done: list[int] = []
-        for seq_id, token, logprob in zip(out.seq_ids, out.tokens, out.logprobs):
+        for row, (seq_id, token, logprob) in enumerate(zip(out.seq_ids, out.tokens, out.logprobs)):
             seq = self._seqs.get(seq_id)
             if seq is None or seq.status != SeqStatus.RUNNING:
                 continue  # aborted after this step was queued
             seq.token_ids.append(token)
             seq.logprobs.append(logprob)
             seq.versions.append(out.version)
+            k = seq.params.top_logprobs
+            if k and out.top_ids is not None:
+                seq.top_ids += out.top_ids[row][:k]
+                seq.top_logprobs += out.top_logprobs[row][:k]
             seq.max_batch_size = max(seq.max_batch_size, batch_size)
             if len(seq.token_ids) == 1:
                 seq.first_token_at = now
@@ -436,12 +485,19 @@ class Engine:
         return TokenChunk(
             request_id=seq.request.request_id, seq_index=seq.index,
             token_ids=seq.token_ids[start:], logprobs=self._logprobs(seq, start),
-            versions=seq.versions[start:],
+            versions=seq.versions[start:], **self._top(seq, start),
         )
 
     @staticmethod
     def _logprobs(seq: Sequence, start: int) -> list[float]:
         return [] if seq.params.logprobs_mode == LOGPROBS_NONE else seq.logprobs[start:]
+
+    @staticmethod
+    def _top(seq: Sequence, start: int) -> dict:
+        k = seq.params.top_logprobs
+        if not k:
+            return {}
+        return dict(top_ids=seq.top_ids[start * k:], top_logprobs=seq.top_logprobs[start * k:])
 
     def _finish(self, seq: Sequence, events: list[Event]) -> None:
         state = seq.request
@@ -458,15 +514,16 @@ class Engine:
             batch_size=seq.max_batch_size,
             policy_version=seq.versions[0] if seq.versions else self.policy_version,
             queue_ms=ms(seq.admitted_at), ttft_ms=ms(seq.first_token_at), total_ms=ms(now),
+            **self._top(seq, start),
         ))
         if last:
             self._forget(state)
 
     def _run_scores(self, states: list[RequestState], events: list[Event]) -> None:
         items = [ScoreItem(s.request.prompt_ids, s.request.completion_ids, s.request.params,
-                           s.request.logprobs_mode) for s in states]
+                           s.request.logprobs_mode, s.request.top_logprobs) for s in states]
         try:
-            results = self.runner.score(items, self.config.max_score_tokens)
+            results = self.runner.score_top(items, self.config.max_score_tokens)
         except Exception as e:
             log.exception("scoring failed")
             results = [e] * len(states)
@@ -477,7 +534,8 @@ class Engine:
             else:
                 self.counters["prefill_tokens"] += len(state.request.prompt_ids) + len(
                     state.request.completion_ids)
-                events.append(ScoreResult(state.request_id, lp, self.policy_version))
+                events.append(ScoreResult(state.request_id, lp.logprobs, self.policy_version,
+                                          lp.top_ids, lp.top_logprobs))
 
     # ------------------------------------------------------------------ conveniences
 
@@ -490,6 +548,7 @@ class Engine:
             policy_version=self.policy_version,
             adapter_path=self.adapter_path,
             swap_pending=self._swap is not None,
+            paused=self.paused,
             active_memory=mx.get_active_memory(),
             cache_memory=mx.get_cache_memory(),
             peak_memory=mx.get_peak_memory(),

@@ -31,7 +31,13 @@ from mlxsup.ipc.messages import (
     ERR_INTERNAL,
     ERR_INVALID,
     ERR_OVERLOADED,
+    OP_ABORT_ALL,
+    OP_PAUSE,
+    OP_RESUME,
+    PAUSE_WAIT,
     AbortRequest,
+    ControlResult,
+    EngineControl,
     ErrorEvent,
     GenerateRequest,
     Hello,
@@ -73,6 +79,7 @@ class EngineProcess:
         self._swaps: list[dict] = []  # swap commands not yet handed to the engine
         self._swap_busy = False
         self._signals: "queue.Queue[int]" = queue.Queue()
+        self._pause_waiters: list[tuple[int, int]] = []  # (slot, id) of `wait` pauses not answered
         self.stopping = False
         self.publisher = Publisher(channel.control, dict(
             engine_epoch=epoch, engine_pid=os.getpid(), engine_state="starting",
@@ -107,6 +114,9 @@ class EngineProcess:
                 self._dispatch(slot, msg)
             if eng.has_work():
                 self._route(eng.step())
+            if self._pause_waiters and (eng.paused != PAUSE_WAIT or eng.is_drained):
+                # (drained, or the pause became another one or ended: nothing left to wait for)
+                self._answer_pause_waiters()
             self.channel.flush()
             self._publish()
             if self.control.closed.is_set() and not self.stopping:
@@ -133,7 +143,7 @@ class EngineProcess:
         )
         if state is None:
             swap = self.engine.pending_swap
-            state = "stopping" if self.stopping else (
+            state = "stopping" if self.stopping else "paused" if s["paused"] else (
                 "draining" if swap is not None and swap.mode == "drain" else "ready")
         fields["engine_state"] = state
         self.publisher.update(**fields)
@@ -159,6 +169,9 @@ class EngineProcess:
             if self._slot_of.get(msg.request_id) == slot:
                 eng.abort(msg.request_id)
             return
+        if isinstance(msg, EngineControl):
+            self._control(slot, msg)
+            return
         if not isinstance(msg, (GenerateRequest, ScoreRequest)):
             return
         rid = msg.request_id
@@ -182,6 +195,32 @@ class EngineProcess:
             return
         self._slot_of[rid] = slot
         self._remaining[rid] = msg.n if isinstance(msg, GenerateRequest) else 1
+
+    def _control(self, slot: int, msg: EngineControl) -> None:
+        """vLLM's pause family. A `wait` pause answers once in-flight work is done."""
+        eng = self.engine
+        num_aborted = 0
+        if msg.op == OP_PAUSE:
+            num_aborted = eng.pause(msg.mode)
+            log.info("paused (%s): %d requests aborted", msg.mode, num_aborted)
+        elif msg.op == OP_RESUME:
+            if eng.paused is not None:
+                log.info("resumed")
+            eng.resume()
+        elif msg.op == OP_ABORT_ALL:
+            num_aborted = eng.abort_all()
+        self._publish()
+        if msg.op == OP_PAUSE and msg.mode == PAUSE_WAIT and not eng.is_drained:
+            self._pause_waiters.append((slot, msg.request_id))
+            return
+        self.channel.send(slot, ControlResult(msg.request_id, eng.paused is not None,
+                                              eng.paused or "", num_aborted))
+
+    def _answer_pause_waiters(self) -> None:
+        eng = self.engine
+        for slot, rid in self._pause_waiters:
+            self.channel.send(slot, ControlResult(rid, eng.paused is not None, eng.paused or ""))
+        self._pause_waiters = []
 
     def _forget(self, rid: int) -> None:
         self._slot_of.pop(rid, None)

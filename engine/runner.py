@@ -42,7 +42,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 
-from mlxsup.ipc.messages import SamplingParams
+from mlxsup.ipc.messages import LOGPROBS_RAW, MAX_TOP_LOGPROBS, SamplingParams
 
 from . import sampling
 
@@ -145,12 +145,16 @@ class _PrefillJob:
 
 @dataclass
 class StepOutput:
-    """Tokens of one step: row i of `seq_ids` produced `tokens[i]` with `logprobs[i]`."""
+    """Tokens of one step: row i of `seq_ids` produced `tokens[i]` with `logprobs[i]`, and,
+    when a row asked for top log-probs, `top_ids[i]`/`top_logprobs[i]` (MAX_TOP_LOGPROBS of
+    each, most likely first; None when no row of the step asked)."""
 
     seq_ids: list[int]
     tokens: list[int]
     logprobs: list[float]
     version: int  # policy version of the weights the step ran under
+    top_ids: Optional[list[list[int]]] = None
+    top_logprobs: Optional[list[list[float]]] = None
 
 
 @dataclass
@@ -159,6 +163,17 @@ class ScoreItem:
     completion_ids: Sequence[int]
     params: SamplingParams
     mode: str
+    top_logprobs: int = 0
+
+
+@dataclass
+class ScoreOutput:
+    """Teacher-forced log-probs of one item's completion tokens, and with `top_logprobs` k the
+    k most likely tokens at each of those positions (flat, k per token)."""
+
+    logprobs: list[float]
+    top_ids: list[int] = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -206,6 +221,10 @@ class ModelRunner:
         self.ctx: Optional[mx.array] = None
         self.rows: Optional[sampling.RowParams] = None
         self.pending: Optional[tuple[mx.array, mx.array]] = None  # (tokens, logprobs) (B,)
+        # The pending step's top log-probs, (ids, log-probs) (B, MAX_TOP_LOGPROBS), while a row
+        # asks for them (rows joined since carry zeros: their pending token is a prompt token).
+        self.pending_top: Optional[tuple[mx.array, mx.array]] = None
+        self.num_top = 0  # the most top log-probs a row asks for
         self.pending_version = 0
         self.solo = False  # the one row's caches are plain caches, not batch caches
         self._last_step_at = None  # no rows: the next step starts a new run of steps
@@ -249,7 +268,7 @@ class ModelRunner:
             if self.adaptive:
                 self._adapt()
             seq_ids, fresh = list(self.seq_ids), self.fresh
-            out, out_version = self.pending, self.pending_version
+            out, out_version, out_top = self.pending, self.pending_version, self.pending_top
             if not self.pipeline and not all(fresh):
                 # Just turned stepwise with a step still queued: read it and queue nothing;
                 # the next step decodes from its tokens.
@@ -259,14 +278,17 @@ class ModelRunner:
                 self.pending = self._decode()
                 self.pending_version = version
                 self.fresh = [False] * len(seq_ids)
+                top = self.pending_top or ()
                 if self.pipeline:
-                    mx.async_eval(*self.pending, self.keys)
+                    mx.async_eval(*self.pending, self.keys, *top)
                 else:  # this step's own tokens: nothing runs while the caller works
-                    mx.eval(*self.pending, self.keys)
+                    mx.eval(*self.pending, self.keys, *top)
                     out, out_version, fresh = self.pending, version, self.fresh
+                    out_top = self.pending_top
                     self.fresh = [True] * len(seq_ids)  # read: not the next step's output
-            mx.eval(*out)
+            mx.eval(*out, *(out_top or ()))
             tokens, logprobs = out[0].tolist(), out[1].tolist()
+            top_ids, top_lps = (out_top[0].tolist(), out_top[1].tolist()) if out_top else (None, None)
         keep = [i for i, f in enumerate(fresh) if not f]
         if not keep:
             return None, prefixes
@@ -274,7 +296,10 @@ class ModelRunner:
             seq_ids = [seq_ids[i] for i in keep]
             tokens = [tokens[i] for i in keep]
             logprobs = [logprobs[i] for i in keep]
-        return StepOutput(seq_ids, tokens, logprobs, out_version), prefixes
+            if top_ids is not None:
+                top_ids = [top_ids[i] for i in keep]
+                top_lps = [top_lps[i] for i in keep]
+        return StepOutput(seq_ids, tokens, logprobs, out_version, top_ids, top_lps), prefixes
 
     def _adapt(self) -> None:
         """Adaptive mode: stepwise while steps are long (the host's work is small beside the
@@ -306,6 +331,10 @@ class ModelRunner:
             self.ctx = sampling.push_context(self.ctx, inputs, self.rows.context_sizes,
                                              self.vocab_size)
         tokens, logprobs, self.keys = sampling.sample(logits, self.rows, self.keys, self.ctx)
+        self.pending_top = sampling.top_logprobs(
+            logits, self.rows, self.ctx, MAX_TOP_LOGPROBS,
+            all_raw=all(p.logprobs_mode == LOGPROBS_RAW for p in self.params)) \
+            if self.num_top else None
         return tokens, logprobs
 
     def _new_job(self, admissions: Sequence[Admission], version: int) -> _PrefillJob:
@@ -434,10 +463,18 @@ class ModelRunner:
             self.keys = mx.concatenate([self.keys, keys])
             self.ctx = self._concat_ctx(self.ctx, ctx, len(self.seq_ids), len(seq_ids))
             self.pending = tuple(mx.concatenate([a, b]) for a, b in zip(self.pending, pending))
+            if self.pending_top is not None:
+                pad = mx.zeros((len(seq_ids), MAX_TOP_LOGPROBS), dtype=mx.int32)
+                self.pending_top = (mx.concatenate([self.pending_top[0], pad]),
+                                    mx.concatenate([self.pending_top[1], pad.astype(mx.float32)]))
             self.seq_ids += seq_ids
             self.params += params
             self.fresh += [True] * len(seq_ids)
+        self._rebuild_rows()
+
+    def _rebuild_rows(self) -> None:
         self.rows = sampling.RowParams.build(self.params, self.vocab_size)
+        self.num_top = max((p.top_logprobs for p in self.params), default=0)
 
     def _concat_ctx(self, a, b, rows_a, rows_b):
         if a is None and b is None:
@@ -477,10 +514,12 @@ class ModelRunner:
             if self.ctx is not None:
                 self.ctx = self.ctx[idx]
             self.pending = tuple(a[idx] for a in self.pending)
+            if self.pending_top is not None:
+                self.pending_top = tuple(a[idx] for a in self.pending_top)
         self.seq_ids = [self.seq_ids[i] for i in keep]
         self.params = [self.params[i] for i in keep]
         self.fresh = [self.fresh[i] for i in keep]
-        self.rows = sampling.RowParams.build(self.params, self.vocab_size)
+        self._rebuild_rows()
 
     def reset(self) -> None:
         """Drop every row, the step in flight and the jobs still prefilling."""
@@ -494,14 +533,18 @@ class ModelRunner:
     def score(self, items: Sequence[ScoreItem], max_tokens: int) -> list[list[float]]:
         """Teacher-forced log-probs of each item's completion tokens, in batches of at most
         `max_tokens` padded tokens (and logits under 256 MiB)."""
+        return [out.logprobs for out in self.score_top(items, max_tokens)]
+
+    def score_top(self, items: Sequence[ScoreItem], max_tokens: int) -> list[ScoreOutput]:
+        """`score`, plus each item's `top_logprobs` most likely tokens per position."""
         budget = max(1, min(max_tokens, _SCORE_LOGITS_BYTES // (4 * self.vocab_size)))
-        results: list[Optional[list[float]]] = [None] * len(items)
+        results: list[Optional[ScoreOutput]] = [None] * len(items)
         batch: list[int] = []
         longest = 0
         todo = [i for i, it in enumerate(items) if it.completion_ids]
         for i, it in enumerate(items):
             if not it.completion_ids:
-                results[i] = []
+                results[i] = ScoreOutput([])
         for i in todo:
             n = len(items[i].prompt_ids) + len(items[i].completion_ids) - 1
             if batch and (len(batch) + 1) * max(longest, n) > budget:
@@ -538,8 +581,19 @@ class ModelRunner:
             ctx = sampling.context_rows(histories, params, width, self.vocab_size)
             ctx = mx.array(ctx) if ctx is not None else None
             lp = sampling.score(rows_logits, mx.array(targets), rows, ctx).tolist()
+            k = max(items[i].top_logprobs for i in batch)
+            top_ids = top_lps = None
+            if k:
+                ids, vals = sampling.top_logprobs(rows_logits, rows, ctx, k,
+                                                  all_raw=all(m == LOGPROBS_RAW for m in modes))
+                top_ids, top_lps = ids.tolist(), vals.tolist()
         for i, start, end in spans:
-            results[i] = lp[start:end]
+            out = results[i] = ScoreOutput(lp[start:end])
+            want = items[i].top_logprobs
+            if want:
+                for row in range(start, end):
+                    out.top_ids += top_ids[row][:want]
+                    out.top_logprobs += top_lps[row][:want]
 
 
 def context_length(model: nn.Module) -> Optional[int]:

@@ -369,3 +369,30 @@ def score(logits: mx.array, targets: mx.array, rows: RowParams,
         is_argmax = mx.argmax(z, axis=-1).astype(mx.int32) == t[:, 0]
         proc = mx.where(rows.greedy, mx.where(is_argmax, 0.0, -math.inf), proc)
     return mx.where(rows.want_raw, raw, proc)
+
+
+def top_logprobs(logits: mx.array, rows: RowParams, ctx: Optional[mx.array],
+                 k: int, all_raw: bool = False) -> tuple[mx.array, mx.array]:
+    """The `k` most likely tokens of each row and their log-probs under the row's mode
+    (processed: the distribution the sampler draws from, -inf where truncated, a greedy row's
+    argmax at 0; raw: log-softmax of the logits). Returns (ids int32 (B, k), log-probs (B, k)),
+    most likely first. Run op by op beside the sampler, only for batches with a row that asks
+    for top log-probs, so the compiled sampler's traces stay those of the common path.
+    `all_raw` (every row in raw mode) skips the processed distribution; it is the caller's
+    Python flag, not read from `rows` (reading an array back would wait for the queued step)."""
+    x = logits.astype(mx.float32)
+    lp = x - mx.logsumexp(x, axis=-1, keepdims=True)
+    if not all_raw:
+        z = process_logits(x, rows, ctx)
+        proc = z - mx.logsumexp(z, axis=-1, keepdims=True)
+        if rows.any_greedy:
+            point = mx.arange(x.shape[-1])[None, :] == mx.argmax(z, axis=-1)[:, None]
+            point = mx.where(point, 0.0, -math.inf).astype(mx.float32)
+            proc = mx.where(rows.greedy[:, None], point, proc)
+        lp = mx.where(rows.want_raw[:, None], lp, proc)
+    k = min(k, x.shape[-1])
+    ids = mx.argpartition(-lp, kth=k - 1, axis=-1)[:, :k]
+    vals = mx.take_along_axis(lp, ids, axis=-1)
+    order = mx.argsort(-vals, axis=-1)
+    return (mx.take_along_axis(ids, order, axis=-1).astype(mx.int32),
+            mx.take_along_axis(vals, order, axis=-1))

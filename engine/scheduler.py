@@ -141,8 +141,10 @@ class Scheduler:
             return False
         return now - min(s.arrival for s in eligible) < self.flush_interval_s
 
-    def schedule(self, now: float, version: int) -> Plan:
-        """Decide this step's work. `version` is the policy version serving now."""
+    def schedule(self, now: float, version: int, hold: bool = False) -> Plan:
+        """Decide this step's work. `version` is the policy version serving now. `hold`
+        (the engine is paused) admits only the waiting samples of requests already partly
+        admitted, and no score."""
         plan = Plan()
         # Requests waiting for a version that a pending swap will reach are not expired
         # while that swap is pending: it commits at a step boundary soon.
@@ -172,9 +174,9 @@ class Scheduler:
                 # prefill of prompts admitted with it (one 100-token prompt: about 200 ms on
                 # the 2-core CPU against a 32 ms decode step). Those start a step later.
                 return plan
-        draining = self.pending_swap is not None  # only a drain can still be pending
+        draining = self.pending_swap is not None or hold  # (only a drain can still be pending)
 
-        if self._should_wait_for_more(now, version):
+        if not hold and self._should_wait_for_more(now, version):
             return plan
 
         free = self.max_batch - len(self.running)
@@ -185,6 +187,8 @@ class Scheduler:
             if not self._eligible(state, version):
                 continue
             if state.is_score:
+                if hold:
+                    continue
                 size = len(state.request.prompt_ids) + len(state.request.completion_ids)
                 if plan.scores and size > score_budget:
                     continue

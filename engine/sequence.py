@@ -29,6 +29,8 @@ class Sequence:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
+    top_ids: list[int] = field(default_factory=list)  # params.top_logprobs per token, flat
+    top_logprobs: list[float] = field(default_factory=list)
     finish_reason: Optional[str] = None
     num_sent: int = 0  # tokens already sent in TokenChunk events (streamed requests)
     max_batch_size: int = 0  # largest running batch this sequence decoded in

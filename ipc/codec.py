@@ -18,7 +18,11 @@ from array import array
 from mlxsup.ipc.messages import (
     FINISH_REASONS,
     LOGPROBS_MODES,
+    CONTROL_OPS,
+    PAUSE_MODES,
     AbortRequest,
+    ControlResult,
+    EngineControl,
     ErrorEvent,
     GenerateRequest,
     Hello,
@@ -29,7 +33,7 @@ from mlxsup.ipc.messages import (
     TokenChunk,
 )
 
-VERSION = 1
+VERSION = 2  # 2: top log-probs, engine controls
 
 T_HELLO = 1
 T_GENERATE = 2
@@ -39,6 +43,8 @@ T_TOKEN_CHUNK = 16
 T_SEQUENCE_DONE = 17
 T_SCORE_RESULT = 18
 T_ERROR = 19
+T_CONTROL = 5
+T_CONTROL_RESULT = 20
 
 for _code in "ifI":  # the wire format fixes 4-byte items
     if array(_code).itemsize != 4:
@@ -56,6 +62,9 @@ _ABORT = struct.Struct("<Q")
 _CHUNK = struct.Struct("<QI")  # request_id, seq_index
 _DONE = struct.Struct("<QIBIIqddd")  # ..., finish_reason, prompt tokens, batch, version, 3 times
 _SCORE_RESULT = struct.Struct("<Qq")  # request_id, policy_version
+_CONTROL = struct.Struct("<QBB")  # request_id, op, mode (index + 1; 0 none)
+_CONTROL_RESULT = struct.Struct("<Q?BI")  # request_id, is_paused, mode (index + 1), num_aborted
+_TOP = struct.Struct("<B")  # top_logprobs k
 
 
 class CodecError(ValueError):
@@ -87,11 +96,13 @@ def encode(msg) -> bytes:
             _put_params(out, msg.params)
             _put_array(out, "i", msg.prompt_ids)
             _put_array(out, "i", msg.completion_ids)
+            out.append(_TOP.pack(msg.top_logprobs))
         elif kind is AbortRequest:
             out.append(_HEAD.pack(VERSION, T_ABORT) + _ABORT.pack(msg.request_id))
         elif kind is TokenChunk:
             out.append(_HEAD.pack(VERSION, T_TOKEN_CHUNK) + _CHUNK.pack(msg.request_id, msg.seq_index))
             _put_tokens(out, msg.token_ids, msg.logprobs, msg.versions)
+            _put_top(out, msg.top_ids, msg.top_logprobs)
         elif kind is SequenceDone:
             out.append(_HEAD.pack(VERSION, T_SEQUENCE_DONE))
             out.append(
@@ -108,10 +119,20 @@ def encode(msg) -> bytes:
                 )
             )
             _put_tokens(out, msg.token_ids, msg.logprobs, msg.versions)
+            _put_top(out, msg.top_ids, msg.top_logprobs)
         elif kind is ScoreResult:
             out.append(_HEAD.pack(VERSION, T_SCORE_RESULT))
             out.append(_SCORE_RESULT.pack(msg.request_id, msg.policy_version))
             _put_array(out, "f", msg.logprobs)
+            _put_top(out, msg.top_ids, msg.top_logprobs)
+        elif kind is EngineControl:
+            out.append(_HEAD.pack(VERSION, T_CONTROL) + _CONTROL.pack(
+                msg.request_id, _index(CONTROL_OPS, msg.op),
+                _index(PAUSE_MODES, msg.mode) + 1 if msg.mode else 0))
+        elif kind is ControlResult:
+            out.append(_HEAD.pack(VERSION, T_CONTROL_RESULT) + _CONTROL_RESULT.pack(
+                msg.request_id, msg.is_paused,
+                _index(PAUSE_MODES, msg.mode) + 1 if msg.mode else 0, msg.num_aborted))
         elif kind is ErrorEvent:
             out.append(_HEAD.pack(VERSION, T_ERROR) + _ABORT.pack(msg.request_id))
             for text in (msg.code, msg.message, msg.field):
@@ -144,6 +165,13 @@ def _put_tokens(out: list, token_ids, logprobs, versions) -> None:
     _put_array(out, "I", versions)
 
 
+def _put_top(out: list, top_ids, top_logprobs) -> None:
+    if len(top_ids) != len(top_logprobs):
+        raise CodecError("top_ids and top_logprobs differ in length")
+    _put_array(out, "i", top_ids)
+    _put_array(out, "f", top_logprobs)
+
+
 def _put_str(out: list, text: str) -> None:
     data = text.encode("utf-8")
     out.append(_U32.pack(len(data)) + data)
@@ -168,6 +196,7 @@ def _put_params(out: list, p: SamplingParams) -> None:
     out.append(_U32.pack(len(p.stop_strings)))
     for s in p.stop_strings:
         _put_str(out, s)
+    out.append(_TOP.pack(p.top_logprobs))
 
 
 # ---------------------------------------------------------------- decode
@@ -248,6 +277,7 @@ def _get_params(r: _Reader) -> SamplingParams:
     if num_strings > len(r.view) - r.pos:  # each string takes at least 4 bytes
         raise CodecError("stop string count exceeds the message size")
     stop_strings = tuple(r.str() for _ in range(num_strings))
+    (top_logprobs,) = r.unpack(_TOP)
     return SamplingParams(
         temperature=temperature,
         top_p=top_p,
@@ -261,6 +291,7 @@ def _get_params(r: _Reader) -> SamplingParams:
         stop_token_ids=stop_token_ids,
         stop_strings=stop_strings,
         ignore_eos=bool(flags & _IGNORE_EOS),
+        top_logprobs=top_logprobs,
     )
 
 
@@ -287,12 +318,15 @@ def _get_score(r: _Reader) -> ScoreRequest:
     request_id, mode = r.unpack(_SCORE)
     params = _get_params(r)
     prompt_ids = r.array("i")
+    completion_ids = r.array("i")
+    (top_logprobs,) = r.unpack(_TOP)
     return ScoreRequest(
         request_id=request_id,
         prompt_ids=prompt_ids,
-        completion_ids=r.array("i"),
+        completion_ids=completion_ids,
         logprobs_mode=_choice(LOGPROBS_MODES, mode),
         params=params,
+        top_logprobs=top_logprobs,
     )
 
 
@@ -303,20 +337,33 @@ def _get_abort(r: _Reader) -> AbortRequest:
 
 def _get_token_chunk(r: _Reader) -> TokenChunk:
     request_id, seq_index = r.unpack(_CHUNK)
-    return TokenChunk(request_id, seq_index, r.array("i"), r.array("f"), r.array("I"))
+    tokens, logprobs, versions = r.array("i"), r.array("f"), r.array("I")
+    top_ids, top_lps = _get_top(r)
+    return TokenChunk(request_id, seq_index, tokens, logprobs, versions, top_ids, top_lps)
+
+
+def _get_top(r: _Reader) -> tuple[list, list]:
+    top_ids, top_lps = r.array("i"), r.array("f")
+    if len(top_ids) != len(top_lps):
+        raise CodecError("top_ids and top_logprobs differ in length")
+    return top_ids, top_lps
 
 
 def _get_sequence_done(r: _Reader) -> SequenceDone:
     (request_id, seq_index, reason, num_prompt, batch, version, queue_ms, ttft_ms, total_ms) = (
         r.unpack(_DONE)
     )
+    token_ids, logprobs, versions = r.array("i"), r.array("f"), r.array("I")
+    top_ids, top_lps = _get_top(r)
     return SequenceDone(
         request_id=request_id,
         seq_index=seq_index,
         finish_reason=_choice(FINISH_REASONS, reason),
-        token_ids=r.array("i"),
-        logprobs=r.array("f"),
-        versions=r.array("I"),
+        token_ids=token_ids,
+        logprobs=logprobs,
+        versions=versions,
+        top_ids=top_ids,
+        top_logprobs=top_lps,
         num_prompt_tokens=num_prompt,
         batch_size=batch,
         policy_version=version,
@@ -328,7 +375,22 @@ def _get_sequence_done(r: _Reader) -> SequenceDone:
 
 def _get_score_result(r: _Reader) -> ScoreResult:
     request_id, version = r.unpack(_SCORE_RESULT)
-    return ScoreResult(request_id=request_id, logprobs=r.array("f"), policy_version=version)
+    logprobs = r.array("f")
+    top_ids, top_lps = _get_top(r)
+    return ScoreResult(request_id=request_id, logprobs=logprobs, policy_version=version,
+                       top_ids=top_ids, top_logprobs=top_lps)
+
+
+def _get_control(r: _Reader) -> EngineControl:
+    request_id, op, mode = r.unpack(_CONTROL)
+    return EngineControl(request_id, _choice(CONTROL_OPS, op),
+                         _choice(PAUSE_MODES, mode - 1) if mode else "")
+
+
+def _get_control_result(r: _Reader) -> ControlResult:
+    request_id, is_paused, mode, num_aborted = r.unpack(_CONTROL_RESULT)
+    return ControlResult(request_id, is_paused, _choice(PAUSE_MODES, mode - 1) if mode else "",
+                         num_aborted)
 
 
 def _get_error(r: _Reader) -> ErrorEvent:
@@ -345,4 +407,6 @@ _DECODERS = {
     T_SEQUENCE_DONE: _get_sequence_done,
     T_SCORE_RESULT: _get_score_result,
     T_ERROR: _get_error,
+    T_CONTROL: _get_control,
+    T_CONTROL_RESULT: _get_control_result,
 }

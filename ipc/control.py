@@ -21,7 +21,7 @@ from mlxsup.ipc.layout import CONTROL_BLOCK_BYTES
 from mlxsup.ipc.ring import LINE_BYTES, fence
 from mlxsup.ipc.shm import attach_shm, close_shm, create_shm, unlink_name, unlink_shm
 
-ENGINE_STATES = ("down", "starting", "ready", "draining", "stopping")
+ENGINE_STATES = ("down", "starting", "ready", "draining", "stopping", "paused")
 MAX_ADAPTER_ID_BYTES = 512
 MAX_SUPERVISOR_STATE_BYTES = 32
 STUCK_WRITER_S = 0.25

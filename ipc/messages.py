@@ -32,6 +32,17 @@ ERR_TIMEOUT = "timeout"  # 503: min_policy_version not reached within its wait
 ERR_INTERNAL = "internal"  # 500: a bug; the request failed, the engine lives on
 ERROR_CODES = (ERR_INVALID, ERR_OVERLOADED, ERR_TIMEOUT, ERR_INTERNAL)
 
+# The most alternatives a position's top log-probs list (vLLM's and OpenAI's limit for chat).
+MAX_TOP_LOGPROBS = 20
+
+# Engine-wide controls (EngineControl.op), vLLM's /pause, /resume, /is_paused, /abort_requests.
+PAUSE_ABORT = "abort"  # end in-flight sequences (finish_reason "abort", tokens so far); admit none
+PAUSE_WAIT = "wait"  # let in-flight sequences finish; admit none
+PAUSE_KEEP = "keep"  # freeze running rows where they are; they continue on resume
+PAUSE_MODES = (PAUSE_ABORT, PAUSE_WAIT, PAUSE_KEEP)
+OP_PAUSE, OP_RESUME, OP_STATUS, OP_ABORT_ALL = "pause", "resume", "status", "abort_all"
+CONTROL_OPS = (OP_PAUSE, OP_RESUME, OP_STATUS, OP_ABORT_ALL)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -49,6 +60,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     ignore_eos: bool = False  # True: the tokenizer's EOS does not end the sequence
+    top_logprobs: int = 0  # the k most likely tokens per position, in logprobs_mode (0: none)
 
     def __post_init__(self):
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -69,6 +81,8 @@ class SamplingParams:
             raise ValueError("seed must be in [0, 2**63)")
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}")
+        if not (0 <= self.top_logprobs <= MAX_TOP_LOGPROBS):
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
 
 
 # ---------------------------------------------------------------- worker -> engine
@@ -113,6 +127,27 @@ class ScoreRequest:
     completion_ids: Sequence[int]
     logprobs_mode: str = LOGPROBS_RAW
     params: SamplingParams = field(default_factory=SamplingParams)
+    top_logprobs: int = 0  # also the k most likely tokens at each completion position
+
+    def __post_init__(self):
+        if not (0 <= self.top_logprobs <= MAX_TOP_LOGPROBS):
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
+
+
+@dataclass(frozen=True)
+class EngineControl:
+    """An engine-wide control: `op` one of CONTROL_OPS; `mode` (one of PAUSE_MODES) for a
+    pause. Answered by one ControlResult; a `wait` pause answers once in-flight work is done."""
+
+    request_id: int
+    op: str
+    mode: str = ""
+
+    def __post_init__(self):
+        if self.op not in CONTROL_OPS:
+            raise ValueError(f"op must be one of {CONTROL_OPS}")
+        if self.op == OP_PAUSE and self.mode not in PAUSE_MODES:
+            raise ValueError(f"a pause's mode must be one of {PAUSE_MODES}")
 
 
 @dataclass(frozen=True)
@@ -122,7 +157,7 @@ class AbortRequest:
     request_id: int
 
 
-Request = Union[Hello, GenerateRequest, ScoreRequest, AbortRequest]
+Request = Union[Hello, GenerateRequest, ScoreRequest, AbortRequest, EngineControl]
 
 # ---------------------------------------------------------------- engine -> worker
 
@@ -136,6 +171,10 @@ class TokenChunk:
     token_ids: Sequence[int]
     logprobs: Sequence[float]  # empty when logprobs_mode is none
     versions: Sequence[int]  # policy version that produced each token
+    # With params.top_logprobs = k: k (id, log-prob) pairs per token, most likely first, flat
+    # (token i's are [i*k, (i+1)*k)); -inf for tokens the processed distribution truncated.
+    top_ids: Sequence[int] = field(default_factory=list)
+    top_logprobs: Sequence[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -155,6 +194,8 @@ class SequenceDone:
     queue_ms: float = 0.0  # from arrival in the engine to admission
     ttft_ms: float = 0.0  # from arrival to the first token
     total_ms: float = 0.0  # from arrival to done
+    top_ids: Sequence[int] = field(default_factory=list)  # as TokenChunk's
+    top_logprobs: Sequence[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -162,6 +203,18 @@ class ScoreResult:
     request_id: int
     logprobs: Sequence[float]  # one per completion token
     policy_version: int
+    top_ids: Sequence[int] = field(default_factory=list)  # k per completion token, flat
+    top_logprobs: Sequence[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ControlResult:
+    """The answer to an EngineControl: the pause state after it, and the sequences it ended."""
+
+    request_id: int
+    is_paused: bool
+    mode: str = ""  # the pause's mode while paused
+    num_aborted: int = 0
 
 
 @dataclass(frozen=True)
@@ -174,4 +227,4 @@ class ErrorEvent:
     field: str = ""
 
 
-Event = Union[TokenChunk, SequenceDone, ScoreResult, ErrorEvent]
+Event = Union[TokenChunk, SequenceDone, ScoreResult, ErrorEvent, ControlResult]

@@ -21,12 +21,20 @@ ROUTES = {
     "/load_adapter": {"adapter_path": None},
     "/v1/completions": {"model": "m", "prompt": "hi", "max_tokens": 4},
     "/v1/chat/completions": {"model": "m", "messages": CHAT, "max_tokens": 4},
+    "/inference/v1/generate": {"token_ids": [1, 2], "sampling_params": {"max_tokens": 4,
+                                                                       "logprobs": 2}},
+    "/tokenize": {"messages": CHAT},
+    "/detokenize": {"tokens": [1, 2]},
+    "/abort_requests": {"request_ids": ["x"]},
+    "/v1/load_lora_adapter": {"lora_name": "a", "lora_path": "/nonexistent"},
 }
 FIELDS = sorted({
     "prompt", "prompt_ids", "messages", "n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
     "repetition_context_size", "max_tokens", "logprobs", "logprobs_mode", "stop", "seed", "policy_version",
     "step_id", "request_id", "min_policy_version", "completion_ids", "adapter_path", "mode", "model", "stream",
     "stream_options", "echo", "top_logprobs", "max_completion_tokens", "tools", "role", "content",
+    "token_ids", "sampling_params", "prompt_logprobs", "return_token_ids", "return_tokens_as_token_ids",
+    "tool_choice", "tokens", "request_ids", "lora_name", "lora_path", "priority", "add_special_tokens",
 })
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 

@@ -83,6 +83,21 @@ def test_admin_key_guards_the_adapter_routes(codec, tmp_path):
     assert client.simulate_get("/adapter", headers={"Authorization": "Bearer user"}).status_code == 200
 
 
+@pytest.mark.parametrize("method,path,body", [
+    ("POST", "/pause?mode=keep", None), ("POST", "/resume", None), ("POST", "/abort_requests", {}),
+    ("POST", "/v1/unload_lora_adapter", {"lora_name": "x"})])
+def test_admin_key_guards_vllms_control_routes(codec, tmp_path, method, path, body):
+    client, link, _ = client_for(codec, tmp_path, api_key="user", admin_key="admin")
+    r = client.simulate_request(method, path, json=body, headers={"Authorization": "Bearer user"})
+    assert r.status_code == 403 and "admin" in r.json["error"]["message"]
+    assert not link.controls
+    r = client.simulate_request(method, path, json=body, headers={"Authorization": "Bearer admin"},
+                                remote_addr="203.0.113.9")
+    assert r.status_code == 200, r.text
+    # reading the pause state needs only the API key
+    assert client.simulate_get("/is_paused", headers={"Authorization": "Bearer user"}).status_code == 200
+
+
 @pytest.mark.parametrize("addr,allowed", [("127.0.0.1", True), ("127.0.0.53", True), ("::1", True),
                                           ("::ffff:127.0.0.1", True), ("10.0.0.5", False),
                                           ("192.168.1.20", False), ("2001:db8::1", False)])

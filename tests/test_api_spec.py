@@ -131,19 +131,64 @@ def _requests():
         ("post", "/v1/chat/completions", {"messages": CHAT, "stream": True, "logprobs": True,
                                           "stream_options": {"include_usage": True}}),
         ("post", "/v1/chat/completions", {"messages": CHAT, "n": 0}),
+        # vLLM's extensions of the OpenAI routes
+        ("post", "/v1/completions", {"prompt": "hi", "logprobs": 2, "echo": True, "max_tokens": 0,
+                                     "prompt_logprobs": 1, "return_token_ids": True}),
+        ("post", "/v1/completions", {"prompt": "hi", "stream": True, "logprobs": 2, "echo": True,
+                                     "return_token_ids": True, "return_tokens_as_token_ids": True}),
+        ("post", "/v1/completions", {"prompt": "hi", "max_tokens": 0, "stream": True}),
+        ("post", "/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 3,
+                                          "prompt_logprobs": 2, "return_token_ids": True}),
+        ("post", "/v1/chat/completions", {"messages": CHAT, "stream": True, "logprobs": True, "top_logprobs": 2,
+                                          "return_token_ids": True}),
+        ("post", "/v1/chat/completions", {"messages": CHAT, "tool_choice": "required"}),
+        # vLLM's routes
+        ("post", "/inference/v1/generate", {"token_ids": [5, 6], "sampling_params": {
+            "max_tokens": 3, "logprobs": 2, "prompt_logprobs": 1, "n": 2}}),
+        ("post", "/inference/v1/generate", {"token_ids": [5, 6], "stream": True, "stream_options": {
+            "include_usage": True}, "sampling_params": {"max_tokens": 3, "logprobs": 1}}),
+        ("post", "/inference/v1/generate", {"token_ids": [5, 10**6]}),
+        ("post", "/inference/v1/generate", {"token_ids": [5], "sampling_params": {"max_tokens": 100_000}}),
+        ("post", "/inference/v1/generate", {"token_ids": [5], "sampling_params": {"frequency_penalty": 1.0}}),
+        ("post", "/tokenize", {"prompt": "hi", "return_token_strs": True}),
+        ("post", "/tokenize", {"messages": CHAT}),
+        ("post", "/tokenize", {"prompt": "hi", "messages": CHAT}),
+        ("post", "/detokenize", {"tokens": [5, 6]}),
+        ("post", "/detokenize", {"tokens": [10**6]}),
+        ("post", "/pause", None),
+        ("get", "/is_paused", None),
+        ("post", "/resume", None),
+        ("post", "/abort_requests", {"request_ids": ["x"]}),
+        ("post", "/abort_requests", {}),
+        ("post", "/abort_requests", {"request_ids": "x"}),
+        ("post", "/v1/load_lora_adapter", {"lora_name": "a", "lora_path": "/does/not/exist"}),
+        ("post", "/v1/unload_lora_adapter", {"lora_name": "a"}),
+        ("post", "/v1/unload_lora_adapter", {"lora_name": ""}),
     ]
 
 
+def test_every_documented_operation_is_exercised(setup):
+    """The conformance test below sends a request to every route the document lists."""
+    _, _, spec = setup
+    documented = {(method, path) for path, ops in spec["paths"].items() for method in ops}
+    exercised = {(method, path) for method, path, _ in _requests()}
+    assert documented - exercised <= {("post", "/upload_adapter"), ("get", "/openapi.json")}
+
+
 def _neg_inf_logprobs(link: FakeEngineLink) -> None:
-    """Make the fake engine report -inf for every other token, as a processed distribution does
-    for a token it excludes."""
-    sequence = link._sequence
+    """Make the fake engine report -inf for every other token, and for the last of each token's
+    top log-probs, as a processed distribution does for a token it excludes."""
+    sequence, tops = link._sequence, link._tops
 
     def with_inf(prompt_ids, params, seq_index):
         ids, logprobs, finish = sequence(prompt_ids, params, seq_index)
         return ids, [-math.inf if i % 2 else lp for i, lp in enumerate(logprobs)], finish
 
-    link._sequence = with_inf
+    def tops_with_inf(ids, logprobs, k):
+        top_ids, top_lps = tops(ids, logprobs, k)
+        return top_ids, [-math.inf if k > 1 and i % k == k - 1 else lp for i, lp in enumerate(top_lps)]
+
+    link._sequence, link._tops = with_inf, tops_with_inf
 
 
 def test_every_answer_conforms_to_the_document(codec, tmp_path):
@@ -187,3 +232,45 @@ def test_minus_infinity_is_reported_as_the_floor_on_every_route(setup):
     r = client.simulate_post("/v1/completions", json={"prompt": "hi", "logprobs": 0})
     assert r.json["choices"][0]["logprobs"]["token_logprobs"][1] == LOGPROB_FLOOR
     assert b"null" not in orjson.dumps(r.json["choices"][0]["logprobs"]["token_logprobs"])
+    r = client.simulate_post("/inference/v1/generate", json={"token_ids": [5, 6], "sampling_params": {
+        "max_tokens": 2, "logprobs": 0}})
+    assert [e["logprob"] for e in r.json["choices"][0]["logprobs"]["content"]][1] == LOGPROB_FLOOR
+
+
+def test_minus_infinity_in_top_and_prompt_logprobs_is_the_floor(setup):
+    """-inf among the top log-probs (a truncated token) and in prompt_logprobs answer -9999.0
+    too, never a non-JSON value."""
+    client, link, _ = setup
+    _neg_inf_logprobs(link)
+
+    async def score(prompt_ids, completion_ids, *, top_logprobs=0, **kw):
+        from mlxsup.ipc.messages import ScoreResult
+
+        n = len(completion_ids)
+        return ScoreResult(request_id=1, logprobs=[-math.inf] * n, policy_version=0,
+                           top_ids=[t + j for t in completion_ids for j in range(top_logprobs)],
+                           top_logprobs=[-0.5 if j == 0 else -math.inf for _ in completion_ids
+                                         for j in range(top_logprobs)])
+
+    link.score = score
+    r = client.simulate_post("/inference/v1/generate", json={"token_ids": [5, 6, 7], "sampling_params": {
+        "max_tokens": 2, "logprobs": 2, "prompt_logprobs": 2}})
+    assert r.status_code == 200, r.text
+    body = r.json
+    prompt = body["prompt_logprobs"]
+    assert prompt[0] is None and len(prompt) == 3
+    for entry in prompt[1:]:
+        values = sorted(v["logprob"] for v in entry.values())
+        assert values[0] == LOGPROB_FLOOR and values[-1] == -0.5
+    token = body["choices"][0]["logprobs"]["content"][0]
+    assert all(t["logprob"] > LOGPROB_FLOOR for t in token["top_logprobs"])  # the truncated one is left out
+    r = client.simulate_post("/v1/chat/completions", json={"messages": CHAT, "logprobs": True, "top_logprobs": 2,
+                                                          "prompt_logprobs": 2})
+    assert r.status_code == 200, r.text
+    assert {v["logprob"] for e in r.json["prompt_logprobs"][1:] for v in e.values()} <= {-0.5, LOGPROB_FLOOR}
+    assert LOGPROB_FLOOR in {v["logprob"] for e in r.json["prompt_logprobs"][1:] for v in e.values()}
+    r = client.simulate_post("/v1/completions", json={"prompt": "hi", "echo": True, "logprobs": 1, "max_tokens": 0})
+    assert r.status_code == 200, r.text
+    assert r.json["choices"][0]["logprobs"]["token_logprobs"][1:] == [LOGPROB_FLOOR] * (
+        len(r.json["choices"][0]["logprobs"]["token_logprobs"]) - 1)
+

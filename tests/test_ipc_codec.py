@@ -15,7 +15,11 @@ from mlxsup.ipc.messages import (
     ERROR_CODES,
     FINISH_REASONS,
     LOGPROBS_MODES,
+    CONTROL_OPS,
+    PAUSE_MODES,
     AbortRequest,
+    ControlResult,
+    EngineControl,
     ErrorEvent,
     GenerateRequest,
     Hello,
@@ -38,6 +42,7 @@ def f32(values):
 PARAMS = SamplingParams(
     temperature=0.7, top_p=0.9, top_k=40, min_p=0.05, repetition_penalty=1.1, repetition_context_size=64,
     max_tokens=256, seed=1234, logprobs_mode="processed", stop_token_ids=(2, 13), stop_strings=("\n\n", "Ω"),
+    top_logprobs=5,
 )
 
 EXAMPLES = [
@@ -54,6 +59,18 @@ EXAMPLES = [
                  ttft_ms=2.5, total_ms=10.0),
     ScoreResult(request_id=77, logprobs=f32([-0.5, -0.25]), policy_version=2),
     ErrorEvent(request_id=8, code="invalid", message="prompt too long: 5000 > 4096 ✗", field="prompt"),
+    ScoreRequest(request_id=9, prompt_ids=[5], completion_ids=[7, 8], top_logprobs=20),
+    TokenChunk(request_id=5, seq_index=0, token_ids=[10], logprobs=f32([-0.1]), versions=[3],
+               top_ids=[10, 4], top_logprobs=f32([-0.1, float("-inf")])),
+    SequenceDone(request_id=5, seq_index=0, finish_reason="stop", token_ids=[1], logprobs=f32([-1.0]),
+                 versions=[0], num_prompt_tokens=3, batch_size=1, policy_version=0,
+                 top_ids=[1, 2], top_logprobs=f32([-1.0, -1.5])),
+    ScoreResult(request_id=7, logprobs=f32([-0.5]), policy_version=2, top_ids=[3],
+                top_logprobs=f32([-0.25])),
+    EngineControl(request_id=3, op="pause", mode="keep"),
+    EngineControl(request_id=3, op="abort_all"),
+    ControlResult(request_id=3, is_paused=True, mode="wait", num_aborted=4),
+    ControlResult(request_id=3, is_paused=False),
 ]
 
 
@@ -94,15 +111,15 @@ def test_token_ids_travel_packed_not_as_text():
 
 # Golden bytes: a change here breaks every worker/engine pair of mixed versions; bump VERSION.
 GOLDEN = {
-    "hello": (Hello(slot=1, generation=2, pid=3), "010101000000020000000000000003000000"),
-    "abort": (AbortRequest(request_id=258), "01040201000000000000"),
+    "hello": (Hello(slot=1, generation=2, pid=3), "020101000000020000000000000003000000"),
+    "abort": (AbortRequest(request_id=258), "02040201000000000000"),
     "chunk": (
         TokenChunk(request_id=1, seq_index=0, token_ids=[7], logprobs=[-0.5], versions=[2]),
-        "0110010000000000000000000000010000000700000001000000000000bf0100000002000000",
+        "0210010000000000000000000000010000000700000001000000000000bf01000000020000000000000000000000",
     ),
     "error": (
         ErrorEvent(request_id=1, code="timeout", message="m", field=""),
-        "011301000000000000000700000074696d656f7574010000006d00000000",
+        "021301000000000000000700000074696d656f7574010000006d00000000",
     ),
 }
 
@@ -187,6 +204,10 @@ messages = st.one_of(
     st.builds(ScoreResult, request_id=u64, logprobs=st.lists(f32s, max_size=50),
               policy_version=st.integers(-1, 2**62)),
     st.builds(ErrorEvent, request_id=u64, code=st.sampled_from(ERROR_CODES), message=text, field=text),
+    st.builds(EngineControl, request_id=u64, op=st.sampled_from(CONTROL_OPS),
+              mode=st.sampled_from(PAUSE_MODES)),
+    st.builds(ControlResult, request_id=u64, is_paused=st.booleans(),
+              mode=st.sampled_from(("",) + PAUSE_MODES), num_aborted=u32),
 )
 
 

@@ -522,13 +522,17 @@ class ModelRunner:
         for b, (i, s) in enumerate(zip(batch, seqs)):
             p = len(items[i].prompt_ids)
             start = len(b_idx)
+            # Each position's history is only its penalty window (none without a penalty):
+            # the whole prefix at each position would be O(L^2) for an L-token sequence.
+            ip = items[i].params
+            window = ip.repetition_context_size if ip.repetition_penalty != 1.0 else 0
             for t in range(p, len(s)):
                 b_idx.append(b)
                 pos.append(t - 1)
                 targets.append(s[t])
-                params.append(items[i].params)
+                params.append(ip)
                 modes.append(items[i].mode)
-                histories.append(s[:t])
+                histories.append(s[max(0, t - window):t] if window else ())
             spans.append((i, start, len(b_idx)))
         with mx.stream(self.stream):
             logits = self.model(x)

@@ -183,6 +183,27 @@ def test_score_equals_generation_logprobs(engine):
                            s.params, "raw")
 
 
+def test_score_with_repetition_penalties_in_one_batch(engine):
+    # Each position's penalty window comes from its own item's prompt + completion so far,
+    # whatever the other items of the batch use (none, a narrower one, a longer sequence).
+    rng = random.Random(5)
+    kinds = [dict(repetition_penalty=1.5, repetition_context_size=4),
+             dict(repetition_penalty=1.3, repetition_context_size=30),
+             dict(repetition_penalty=1.0)]
+    gen_reqs = [req(p, temperature=0.8, logprobs_mode="processed", max_tokens=m, seed=3, **k)
+                for p, k, m in zip(prompts_of(3, rng, lo=2, hi=12), kinds, (40, 25, 60))]
+    events = run(engine, gen_reqs)
+    dones = [done_events(events, r.request_id)[0] for r in gen_reqs]
+    scores = [ScoreRequest(next(_ids), r.prompt_ids, d.token_ids, "processed", r.params)
+              for r, d in zip(gen_reqs, dones)]
+    sevents = run(engine, scores)
+    for s, r, d in zip(scores, gen_reqs, dones):
+        [res] = sevents[s.request_id]
+        np.testing.assert_allclose(res.logprobs, d.logprobs, atol=1e-4)
+        check_fidelity(engine.model, r.prompt_ids, d.token_ids, res.logprobs, r.params,
+                       "processed")
+
+
 def test_score_of_empty_completion_and_greedy_processed(engine):
     prompt = [5, 6, 7]
     [[done]] = engine.generate([prompt], SamplingParams(max_tokens=5))

@@ -164,12 +164,12 @@ class Engine:
         rid = request.request_id
         if rid in self._requests:
             raise RequestError(f"request_id {rid} is already in flight", "request_id")
-        self._check_ids(request.prompt_ids, "prompt_ids")
+        if not request.prompt_ids:
+            raise RequestError("prompt_ids must not be empty", "prompt_ids")
+        self._guard_ids(request.prompt_ids, "prompt_ids")
         now = time.monotonic()
         if isinstance(request, ScoreRequest):
-            if not request.prompt_ids:
-                raise RequestError("prompt_ids must not be empty", "prompt_ids")
-            self._check_ids(request.completion_ids, "completion_ids")
+            self._guard_ids(request.completion_ids, "completion_ids")
             if request.logprobs_mode not in (LOGPROBS_RAW, LOGPROBS_PROCESSED):
                 raise RequestError("logprobs_mode of a score request must be 'raw' or "
                                    "'processed'", "logprobs_mode")
@@ -183,11 +183,14 @@ class Engine:
                 raise RequestError(f"n must be at most {MAX_N}", "n")
             n_prompt = len(request.prompt_ids)
             max_tokens = request.params.max_tokens
-            if self.context_length:
+            if self.context_length:  # (past it a model with learned positions reads out of range)
                 if n_prompt >= self.context_length:
                     raise RequestError(f"prompt of {n_prompt} tokens does not fit the model's "
                                        f"context of {self.context_length}", "prompt_ids")
-                max_tokens = min(max_tokens, self.context_length - n_prompt)
+                if n_prompt + max_tokens > self.context_length:
+                    raise RequestError(f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) "
+                                       f"exceed the model's context of {self.context_length}",
+                                       "max_tokens")
             state = RequestState(request, now)
             wait = request.min_policy_wait_s if request.min_policy_wait_s > 0 else \
                 self.config.min_policy_wait_s
@@ -206,13 +209,15 @@ class Engine:
             self._seqs[seq.seq_id] = seq
         self.counters["num_requests"] += 1
 
-    def _check_ids(self, ids: Seq[int], field: str) -> None:
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not (
-                0 <= t < self.vocab_size
-            ):
-                raise RequestError(f"{field} holds {t!r}, not a token id of this model "
-                                   f"(0 <= id < {self.vocab_size})", field)
+    def _guard_ids(self, ids: Seq[int], field: str) -> None:
+        """The API checks ids against the vocabulary (with the index of a bad one); this guard
+        only keeps the process alive: MLX's embedding lookup neither checks nor clamps (an id
+        past the table reads out of bounds, a large one segfaults; a negative one wraps), so
+        one bad id reaching the model would take every running request down with it. Two C
+        loops (min, max) over the ids the IPC codec decoded as ints."""
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            raise RequestError(f"{field} holds ids outside this model's vocabulary "
+                               f"(0 <= id < {self.vocab_size})", field)
 
     def abort(self, request_id: int) -> bool:
         """End a request now: its running sequences leave the batch before the next step

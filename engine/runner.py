@@ -546,8 +546,17 @@ class ModelRunner:
             results[i] = lp[start:end]
 
 
+# Config fields naming a model's context window (GPT-2's `n_positions` sizes a table of learned
+# positions that a longer sequence would read past).
+_CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length",
+                   "max_seq_len")
+
+
 def context_length(model: nn.Module) -> Optional[int]:
     """The model's context window when its config states one."""
     args = getattr(model, "args", None)
-    n = getattr(args, "max_position_embeddings", None)
-    return int(n) if isinstance(n, int) and n > 0 else None
+    for name in _CONTEXT_FIELDS:
+        n = getattr(args, name, None)
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+    return None

@@ -401,17 +401,41 @@ def test_max_tokens_and_context_limit(engine):
     with pytest.raises(RequestError) as e:
         engine.submit(req([5] * ctx))
     assert e.value.field == "prompt_ids"
-    [[done]] = engine.generate([[5] * (ctx - 3)], SamplingParams(max_tokens=50))
+    # The API's rule: prompt + max_tokens within the context; past it refused, never clamped.
+    [[done]] = engine.generate([[5] * (ctx - 3)], SamplingParams(max_tokens=3))
     assert done.finish_reason == "length" and len(done.token_ids) == 3
-
-
-def test_invalid_token_ids_name_the_field(engine):
     with pytest.raises(RequestError) as e:
-        engine.submit(req([1, engine.vocab_size]))
-    assert e.value.field == "prompt_ids"
+        engine.submit(req([5] * (ctx - 3), max_tokens=4))
+    assert e.value.field == "max_tokens"
     with pytest.raises(RequestError) as e:
-        engine.submit(ScoreRequest(next(_ids), [1], [-1], "raw"))
+        engine.submit(ScoreRequest(next(_ids), [5] * (ctx - 1), [6, 7], "raw"))
     assert e.value.field == "completion_ids"
+
+
+def test_out_of_range_token_ids_are_refused_and_the_engine_lives_on(engine):
+    # MLX's embedding lookup reads out of bounds for them (a large id segfaults the process).
+    for bad in (engine.vocab_size, 2**31 - 1, -1, -(2**31)):
+        with pytest.raises(RequestError) as e:
+            engine.submit(req([1, bad]))
+        assert e.value.field == "prompt_ids"
+    with pytest.raises(RequestError) as e:
+        engine.submit(ScoreRequest(next(_ids), [1], [2, -1], "raw"))
+    assert e.value.field == "completion_ids"
+    with pytest.raises(RequestError) as e:
+        engine.submit(ScoreRequest(next(_ids), [1], [2, engine.vocab_size], "raw"))
+    assert e.value.field == "completion_ids"
+    [[done]] = engine.generate([[1, engine.vocab_size - 1]], SamplingParams(max_tokens=3))
+    assert len(done.token_ids) == 3
+
+
+def test_a_request_id_in_flight_is_refused(engine):
+    r = req([1, 2])
+    engine.submit(r)
+    with pytest.raises(RequestError) as e:
+        engine.submit(r)
+    assert e.value.field == "request_id"
+    engine.abort(r.request_id)
+    engine.step()
     r = req([1, 2])
     engine.submit(r)
     with pytest.raises(RequestError) as e:
@@ -441,7 +465,7 @@ def test_streaming_chunks_then_done(engine):
 
 def test_abort_frees_the_slot(tiny_model_dir):
     eng = make_engine(tiny_model_dir, max_batch=2)
-    long = [req([3, 4, 5], max_tokens=10_000) for _ in range(2)]
+    long = [req([3, 4, 5], max_tokens=4000) for _ in range(2)]
     for r in long:
         eng.submit(r)
     for _ in range(5):

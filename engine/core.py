@@ -1,9 +1,9 @@
 """`Engine`: the in-process API of the generation engine.
 
 `step()` is schedule -> run -> postprocess: the scheduler picks this step's work, the runner
-executes it on the model, and the postprocessing turns tokens into events (stop checks,
-streaming chunks, finished sequences). Everything here runs on one thread, the one that
-created the engine (MLX streams belong to their thread).
+executes it on the model, and the postprocessor (postprocess.py) turns tokens into events
+(stop checks, streaming chunks, finished sequences). Everything here runs on one thread, the
+one that created the engine (MLX streams belong to their thread).
 """
 
 from __future__ import annotations
@@ -20,9 +20,6 @@ from mlxsup.ipc.messages import (
     ERR_INTERNAL,
     ERR_TIMEOUT,
     FINISH_ABORT,
-    FINISH_LENGTH,
-    FINISH_STOP,
-    LOGPROBS_NONE,
     LOGPROBS_PROCESSED,
     LOGPROBS_RAW,
     ErrorEvent,
@@ -32,7 +29,6 @@ from mlxsup.ipc.messages import (
     ScoreRequest,
     ScoreResult,
     SequenceDone,
-    TokenChunk,
 )
 
 from . import sampling
@@ -40,6 +36,7 @@ from .adapter_files import AdapterFiles
 from .adapters import AdapterManager, PreparedAdapter
 from .config import EngineConfig
 from .memory import HeapTrimmer
+from .postprocess import Postprocessor, decoder_for
 from .runner import Admission, ModelRunner, ScoreItem, StepOutput, context_length
 from .sampling import mix_seed
 from .scheduler import SWAP_MODES, QueueFull, Scheduler
@@ -143,7 +140,8 @@ class Engine:
         if config.adapter_path:
             self.adapters.commit(self.prepare_adapter(config.adapter_path))
             self.adapter_path = config.adapter_path
-        self.eos_token_ids = frozenset(getattr(tokenizer, "eos_token_ids", None) or ())
+        self.postprocessor = Postprocessor(
+            decoder_for(tokenizer), getattr(tokenizer, "eos_token_ids", None) or ())
         self._rng = np.random.default_rng(config.seed)
         self._requests: dict[int, RequestState] = {}
         self._seqs: dict[int, Sequence] = {}
@@ -218,6 +216,15 @@ class Engine:
         if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
             raise RequestError(f"{field} holds ids outside this model's vocabulary "
                                f"(0 <= id < {self.vocab_size})", field)
+
+    @property
+    def eos_token_ids(self) -> frozenset:
+        """Token ids that end a sequence unless it sets `ignore_eos` (the tokenizer's)."""
+        return self.postprocessor.eos_token_ids
+
+    @eos_token_ids.setter
+    def eos_token_ids(self, ids) -> None:
+        self.postprocessor.eos_token_ids = frozenset(ids)
 
     def abort(self, request_id: int) -> bool:
         """End a request now: its running sequences leave the batch before the next step
@@ -389,29 +396,14 @@ class Engine:
             events.append(ErrorEvent(state.request_id, ERR_INTERNAL, message))
 
     def _postprocess(self, out: StepOutput, events: list[Event]) -> None:
-        now = time.monotonic()
-        batch_size = len(out.seq_ids)
-        done: list[int] = []
-        for seq_id, token, logprob in zip(out.seq_ids, out.tokens, out.logprobs):
-            seq = self._seqs.get(seq_id)
-            if seq is None or seq.status != SeqStatus.RUNNING:
-                continue  # aborted after this step was queued
-            seq.token_ids.append(token)
-            seq.logprobs.append(logprob)
-            seq.versions.append(out.version)
-            seq.max_batch_size = max(seq.max_batch_size, batch_size)
-            if len(seq.token_ids) == 1:
-                seq.first_token_at = now
-            reason = self._stop_reason(seq, token)
-            if reason is not None:
-                seq.finish_reason = reason
-                done.append(seq_id)
-                self._finish(seq, events)
-            elif seq.request.request.stream:
-                events.append(self._chunk(seq))
+        seqs = [self._seqs.get(seq_id) for seq_id in out.seq_ids]
+        ended = self.postprocessor.accept(seqs, out.tokens, out.logprobs, out.version,
+                                          time.monotonic(), events)
         self.counters["tokens_generated"] += len(out.tokens)
-        if done:
-            self.runner.remove(done)
+        if ended:
+            self.runner.remove([seq.seq_id for seq in ended])
+            for seq in ended:
+                self._release(seq)
         ticket = self._first_token_of
         if ticket is not None and out.version >= ticket.policy_version and out.tokens:
             self._first_token_of = None
@@ -422,50 +414,16 @@ class Engine:
                 except Exception:  # a report, never a reason to fail the batch
                     log.exception("swap first-token callback failed")
 
-    def _stop_reason(self, seq: Sequence, token: int) -> Optional[str]:
-        params = seq.params
-        if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
-            return FINISH_STOP
-        if params.stop_strings:
-            # Exact on the decoded completion: the first token whose text completes a stop
-            # string ends the sequence, so ids and text end together.
-            text = self.tokenizer.decode(seq.token_ids)
-            if any(s in text for s in params.stop_strings):
-                return FINISH_STOP
-        if len(seq.token_ids) >= seq.max_tokens:
-            return FINISH_LENGTH
-        return None
-
-    def _chunk(self, seq: Sequence) -> TokenChunk:
-        start, seq.num_sent = seq.num_sent, len(seq.token_ids)
-        return TokenChunk(
-            request_id=seq.request.request_id, seq_index=seq.index,
-            token_ids=seq.token_ids[start:], logprobs=self._logprobs(seq, start),
-            versions=seq.versions[start:],
-        )
-
-    @staticmethod
-    def _logprobs(seq: Sequence, start: int) -> list[float]:
-        return [] if seq.params.logprobs_mode == LOGPROBS_NONE else seq.logprobs[start:]
-
     def _finish(self, seq: Sequence, events: list[Event]) -> None:
-        state = seq.request
-        last = self.scheduler.finish(seq)
+        """End `seq` outside a step's tokens (its `finish_reason` set): its SequenceDone, then
+        its records released."""
+        events.append(self.postprocessor.done(seq, time.monotonic(), self.policy_version))
+        self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        if self.scheduler.finish(seq):  # its request's last sequence
+            self._forget(seq.request)
         self._seqs.pop(seq.seq_id, None)
-        now = time.monotonic()
-        start = seq.num_sent
-        seq.num_sent = len(seq.token_ids)
-        ms = lambda t: (t - state.arrival) * 1e3 if t else 0.0  # noqa: E731
-        events.append(SequenceDone(
-            request_id=state.request_id, seq_index=seq.index, finish_reason=seq.finish_reason,
-            token_ids=seq.token_ids[start:], logprobs=self._logprobs(seq, start),
-            versions=seq.versions[start:], num_prompt_tokens=state.num_prompt_tokens,
-            batch_size=seq.max_batch_size,
-            policy_version=seq.versions[0] if seq.versions else self.policy_version,
-            queue_ms=ms(seq.admitted_at), ttft_ms=ms(seq.first_token_at), total_ms=ms(now),
-        ))
-        if last:
-            self._forget(state)
 
     def _run_scores(self, states: list[RequestState], events: list[Event]) -> None:
         items = [ScoreItem(s.request.prompt_ids, s.request.completion_ids, s.request.params,

@@ -436,13 +436,6 @@ def test_a_request_id_in_flight_is_refused(engine):
     assert e.value.field == "request_id"
     engine.abort(r.request_id)
     engine.step()
-    r = req([1, 2])
-    engine.submit(r)
-    with pytest.raises(RequestError) as e:
-        engine.submit(r)
-    assert e.value.field == "request_id"
-    engine.abort(r.request_id)
-    engine.step()
 
 
 # ------------------------------------------------------------------ streaming, abort, queue

@@ -36,8 +36,8 @@ def decoder_for(tokenizer) -> Decode:
     """The `decode(ids)` that stop strings are matched against: the tokenizer's own, special
     tokens included. When the Hugging Face tokenizer (under mlx-lm's `TokenizerWrapper`)
     decodes exactly as its `tokenizers` backend does (no subclass overriding the decoding, no
-    space clean-up), the backend's is called directly: the same text without some 10-25 us
-    of Python per call (measured on the demo tokenizer), which a batch pays per row and step."""
+    space clean-up), the backend's is called directly: the same text without the Python
+    layer's work per call, which a batch pays per row and step."""
     try:
         from transformers.tokenization_utils_base import PreTrainedTokenizerBase
         from transformers.tokenization_utils_tokenizers import TokenizersBackend

@@ -36,11 +36,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Hashable, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
+from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
 from mlxsup.ipc.messages import SamplingParams
 
@@ -111,6 +111,11 @@ class Admission:
     prefix: Optional[GroupPrefix] = None  # start from this instead of prefilling
     save_prefix: bool = False  # return the prompt state for the samples still waiting
     owner: object = None  # the caller's (returned with the prompt state, see `step`)
+    # The weights' key of the prefix cache (None: neither looked up nor stored), and what the
+    # runner found there: prompt tokens served from the cache, the KV they start from.
+    cache_key: Optional[Hashable] = None
+    cached_tokens: int = 0
+    start: Optional[list] = None
 
 
 @dataclass
@@ -159,6 +164,7 @@ class ScoreItem:
     completion_ids: Sequence[int]
     params: SamplingParams
     mode: str
+    cache_key: Optional[Hashable] = None  # look the prompt up in the prefix cache
 
 
 class ModelRunner:
@@ -193,6 +199,9 @@ class ModelRunner:
             _merge([make_prompt_cache(model), make_prompt_cache(model)])
         except Exception as e:  # a cache type mlx-lm cannot batch
             raise ValueError(f"this model's KV cache does not support batching: {e}") from e
+        self.kv_bytes_per_token = _kv_bytes_per_token(model)
+        # Set by the engine (engine/prefix_cache.py); None: no reuse across requests.
+        self.prefix_cache = None
         self._jobs: list[_PrefillJob] = []  # admissions still prefilling, oldest first
         self._clear()
 
@@ -208,6 +217,8 @@ class ModelRunner:
         self.pending: Optional[tuple[mx.array, mx.array]] = None  # (tokens, logprobs) (B,)
         self.pending_version = 0
         self.solo = False  # the one row's caches are plain caches, not batch caches
+        self.row_keys: list = []  # each row's prefix-cache key (None: not stored)
+        self.kv_versions: list[int] = []  # the version all of a row's KV was computed under
         self._last_step_at = None  # no rows: the next step starts a new run of steps
 
     @property
@@ -258,6 +269,8 @@ class ModelRunner:
                 self._go_solo(len(seq_ids) == 1)
                 self.pending = self._decode()
                 self.pending_version = version
+                if any(v != version for v in self.kv_versions):  # (KV of two versions: -1)
+                    self.kv_versions = [v if v == version else -1 for v in self.kv_versions]
                 self.fresh = [False] * len(seq_ids)
                 if self.pipeline:
                     mx.async_eval(*self.pending, self.keys)
@@ -309,14 +322,21 @@ class ModelRunner:
         return tokens, logprobs
 
     def _new_job(self, admissions: Sequence[Admission], version: int) -> _PrefillJob:
-        # Prompts of similar length are prefilled together (padding wastes compute).
-        fresh = sorted((i for i, a in enumerate(admissions) if a.prefix is None),
+        for a in admissions:
+            if a.prefix is None and a.cache_key is not None and self.prefix_cache is not None:
+                a.start, a.cached_tokens = self.prefix_cache.fetch(a.cache_key, a.prompt_ids[:-1])
+                if a.start is not None and a.cached_tokens == len(a.prompt_ids) - 1:  # all
+                    a.prefix, a.start = GroupPrefix(a.start), None
+        # Prompts of similar length are prefilled together (padding wastes compute); a prompt
+        # found in the prefix cache prefills its remainder on its own, from the cached KV.
+        fresh = sorted((i for i, a in enumerate(admissions) if a.prefix is None and a.start is None),
                        key=lambda i: len(admissions[i].prompt_ids))
+        hits = [i for i, a in enumerate(admissions) if a.start is not None]
         reused = [i for i, a in enumerate(admissions) if a.prefix is not None]
         groups = [[fresh[j] for j in group] for group in length_groups(
             [len(admissions[i].prompt_ids) for i in fresh], self.group_prefill)]
-        return _PrefillJob(list(admissions), fresh + reused, groups, version,
-                           frozenset(s for a in admissions for s in a.seq_ids))
+        return _PrefillJob(list(admissions), fresh + hits + reused, groups + [[i] for i in hits],
+                           version, frozenset(s for a in admissions for s in a.seq_ids))
 
     def _prefill_jobs(self, version: int) -> list[tuple[Admission, GroupPrefix]]:
         """Run prefill passes, oldest job first, within this step's budget; join the jobs
@@ -366,7 +386,13 @@ class ModelRunner:
 
     def _start_group(self, admissions: Sequence[Admission]) -> _Group:
         """Batch caches to hold `prompt[:-1]` of each admission, one row each, and the
-        right-padded tokens to run through them."""
+        right-padded tokens to run through them; an admission that starts from the prefix
+        cache is a group of its own, holding the cached KV and running the remainder."""
+        if len(admissions) == 1 and admissions[0].start is not None:
+            a = admissions[0]
+            cache, a.start = _merge([a.start]), None  # (a copy: the fetched KV is freed)
+            rest = list(a.prompt_ids[a.cached_tokens:-1])
+            return _Group(cache, mx.array([rest], dtype=mx.int32), len(rest), padded=False)
         cache = _merge([make_prompt_cache(self.model) for _ in admissions])
         heads = [list(a.prompt_ids[:-1]) for a in admissions]
         lengths = [len(h) for h in heads]
@@ -393,10 +419,15 @@ class ModelRunner:
                 c.extend(p)
 
         prefixes = []
-        if job.version == version:
+        if job.version == version:  # (KV of one version only)
             for row, i in enumerate(order):
-                if admissions[i].save_prefix and len(admissions[i].prompt_ids) > 1:
-                    prefixes.append((admissions[i], GroupPrefix([c.extract(row) for c in cache])))
+                a = admissions[i]
+                if len(a.prompt_ids) <= 1:
+                    continue
+                if a.save_prefix:
+                    prefixes.append((a, GroupPrefix([c.extract(row) for c in cache])))
+                if a.cache_key is not None and a.prefix is None and self.prefix_cache is not None:
+                    self._store(a.cache_key, a.prompt_ids[:-1], [c.extract(row) for c in cache])
 
         # One row per sample (each request's cache row replicated), less those removed while
         # the job prefilled.
@@ -411,6 +442,8 @@ class ModelRunner:
                 c.filter(rows)
         seq_ids = [a.seq_ids[s] for _, a, s in samples]
         seeds = [a.seeds[s] for _, a, s in samples]
+        row_keys = [a.cache_key for _, a, _ in samples]
+        kv_version = job.version if job.version == version else -1
         params = [a.params for _, a, _ in samples]
         heads = [a.prompt_ids[:-1] for _, a, _ in samples]
         width = min(self.max_window, max(
@@ -421,7 +454,18 @@ class ModelRunner:
         self._go_solo(False)
         self._join(seq_ids, params, cache, sampling.keys_for(seeds),
                    mx.array(ctx) if ctx is not None else None, pending)
+        self.row_keys += row_keys
+        self.kv_versions += [kv_version] * len(seq_ids)
         return prefixes
+
+    def _store(self, key: Hashable, tokens: Sequence[int], cache: list) -> None:
+        """Keep one row's plain caches in the prefix cache as the KV of `tokens` (cut to
+        the positions the caches hold; skipped when they hold more or cannot say)."""
+        held = next((c.offset for c in cache if isinstance(getattr(c, "offset", None), int)), None)
+        if held is None or held > len(tokens) or held == 0:
+            return
+        mx.eval([c.state for c in cache])  # (its own arrays now, not a view of the batch's)
+        self.prefix_cache.insert(key, tokens[:held], cache)
 
     def _join(self, seq_ids, params, cache, keys, ctx, pending) -> None:
         if not self.seq_ids:
@@ -456,10 +500,18 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ rows
 
-    def remove(self, seq_ids) -> None:
+    def remove(self, seq_ids, store: Optional[dict] = None, version: int = -1) -> None:
         """Drop the rows of `seq_ids` (finished or aborted) from the batch, and those still
-        prefilling from their job."""
+        prefilling from their job. `store` maps a finished row's seq id to its prompt +
+        completion: its KV goes into the prefix cache when all of it was computed under
+        `version` (the weights serving now)."""
         drop = set(seq_ids)
+        if store and self.prefix_cache is not None:
+            with mx.stream(self.stream):
+                for row, s in enumerate(self.seq_ids):
+                    if s in store and self.row_keys[row] is not None and \
+                            self.kv_versions[row] == version:
+                        self._store(self.row_keys[row], store[s], self._row_cache(row))
         for job in self._jobs:
             job.dropped |= drop & job.seq_ids
         self._jobs = [j for j in self._jobs if j.dropped != j.seq_ids]  # (none would join)
@@ -480,7 +532,25 @@ class ModelRunner:
         self.seq_ids = [self.seq_ids[i] for i in keep]
         self.params = [self.params[i] for i in keep]
         self.fresh = [self.fresh[i] for i in keep]
+        self.row_keys = [self.row_keys[i] for i in keep]
+        self.kv_versions = [self.kv_versions[i] for i in keep]
         self.rows = sampling.RowParams.build(self.params, self.vocab_size)
+
+    def _row_cache(self, row: int) -> list:
+        """Plain single-sequence caches of one row (copies, not views of the batch's)."""
+        if not self.solo:
+            return [c.extract(row) for c in self.cache]
+        out = []
+        for c in self.cache:
+            if isinstance(c, KVCache) and c.keys is not None:
+                copy = KVCache()
+                copy.keys = mx.contiguous(c.keys[..., : c.offset, :])
+                copy.values = mx.contiguous(c.values[..., : c.offset, :])
+                copy.offset = c.offset
+                out.append(copy)
+            else:
+                return []  # (solo is only taken by KVCache rows)
+        return out
 
     def reset(self) -> None:
         """Drop every row, the step in flight and the jobs still prefilling."""
@@ -498,10 +568,20 @@ class ModelRunner:
         results: list[Optional[list[float]]] = [None] * len(items)
         batch: list[int] = []
         longest = 0
-        todo = [i for i, it in enumerate(items) if it.completion_ids]
+        todo = []
         for i, it in enumerate(items):
             if not it.completion_ids:
                 results[i] = []
+                continue
+            cache, num = None, 0
+            if it.cache_key is not None and self.prefix_cache is not None:
+                # (at most prompt[:-1]: the last prompt position's logits score the first token)
+                cache, num = self.prefix_cache.fetch(it.cache_key, it.prompt_ids,
+                                                     limit=len(it.prompt_ids) - 1)
+            if cache is None:
+                todo.append(i)
+            else:
+                self._score_batch(items, [i], results, start=(cache, num))
         for i in todo:
             n = len(items[i].prompt_ids) + len(items[i].completion_ids) - 1
             if batch and (len(batch) + 1) * max(longest, n) > budget:
@@ -513,25 +593,28 @@ class ModelRunner:
             self._score_batch(items, batch, results)
         return results
 
-    def _score_batch(self, items, batch, results) -> None:
+    def _score_batch(self, items, batch, results, start=None) -> None:
+        """Score `batch` in one pass; `start` (caches, positions): one item whose first
+        positions' KV came from the prefix cache, so only the rest runs."""
         seqs = [list(items[i].prompt_ids) + list(items[i].completion_ids) for i in batch]
         longest = max(len(s) - 1 for s in seqs)
+        cache, skip = start if start is not None else (None, 0)
         # Right padding: a real position never attends to the padding after it.
-        x = mx.array([s[:-1] + [0] * (longest - len(s) + 1) for s in seqs], dtype=mx.int32)
+        x = mx.array([s[skip:-1] + [0] * (longest - len(s) + 1) for s in seqs], dtype=mx.int32)
         b_idx, pos, targets, params, modes, histories, spans = [], [], [], [], [], [], []
         for b, (i, s) in enumerate(zip(batch, seqs)):
             p = len(items[i].prompt_ids)
             start = len(b_idx)
             for t in range(p, len(s)):
                 b_idx.append(b)
-                pos.append(t - 1)
+                pos.append(t - 1 - skip)
                 targets.append(s[t])
                 params.append(items[i].params)
                 modes.append(items[i].mode)
                 histories.append(s[:t])
             spans.append((i, start, len(b_idx)))
         with mx.stream(self.stream):
-            logits = self.model(x)
+            logits = self.model(x, cache=cache)
             rows_logits = logits[mx.array(b_idx), mx.array(pos)]
             rows = sampling.RowParams.build(params, self.vocab_size, modes=modes)
             width = min(rows.context_size, max(len(h) for h in histories))
@@ -540,6 +623,18 @@ class ModelRunner:
             lp = sampling.score(rows_logits, mx.array(targets), rows, ctx).tolist()
         for i, start, end in spans:
             results[i] = lp[start:end]
+
+
+def _kv_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of KV one token adds to one row (the layers whose KV grows with the sequence)."""
+    cache = make_prompt_cache(model)
+    model(mx.array([[0]]), cache=cache)
+    total = 0.0
+    for c in cache:
+        keys = getattr(c, "keys", None)
+        if isinstance(keys, mx.array):
+            total += c.nbytes / keys.shape[2]
+    return max(1, int(round(total)))
 
 
 def context_length(model: nn.Module) -> Optional[int]:

@@ -204,11 +204,12 @@ class Engine:
                 max_tokens = min(max_tokens, self.context_length - n_prompt)
             if Scheduler.kv_tokens(1, n_prompt + max_tokens) > self.kv_budget_tokens:
                 per_token = self.runner.kv_bytes_per_token
+                need = Scheduler.kv_tokens(1, n_prompt + max_tokens)
                 raise RequestError(
-                    f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) need "
-                    f"{(n_prompt + max_tokens) * per_token / 2**30:.3g} GiB of KV cache, past the "
-                    f"KV budget of {self.kv_budget_bytes / 2**30:.3g} GiB ({self.kv_budget_tokens} "
-                    f"tokens; --kv-cache-gb)", "max_tokens")
+                    f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) need {need} KV "
+                    f"positions ({need * per_token / 2**30:.3g} GiB with the cache's growth step), "
+                    f"past the KV budget of {self.kv_budget_tokens} "
+                    f"({self.kv_budget_bytes / 2**30:.3g} GiB, --kv-cache-gb)", "max_tokens")
             state = RequestState(request, now)
             wait = request.min_policy_wait_s if request.min_policy_wait_s > 0 else \
                 self.config.min_policy_wait_s

@@ -324,7 +324,8 @@ class ModelRunner:
     def _new_job(self, admissions: Sequence[Admission], version: int) -> _PrefillJob:
         for a in admissions:
             if a.prefix is None and a.cache_key is not None and self.prefix_cache is not None:
-                a.start, a.cached_tokens = self.prefix_cache.fetch(a.cache_key, a.prompt_ids[:-1])
+                a.start, a.cached_tokens = self.prefix_cache.fetch(
+                    a.cache_key, a.prompt_ids, limit=len(a.prompt_ids) - 1)  # (prompt[:-1] at most)
                 if a.start is not None and a.cached_tokens == len(a.prompt_ids) - 1:  # all
                     a.prefix, a.start = GroupPrefix(a.start), None
         # Prompts of similar length are prefilled together (padding wastes compute); a prompt

@@ -16,6 +16,10 @@ SWAP_INFLIGHT = "inflight"
 SWAP_MODES = (SWAP_DRAIN, SWAP_ABORT, SWAP_INFLIGHT)
 
 
+# mlx-lm's KV caches grow their buffers by this many positions at a time (KVCache.step).
+KV_STEP = 256
+
+
 class QueueFull(Exception):
     """The engine's queue holds `max_queue` requests already (HTTP 503 + Retry-After)."""
 
@@ -48,10 +52,11 @@ class Scheduler:
     max_prefill_tokens: prompt tokens admitted per step (the first request always passes).
     max_score_tokens: tokens of score requests run per step (the first always passes).
     kv_budget_tokens: KV positions the running batch may hold (None: no bound). The batch's
-        caches hold every row left-padded to the longest, so a batch of `rows` sequences
-        whose longest may reach `longest` tokens (prompt + max_tokens) holds `rows * longest`
-        (`kv_tokens`). A request that would pass the bound waits; one that cannot fit alone is
-        refused by the engine at submit.
+        caches hold every row left-padded to the longest and grow in steps of `KV_STEP`
+        positions, so a batch of `rows` sequences whose longest may reach `longest` tokens
+        (prompt + max_tokens) holds at most `rows * (longest + KV_STEP)` (`kv_tokens`). A
+        request that would pass the bound waits, and so do those behind it; one that cannot
+        fit alone is refused by the engine at submit.
     """
 
     def __init__(
@@ -105,8 +110,8 @@ class Scheduler:
 
     @staticmethod
     def kv_tokens(rows: int, longest: int) -> int:
-        """KV positions a batch of `rows` holds when its longest row reaches `longest`."""
-        return rows * longest
+        """KV positions a batch of `rows` holds at most when its longest row reaches `longest`."""
+        return rows * (longest + KV_STEP) if rows else 0
 
     def reserved_kv_tokens(self) -> int:
         """What the running batch may grow to (see `kv_budget_tokens`)."""

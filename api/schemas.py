@@ -60,6 +60,10 @@ STOP = AnyOf(
 )
 
 
+CACHE_SALT = Field(String(max_length=MAX_ID_CHARS), "",
+                   description="prefix-cache entries are shared only between requests with the same "
+                               "salt (vLLM's name); the default \"\" shares them with every unsalted request")
+
 # /generate and the OpenAI routes (not /score, which samples nothing).
 IGNORE_EOS = Field(Boolean(), False,
                    description="keep generating past the tokenizer's EOS until max_tokens or a stop")
@@ -130,6 +134,7 @@ def generate_schema(config: ServerConfig) -> Object:
                                 description="echoed; generated when absent; POST /abort takes it"),
             "min_policy_version": Field(Integer(minimum=0, maximum=INT64_MAX), None,
                                         description="wait (bounded) until the server reaches this version"),
+            "cache_salt": CACHE_SALT,
         },
         check_all=_one_of_inputs(("prompt", "prompt_ids", "messages")),
         name="GenerateRequest",
@@ -148,6 +153,7 @@ def score_schema(config: ServerConfig) -> Object:
             **_sampling_fields(0.0),
             "repetition_context_size": Field(Integer(minimum=1, maximum=1 << 20), 20),
             "request_id": Field(String(min_length=1, max_length=MAX_ID_CHARS), None),
+            "cache_salt": CACHE_SALT,
         },
         check_all=_one_of_inputs(("prompt_ids", "prompt", "messages")),
         name="ScoreRequest",
@@ -195,6 +201,7 @@ _MLXSUP_EXTRAS = {
     "min_policy_version": Field(Integer(minimum=0, maximum=INT64_MAX), None,
                                 description="mlxsup extension: wait until the server reaches this version"),
     "repetition_context_size": Field(Integer(minimum=1, maximum=1 << 20), 20),
+    "cache_salt": CACHE_SALT,
 }
 
 

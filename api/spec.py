@@ -40,6 +40,7 @@ def _components() -> dict:
         "metadata": _obj({
             "batch_size": _INT, "latency_ms": _NUM, "current_policy_version": _INT,
             "server_policy_version": _INT, "queue_ms": _NUM, "ttft_ms": _NUM,
+            "cached_tokens": {"type": "integer", "description": "prompt tokens whose KV came from the prefix cache"},
         }, required=["batch_size", "latency_ms", "current_policy_version"]),
         "generated_by_version": {"type": "integer", "description": "version of the first token"},
         "token_versions": {"type": "array", "items": _INT, "description": "version of each token"},
@@ -78,7 +79,10 @@ def _components() -> dict:
             "current_policy_version": _INT, "queue_depth": _INT, "max_batch_size": _INT,
             "flush_interval_ms": _NUM, "tokens_per_s": _NUM, "num_running": _INT, "engine_epoch": _INT,
             "engine_restarts": _INT, "num_swaps": _INT, "engine_state": _STR,
+            "prefix_cache": _obj({"lookups": _INT, "hits": _INT, "lookup_tokens": _INT, "hit_tokens": _INT,
+                                  "hit_rate": _NUM, "entries": _INT, "bytes": _INT, "kv_budget_bytes": _INT}),
         }),
+        "ResetPrefixCacheResult": _obj({"status": {"const": "success"}, "entries_dropped": _INT}),
         "Adapter": _obj({
             "policy_version": _INT, "adapter_path": _NULL_STR, "adapter_id": _NULL_STR,
             "loaded_at": {"type": ["string", "null"], "format": "date-time"},
@@ -170,6 +174,10 @@ def build_spec(config: ServerConfig = None) -> dict:
                 parameters=[{"name": "mode", "in": "query", "required": False,
                              "schema": {"enum": ["drain", "abort", "inflight"]}}],
             )},
+            "/reset_prefix_cache": {"post": _op(
+                "Drop every prefix-cache entry (running sequences keep their KV)",
+                {"description": "dropped", **_json(_ref("ResetPrefixCacheResult"))}, 401, 403, 503,
+                admin=True)},
             "/adapter": {"get": _op("The adapter being served",
                                     {"description": "adapter", **_json(_ref("Adapter"))}, 401, 403)},
             "/health": {"get": {

@@ -361,6 +361,7 @@ class Engine:
             for (state, _), admission in zip(plan.admit, admissions):
                 if admission.prefix is None or admission.cached_tokens:
                     state.num_cached_tokens = admission.cached_tokens
+                    self.counters["prefill_tokens"] -= admission.cached_tokens  # (not prefilled)
                 if state.num_unadmitted == 0:
                     state.prefix = None  # every sample admitted: nobody needs it
             for admission, prefix in prefixes:

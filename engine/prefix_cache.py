@@ -62,14 +62,16 @@ class PrefixCache:
     def nbytes(self) -> int:
         return self._store.nbytes
 
-    def fetch(self, key: Hashable, tokens: Sequence[int], limit: Optional[int] = None
-              ) -> tuple[Optional[list], int]:
+    def fetch(self, key: Hashable, tokens: Sequence[int], limit: Optional[int] = None,
+              new_lookup: bool = True) -> tuple[Optional[list], int]:
         """A private copy of the KV of the longest cached prefix of `tokens` (at most
         `len(tokens) - 1` of them when a longer entry is trimmed back, all of them on an exact
-        match; at most `limit`) and its length; (None, 0) on a miss."""
+        match; at most `limit`) and its length; (None, 0) on a miss. `new_lookup` False: the
+        second look of a prompt already counted as looked up."""
         tokens = list(tokens)
-        self.num_lookups += 1
-        self.num_lookup_tokens += len(tokens)
+        if new_lookup:
+            self.num_lookups += 1
+            self.num_lookup_tokens += len(tokens)
         if not tokens or self.num_entries == 0:
             return None, 0
         cache, rest = self._store.fetch_nearest_cache(key, tokens)

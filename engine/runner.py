@@ -77,6 +77,10 @@ _SOLO_CACHES = (BatchKVCache,)
 _PREFILL_SLACK = 1.25
 _PREFILL_GAP = 32
 
+# Prompts of one admission that share at least this many tokens prefill them once (a pass of
+# one row), then each its remainder; below it the extra pass costs more than it saves.
+MIN_SHARED_PREFIX = 32
+
 
 def length_groups(lengths: Sequence[int], grouped: bool = True) -> list[range]:
     """Runs of `lengths` (sorted ascending) whose padding to their longest stays within
@@ -116,6 +120,8 @@ class Admission:
     cache_key: Optional[Hashable] = None
     cached_tokens: int = 0
     start: Optional[list] = None
+    start_len: int = 0  # positions `start` holds
+    shares: bool = False  # starts from a prefix this job prefills once for several prompts
 
 
 @dataclass
@@ -127,6 +133,7 @@ class _Group:
     longest: int
     padded: bool
     pos: int = 0  # positions prefilled so far
+    seed: Optional[tuple] = None  # (key, tokens): a shared prefix, stored when done, no rows
 
 
 @dataclass
@@ -142,10 +149,12 @@ class _PrefillJob:
     caches: list = field(default_factory=list)  # of the passes done
     current: Optional[_Group] = None
     dropped: set = field(default_factory=set)  # seq ids removed before joining
+    seeds: list = field(default_factory=list)  # (key, tokens) prefilled first (see _new_job)
+    num_seeds_done: int = 0
 
     @property
     def done(self) -> bool:
-        return len(self.caches) == len(self.groups)
+        return self.num_seeds_done == len(self.seeds) and len(self.caches) == len(self.groups)
 
 
 @dataclass
@@ -324,20 +333,54 @@ class ModelRunner:
     def _new_job(self, admissions: Sequence[Admission], version: int) -> _PrefillJob:
         for a in admissions:
             if a.prefix is None and a.cache_key is not None and self.prefix_cache is not None:
-                a.start, a.cached_tokens = self.prefix_cache.fetch(
+                a.start, a.start_len = self.prefix_cache.fetch(
                     a.cache_key, a.prompt_ids, limit=len(a.prompt_ids) - 1)  # (prompt[:-1] at most)
-                if a.start is not None and a.cached_tokens == len(a.prompt_ids) - 1:  # all
+                a.cached_tokens = a.start_len
+                if a.start is not None and a.start_len == len(a.prompt_ids) - 1:  # all
                     a.prefix, a.start = GroupPrefix(a.start), None
+        # Prompts of one admission that share a long prefix (one system prompt, a burst of
+        # conversations' first turns) have it prefilled once, stored, and start from it.
+        seeds = self._shared_prefixes(admissions) if self.prefix_cache is not None else []
         # Prompts of similar length are prefilled together (padding wastes compute); a prompt
         # found in the prefix cache prefills its remainder on its own, from the cached KV.
-        fresh = sorted((i for i, a in enumerate(admissions) if a.prefix is None and a.start is None),
+        fresh = sorted((i for i, a in enumerate(admissions)
+                        if a.prefix is None and a.start is None and not a.shares),
                        key=lambda i: len(admissions[i].prompt_ids))
-        hits = [i for i, a in enumerate(admissions) if a.start is not None]
+        hits = [i for i, a in enumerate(admissions) if a.start is not None or a.shares]
         reused = [i for i, a in enumerate(admissions) if a.prefix is not None]
         groups = [[fresh[j] for j in group] for group in length_groups(
             [len(admissions[i].prompt_ids) for i in fresh], self.group_prefill)]
         return _PrefillJob(list(admissions), fresh + hits + reused, groups + [[i] for i in hits],
-                           version, frozenset(s for a in admissions for s in a.seq_ids))
+                           version, frozenset(s for a in admissions for s in a.seq_ids),
+                           seeds=seeds)
+
+    @staticmethod
+    def _shared_prefixes(admissions: Sequence[Admission]) -> list[tuple]:
+        """(key, tokens) of each run of this job's uncached prompts that share at least
+        MIN_SHARED_PREFIX tokens (the run's common prefix, at most each one's prompt[:-1]);
+        marks the prompts of a run `shares`, and counts the prefix as cached for all of them
+        but the first (for which it is computed)."""
+        todo = sorted((i for i, a in enumerate(admissions) if a.prefix is None and a.start is None
+                       and a.cache_key is not None and len(a.prompt_ids) > MIN_SHARED_PREFIX),
+                      key=lambda i: (repr(admissions[i].cache_key), list(admissions[i].prompt_ids)))
+        seeds, run, common = [], [], 0
+        for i in todo + [None]:
+            if run and i is not None and admissions[i].cache_key == admissions[run[-1]].cache_key:
+                a, b = admissions[run[-1]].prompt_ids, admissions[i].prompt_ids
+                limit = min(len(a), len(b)) - 1
+                n = next((k for k in range(limit) if a[k] != b[k]), limit)
+                if min(common, n) >= MIN_SHARED_PREFIX:
+                    run.append(i)
+                    common = min(common, n)
+                    continue
+            if len(run) > 1:
+                first = admissions[run[0]]
+                seeds.append((first.cache_key, list(first.prompt_ids[:common])))
+                for j in run:
+                    admissions[j].shares = True
+                    admissions[j].cached_tokens = common if j != run[0] else 0
+            run, common = ([i], 1 << 62) if i is not None else ([], 0)
+        return seeds
 
     def _prefill_jobs(self, version: int) -> list[tuple[Admission, GroupPrefix]]:
         """Run prefill passes, oldest job first, within this step's budget; join the jobs
@@ -349,7 +392,7 @@ class ModelRunner:
         prefixes = []
         while self._jobs:
             job = self._jobs[0]
-            budget = self._advance(job, budget)
+            budget = self._advance(job, budget, version)
             if not job.done:
                 break
             self._jobs.pop(0)
@@ -358,12 +401,17 @@ class ModelRunner:
                 break  # (rows run now: the next jobs wait for the chunks of later steps)
         return prefixes
 
-    def _advance(self, job: _PrefillJob, budget: float) -> float:
+    def _advance(self, job: _PrefillJob, budget: float, version: int) -> float:
         """Prefill `job` for up to `budget` tokens (at least one position); the rest left."""
         first = True
         while not job.done and (budget > 0 or first):
             first = False
-            if job.current is None:
+            if job.current is None and job.num_seeds_done < len(job.seeds):
+                key, tokens = job.seeds[job.num_seeds_done]
+                job.current = _Group(_merge([make_prompt_cache(self.model)]),
+                                     mx.array([tokens], dtype=mx.int32), len(tokens), padded=False,
+                                     seed=(key, tokens))
+            elif job.current is None:
                 job.current = self._start_group([job.admissions[i] for i in
                                                  job.groups[len(job.caches)]])
             g = job.current
@@ -377,7 +425,12 @@ class ModelRunner:
                 budget -= n * rows
                 if g.pos < g.longest:
                     mx.eval([c.state for c in g.cache])  # bound the graph of long prompts
-            if g.pos >= g.longest:
+            if g.pos >= g.longest and g.seed is not None:
+                job.num_seeds_done += 1
+                job.current = None
+                if job.version == version:  # (its sharers prefill whole otherwise)
+                    self._store(g.seed[0], g.seed[1], [c.extract(0) for c in g.cache])
+            elif g.pos >= g.longest:
                 if g.padded:
                     for c in g.cache:
                         c.finalize()
@@ -389,11 +442,15 @@ class ModelRunner:
         """Batch caches to hold `prompt[:-1]` of each admission, one row each, and the
         right-padded tokens to run through them; an admission that starts from the prefix
         cache is a group of its own, holding the cached KV and running the remainder."""
-        if len(admissions) == 1 and admissions[0].start is not None:
-            a = admissions[0]
+        a = admissions[0]
+        if len(admissions) == 1 and a.shares and a.start is None:  # its shared prefix is done
+            a.start, a.start_len = self.prefix_cache.fetch(
+                a.cache_key, a.prompt_ids, limit=len(a.prompt_ids) - 1, new_lookup=False)
+        if len(admissions) == 1 and a.start is not None:
             cache, a.start = _merge([a.start]), None  # (a copy: the fetched KV is freed)
-            rest = list(a.prompt_ids[a.cached_tokens:-1])
-            return _Group(cache, mx.array([rest], dtype=mx.int32), len(rest), padded=False)
+            rest = list(a.prompt_ids[a.start_len:-1])
+            x = mx.array([rest], dtype=mx.int32) if rest else None
+            return _Group(cache, x, len(rest), padded=False)
         cache = _merge([make_prompt_cache(self.model) for _ in admissions])
         heads = [list(a.prompt_ids[:-1]) for a in admissions]
         lengths = [len(h) for h in heads]

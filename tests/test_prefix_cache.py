@@ -293,3 +293,24 @@ def test_prefix_cache_unit_lru_and_limit():
     pc.limit(per)
     assert pc.num_entries == 1 and pc.nbytes <= per
     assert pc.fetch("k", [3] * 10, limit=4)[1] == 4
+
+
+def test_prompts_of_one_admission_prefill_their_shared_prefix_once(pair):
+    eng, cold = pair
+    rng = random.Random(14)
+    system = words(rng, 64)
+    burst = [req(system + words(rng, 5 + i), salt="burst", max_tokens=6, temperature=1.0, seed=i,
+                 logprobs_mode="processed") for i in range(4)]
+    burst.append(req(words(rng, 40), salt="burst", max_tokens=6))  # shares nothing
+    before = eng.stats()["prefill_tokens"]
+    events = run(eng, burst)
+    prefilled = eng.stats()["prefill_tokens"] - before
+    assert prefilled == sum(len(r.prompt_ids) for r in burst) - 3 * len(system)  # once, not 4x
+    for r in burst:
+        [got] = done_events(events, r.request_id)
+        [want] = cold_run(cold, r)
+        assert got.token_ids == want.token_ids
+        np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+    # The first of them computed the prefix; the others got it from the cache.
+    assert sorted(done_events(events, r.request_id)[0].num_cached_tokens for r in burst) == \
+        [0, 0] + [len(system)] * 3

@@ -50,6 +50,8 @@ log = logging.getLogger("mlxsup.engine")
 
 
 MAX_N = 4096  # samples per request; the API allows fewer
+# Cached prefixes shorter than this are not reused (PrefixCache.min_tokens).
+MIN_REUSE_TOKENS = 16
 # A step longer than this is logged (INFO) with its rows, admissions and sampler traces: on a
 # GPU a decode step takes milliseconds, so a second means something was built or compiled.
 SLOW_STEP_LOG_S = 1.0
@@ -144,7 +146,7 @@ class Engine:
             default_budget_bytes(_weights_bytes(model))
         self.kv_budget_tokens = self.kv_budget_bytes // self.runner.kv_bytes_per_token
         if config.prefix_cache:
-            self.runner.prefix_cache = PrefixCache(self.kv_budget_bytes)
+            self.runner.prefix_cache = PrefixCache(self.kv_budget_bytes, MIN_REUSE_TOKENS)
         self.scheduler = Scheduler(
             max_batch=config.max_batch, max_queue=config.max_queue,
             flush_interval_s=config.flush_interval_ms / 1e3,

@@ -43,10 +43,13 @@ def default_budget_bytes(weights_bytes: int) -> int:
 
 
 class PrefixCache:
-    """Entries of KV by (key, token ids), bounded by `max_bytes` (moved with `limit`)."""
+    """Entries of KV by (key, token ids), bounded by `max_bytes` (moved with `limit`). A match
+    shorter than `min_tokens` is a miss: every prompt shares its BOS token with every entry,
+    and starting from a few cached tokens costs a prompt its place in a batched prefill pass."""
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, min_tokens: int = 1):
         self.max_bytes = max_bytes
+        self.min_tokens = max(1, min_tokens)
         self._store = self._new_store()
         self.num_lookups = 0
         self.num_hits = 0
@@ -82,7 +85,7 @@ class PrefixCache:
             else:
                 trim_prompt_cache(cache, num - limit)
                 num = limit
-        if cache is None or num <= 0:
+        if cache is None or num < self.min_tokens:
             return None, 0
         self.num_hits += 1
         self.num_hit_tokens += num

@@ -153,6 +153,15 @@ def test_reset_drops_every_entry(tiny_model_dir):
     assert one(eng, req(prompt, max_tokens=4)).num_cached_tokens == 0
 
 
+def test_a_short_common_prefix_is_not_reused(tiny_model_dir):
+    eng = make_engine(tiny_model_dir)
+    rng = random.Random(15)
+    head = words(rng, 10)
+    one(eng, req(head + words(rng, 30), max_tokens=4))
+    assert one(eng, req(head + words(rng, 30), max_tokens=4)).num_cached_tokens == 0
+    assert eng.stats()["prefix_cache_hits"] == 0
+
+
 def test_no_prefix_cache_reuses_nothing(tiny_model_dir):
     eng = make_engine(tiny_model_dir, prefix_cache=False)
     prompt = words(random.Random(9), 30)
@@ -293,6 +302,10 @@ def test_prefix_cache_unit_lru_and_limit():
     pc.limit(per)
     assert pc.num_entries == 1 and pc.nbytes <= per
     assert pc.fetch("k", [3] * 10, limit=4)[1] == 4
+    strict = PrefixCache(3 * per, min_tokens=8)
+    strict.insert("k", [3] * 10, entry(10))
+    assert strict.fetch("k", [3] * 6 + [2]) == (None, 0) and strict.num_hits == 0
+    assert strict.fetch("k", [3] * 9 + [2])[1] == 9
 
 
 def test_prompts_of_one_admission_prefill_their_shared_prefix_once(pair):

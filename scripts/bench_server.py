@@ -811,7 +811,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     try:
         for name in args.systems:
-            if name == "raw":
+            if name == "raw" and not {"single", "grpo", "mixed"} & set(args.workloads):
+                log("raw: skipped (it runs single, grpo and mixed only)")
+            elif name == "raw":
                 run_raw(args, model, env, work, monitor, results, eos_ids)
             else:
                 run_server_system(name, args, model, env, work, monitor, results, eos_ids)

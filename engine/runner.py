@@ -346,11 +346,17 @@ class ModelRunner:
         fresh = sorted((i for i, a in enumerate(admissions)
                         if a.prefix is None and a.start is None and not a.shares),
                        key=lambda i: len(admissions[i].prompt_ids))
-        hits = [i for i, a in enumerate(admissions) if a.start is not None or a.shares]
+        # Hits prefill their remainders together too, from their cached KV left-padded to the
+        # longest (mlx-lm's BatchGenerator does the same with prompt caches).
+        rest = lambda i: len(admissions[i].prompt_ids) - 1 - admissions[i].start_len  # noqa: E731
+        hits = sorted((i for i, a in enumerate(admissions) if a.start is not None or a.shares),
+                      key=rest)
         reused = [i for i, a in enumerate(admissions) if a.prefix is not None]
         groups = [[fresh[j] for j in group] for group in length_groups(
             [len(admissions[i].prompt_ids) for i in fresh], self.group_prefill)]
-        return _PrefillJob(list(admissions), fresh + hits + reused, groups + [[i] for i in hits],
+        groups += [[hits[j] for j in group] for group in length_groups(
+            [rest(i) for i in hits], self.group_prefill)]
+        return _PrefillJob(list(admissions), fresh + hits + reused, groups,
                            version, frozenset(s for a in admissions for s in a.seq_ids),
                            seeds=seeds)
 
@@ -378,6 +384,7 @@ class ModelRunner:
                 seeds.append((first.cache_key, list(first.prompt_ids[:common])))
                 for j in run:
                     admissions[j].shares = True
+                    admissions[j].start_len = common  # (planned: fetched once the seed is done)
                     admissions[j].cached_tokens = common if j != run[0] else 0
             run, common = ([i], 1 << 62) if i is not None else ([], 0)
         return seeds
@@ -442,15 +449,8 @@ class ModelRunner:
         """Batch caches to hold `prompt[:-1]` of each admission, one row each, and the
         right-padded tokens to run through them; an admission that starts from the prefix
         cache is a group of its own, holding the cached KV and running the remainder."""
-        a = admissions[0]
-        if len(admissions) == 1 and a.shares and a.start is None:  # its shared prefix is done
-            a.start, a.start_len = self.prefix_cache.fetch(
-                a.cache_key, a.prompt_ids, limit=len(a.prompt_ids) - 1, new_lookup=False)
-        if len(admissions) == 1 and a.start is not None:
-            cache, a.start = _merge([a.start]), None  # (a copy: the fetched KV is freed)
-            rest = list(a.prompt_ids[a.start_len:-1])
-            x = mx.array([rest], dtype=mx.int32) if rest else None
-            return _Group(cache, x, len(rest), padded=False)
+        if any(a.start is not None or a.shares for a in admissions):  # (all of them are hits)
+            return self._start_hits(admissions)
         cache = _merge([make_prompt_cache(self.model) for _ in admissions])
         heads = [list(a.prompt_ids[:-1]) for a in admissions]
         lengths = [len(h) for h in heads]
@@ -462,6 +462,30 @@ class ModelRunner:
             if max(padding) > 0:
                 for c in cache:
                     c.prepare(lengths=lengths, right_padding=padding)
+        return _Group(cache, x, longest, padded=longest > 0 and max(padding) > 0)
+
+    def _start_hits(self, admissions: Sequence[Admission]) -> _Group:
+        """Batch caches holding each admission's cached KV (left-padded to the longest) and the
+        right-padded remainders of `prompt[:-1]` to run through them."""
+        starts = []
+        for a in admissions:
+            if a.shares and a.start is None:  # its shared prefix is done: in the cache now
+                a.start, a.start_len = self.prefix_cache.fetch(
+                    a.cache_key, a.prompt_ids, limit=len(a.prompt_ids) - 1, new_lookup=False)
+            if a.start is None:  # (evicted meanwhile, or a seed that spanned a commit)
+                a.start, a.start_len = make_prompt_cache(self.model), 0
+            starts.append(a.start)
+            a.start = None  # (merged: a copy; the fetched KV is freed)
+        cache = _merge(starts)
+        rests = [list(a.prompt_ids[a.start_len:-1]) for a in admissions]
+        longest = max(len(r) for r in rests)
+        padding = [longest - len(r) for r in rests]
+        x = None
+        if longest > 0:
+            x = mx.array([r + [0] * (longest - len(r)) for r in rests], dtype=mx.int32)
+            if max(padding) > 0:
+                for c in cache:
+                    c.prepare(lengths=[len(r) for r in rests], right_padding=padding)
         return _Group(cache, x, longest, padded=longest > 0 and max(padding) > 0)
 
     def _finish(self, job: _PrefillJob, version: int) -> list[tuple[Admission, GroupPrefix]]:

@@ -590,10 +590,13 @@ class ModelRunner:
         drop = set(seq_ids)
         if store and self.prefix_cache is not None:
             with mx.stream(self.stream):
-                for row, s in enumerate(self.seq_ids):
-                    if s in store and self.row_keys[row] is not None and \
-                            self.kv_versions[row] == version:
-                        self._store(self.row_keys[row], store[s], self._row_cache(row))
+                keep = [(self.row_keys[row], store[s], self._row_cache(row))
+                        for row, s in enumerate(self.seq_ids)
+                        if s in store and self.row_keys[row] is not None
+                        and self.kv_versions[row] == version]
+                mx.eval([c.state for _, _, cache in keep for c in cache])  # (one sync for all)
+                for key, tokens, cache in keep:
+                    self._store(key, tokens, cache)
         for job in self._jobs:
             job.dropped |= drop & job.seq_ids
         self._jobs = [j for j in self._jobs if j.dropped != j.seq_ids]  # (none would join)

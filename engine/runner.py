@@ -341,8 +341,7 @@ class ModelRunner:
         # Prompts of one admission that share a long prefix (one system prompt, a burst of
         # conversations' first turns) have it prefilled once, stored, and start from it.
         seeds = self._shared_prefixes(admissions) if self.prefix_cache is not None else []
-        # Prompts of similar length are prefilled together (padding wastes compute); a prompt
-        # found in the prefix cache prefills its remainder on its own, from the cached KV.
+        # Prompts of similar length are prefilled together (padding wastes compute).
         fresh = sorted((i for i, a in enumerate(admissions)
                         if a.prefix is None and a.start is None and not a.shares),
                        key=lambda i: len(admissions[i].prompt_ids))
@@ -447,8 +446,7 @@ class ModelRunner:
 
     def _start_group(self, admissions: Sequence[Admission]) -> _Group:
         """Batch caches to hold `prompt[:-1]` of each admission, one row each, and the
-        right-padded tokens to run through them; an admission that starts from the prefix
-        cache is a group of its own, holding the cached KV and running the remainder."""
+        right-padded tokens to run through them (for prefix-cache hits: `_start_hits`)."""
         if any(a.start is not None or a.shares for a in admissions):  # (all of them are hits)
             return self._start_hits(admissions)
         cache = _merge([make_prompt_cache(self.model) for _ in admissions])

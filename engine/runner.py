@@ -23,6 +23,9 @@ rows, so the vocabulary projection runs only there and joining costs no extra pa
 weights. A request's `n` samples share the prefill: its cache row is replicated `n` times.
 With `prefill_chunk`, the admissions of a step are a job prefilled over several steps (at most
 that many prompt tokens a step while rows decode), joining the batch when its last pass is done.
+With a prefix cache (engine/prefix_cache.py), a prompt starts from the KV of its longest cached
+prefix and only the rest is prefilled; prompts of one step sharing a long prefix prefill it
+once; prompts' and finished rows' KV go into the cache (docs/engine.md, "Prefix cache").
 
 A batch of one row runs *solo*: its caches become mlx-lm's plain single-sequence caches
 (`BatchKVCache.extract`), which need no attention mask, no per-row offsets and take the fused

@@ -18,6 +18,8 @@ import falcon
 from mlxsup.api.common import send_json
 from mlxsup.api.errors import ApiError, invalid, not_found, too_large
 from mlxsup.api.media import read_json_object
+from mlxsup.api.parsing import parse_body
+from mlxsup.api.protocol import LoadAdapterRequest
 from mlxsup.config import SWAP_TIMINGS
 from mlxsup.api.uploads import CONFIG_NAME, WEIGHTS_NAME, UploadStore, check_adapter_config, check_safetensors
 from mlxsup.config import SWAP_MODES
@@ -109,17 +111,16 @@ def resolve_adapter_path(path: str, adapter_root: Optional[str]) -> str:
 
 
 class LoadAdapterResource:
-    def __init__(self, adapters: SupervisorAdapters, schema, adapter_root: Optional[str]):
+    def __init__(self, adapters: SupervisorAdapters, adapter_root: Optional[str]):
         self.adapters = adapters
-        self.schema = schema
         self.adapter_root = adapter_root
 
     async def on_post(self, req, resp):
-        body = self.schema.check(await read_json_object(req))
-        path = body["adapter_path"]
+        body = parse_body(LoadAdapterRequest, await read_json_object(req))
+        path = body.adapter_path
         if path is not None:
             path = resolve_adapter_path(path, self.adapter_root)
-        send_json(resp, swap_answer(await self.adapters.reload(path, body["mode"])))
+        send_json(resp, swap_answer(await self.adapters.reload(path, body.mode)))
 
 
 class ResetPrefixCacheResource:

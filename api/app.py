@@ -1,7 +1,7 @@
 """The Falcon ASGI application of an API worker (falcon's asgilook shape).
 
 `create_app(config)` builds every dependency (engine link, tokenizer, supervisor client, upload
-store, schemas) and injects each into the resources that need it; resources only translate
+store) and injects each into the resources that need it; resources only translate
 HTTP to calls; middleware owns start-up, shutdown and auth. gunicorn runs it through
 `mlxsup.api.asgi:app`. Nothing here imports mlx.
 """
@@ -29,7 +29,6 @@ from mlxsup.api.engine_link import EngineLink, IpcEngineLink
 from mlxsup.api.generate import AbortResource, GenerateResource
 from mlxsup.api.middleware import AuthMiddleware, LifespanMiddleware
 from mlxsup.api.openai import ChatCompletionsResource, CompletionsResource, ModelsResource
-from mlxsup.api.schemas import Schemas
 from mlxsup.api.score import ScoreResource
 from mlxsup.api.spec import OpenApiResource
 from mlxsup.api.status import HealthResource, MetricsResource
@@ -74,7 +73,6 @@ def create_app(
     )
     codecs = CodecRef(codec, functools.partial(TextCodec.load, config.model, config.trust_remote_code))
     adapters = adapters or SupervisorAdapters(config.run_dir, timeout_s=config.request_timeout_s)
-    schemas = Schemas(config)
 
     app = falcon.asgi.App(
         middleware=[LifespanMiddleware(codecs, link), AuthMiddleware(config.api_key, config.admin_key)],
@@ -82,10 +80,10 @@ def create_app(
     app.req_options.strip_url_path_trailing_slash = True
     app.req_options.auto_parse_qs_csv = False
 
-    app.add_route("/generate", GenerateResource(link, codecs, schemas.generate))
-    app.add_route("/score", ScoreResource(link, codecs, schemas.score))
-    app.add_route("/abort", AbortResource(link, schemas.abort))
-    app.add_route("/load_adapter", LoadAdapterResource(adapters, schemas.load_adapter, config.adapter_root))
+    app.add_route("/generate", GenerateResource(link, codecs, config))
+    app.add_route("/score", ScoreResource(link, codecs, config))
+    app.add_route("/abort", AbortResource(link))
+    app.add_route("/load_adapter", LoadAdapterResource(adapters, config.adapter_root))
     app.add_route("/upload_adapter", UploadAdapterResource(adapters, UploadStore(config.run_dir),
                                                            config.max_upload_mb << 20))
     app.add_route("/adapter", AdapterResource(adapters, link))
@@ -93,9 +91,9 @@ def create_app(
     app.add_route("/health", HealthResource(link, codecs))
     app.add_route("/metrics", MetricsResource(link, config))
     app.add_route("/openapi.json", OpenApiResource(config))
-    app.add_route("/v1/models", ModelsResource(codecs, config))
-    app.add_route("/v1/completions", CompletionsResource(link, codecs, schemas.completions, config))
-    app.add_route("/v1/chat/completions", ChatCompletionsResource(link, codecs, schemas.chat, config))
+    app.add_route("/v1/models", ModelsResource(link, config))
+    app.add_route("/v1/completions", CompletionsResource(link, codecs, config))
+    app.add_route("/v1/chat/completions", ChatCompletionsResource(link, codecs, config))
 
     app.add_error_handler(Exception, errors.handle_unexpected)
     app.add_error_handler(falcon.HTTPError, errors.handle_http_error)

@@ -1,4 +1,5 @@
-"""Helpers the resources share: JSON responses, sampling parameters, prompt building.
+"""Helpers the resources share: JSON responses, sampling parameters, prompt building, the
+context rule.
 
 Client disconnects: gunicorn's asgi worker cancels a request's task when its client goes away
 (after `--asgi-disconnect-grace-period`); the cancellation reaches the engine link, whose
@@ -14,6 +15,7 @@ import falcon
 import orjson
 
 from mlxsup.api.errors import invalid, unavailable
+from mlxsup.api.parsing import Limits
 from mlxsup.api.textcodec import TextCodec
 from mlxsup.ipc.messages import LOGPROBS_NONE, SamplingParams
 
@@ -28,25 +30,37 @@ def new_request_id(prefix: str = "req") -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
 
-def sampling_params(body: dict, *, max_tokens: int, logprobs_mode: str, stops: Sequence[str]) -> SamplingParams:
-    """The engine's SamplingParams from validated request fields (ranges already checked)."""
-    top_k = body["top_k"]
+def sampling_params(body, *, max_tokens: int, logprobs_mode: str, stops: Sequence[str]) -> SamplingParams:
+    """The engine's SamplingParams from a validated request model (ranges already checked)."""
+    top_k = body.top_k
     try:
         return SamplingParams(
-            temperature=body["temperature"],
-            top_p=body["top_p"],
+            temperature=body.temperature,
+            top_p=body.top_p,
             top_k=0 if top_k < 0 else top_k,
-            min_p=body["min_p"],
-            repetition_penalty=body["repetition_penalty"],
-            repetition_context_size=body["repetition_context_size"],
+            min_p=body.min_p,
+            repetition_penalty=body.repetition_penalty,
+            repetition_context_size=body.repetition_context_size,
             max_tokens=max_tokens,
-            seed=body.get("seed"),
+            seed=getattr(body, "seed", None),
             logprobs_mode=logprobs_mode,
             stop_strings=tuple(stops),
-            ignore_eos=body.get("ignore_eos", False),
+            ignore_eos=getattr(body, "ignore_eos", False),
         )
     except ValueError as e:  # a range the schema let through; still the client's input
         raise invalid("", str(e)) from None
+
+
+def stop_list(stop) -> tuple:
+    if stop is None:
+        return ()
+    return (stop,) if isinstance(stop, str) else tuple(stop)
+
+
+def limits_of(link, config) -> Limits:
+    """The request limits now: --max-queue, and what the engine published when it got ready."""
+    status = link.status()
+    return Limits(max_queue=config.max_queue, vocab_size=status.vocab_size, context_length=status.context_length)
 
 
 def logprobs_mode_for(wanted: bool, mode: str) -> str:
@@ -73,8 +87,9 @@ class CodecRef:
 
 def prompt_ids_from(codec: TextCodec, *, text=None, ids=None, messages=None,
                     names=("prompt", "prompt_ids", "messages")) -> list[list[int]]:
-    """One token-id list per prompt from whichever input form the request used; errors name
-    the field (and the index within a list)."""
+    """One token-id list per prompt from whichever input form the request used (token ids were
+    checked against the vocabulary by the request model); errors name the field (and the index
+    within a list)."""
     text_name, ids_name, messages_name = names
     if text is not None:
         if isinstance(text, str):
@@ -82,28 +97,43 @@ def prompt_ids_from(codec: TextCodec, *, text=None, ids=None, messages=None,
         return [codec.encode(t, f"{text_name}[{i}]") for i, t in enumerate(text)]
     if ids is not None:
         batch = ids if ids and isinstance(ids[0], list) else [ids]
-        for i, one in enumerate(batch):
-            check_token_ids(one, codec.vocab_size, f"{ids_name}[{i}]" if batch is ids else ids_name)
         return [list(one) for one in batch]
     if messages is not None:
         if messages and isinstance(messages[0], list):
-            return [codec.encode_chat(conv, f"{messages_name}[{i}]") for i, conv in enumerate(messages)]
-        return [codec.encode_chat(messages, messages_name)]
+            return [codec.encode_chat(_dicts(conv), f"{messages_name}[{i}]") for i, conv in enumerate(messages)]
+        return [codec.encode_chat(_dicts(messages), messages_name)]
     raise invalid(text_name, f"give one of: {', '.join(names)}")
 
 
-def check_token_ids(ids: Sequence[int], vocab_size: int, field: str) -> None:
-    """Token ids must exist in the vocabulary (the engine would index out of range): one max()
-    per list; the offending index is searched for only when there is one."""
-    if ids and max(ids) >= vocab_size:
-        i = next(i for i, t in enumerate(ids) if t >= vocab_size)
-        raise invalid(f"{field}[{i}]", f"{field}[{i}] is not a token id of this model (vocabulary size {vocab_size})")
+def _dicts(conversation) -> list[dict]:
+    """Messages as the chat template takes them: declared fields and any others, as given."""
+    return [m.model_dump(exclude_unset=False) for m in conversation]
 
 
-def check_lengths(codec: TextCodec, prompts: list[list[int]], max_tokens: int, field: str,
-                  max_tokens_field: str = "max_tokens") -> None:
+def max_tokens_per_prompt(prompts: list[list[int]], explicit: Optional[int], default: int,
+                          context_length: Optional[int], field: str,
+                          max_tokens_field: str = "max_tokens") -> list[int]:
+    """The context rule (docs/api.md, "Context length"), checked once per request: a prompt must
+    leave room for one token; an explicit max_tokens must fit with the prompt (else 422 naming
+    it); an absent one is `default` (the server's --max-tokens) or the room left, if less."""
+    out = []
     for i, ids in enumerate(prompts):
-        codec.check_length(len(ids), max_tokens, field if len(prompts) == 1 else f"{field}[{i}]", max_tokens_field)
+        n = len(ids)
+        if context_length is None:
+            out.append(explicit if explicit is not None else default)
+            continue
+        name = field if len(prompts) == 1 else f"{field}[{i}]"
+        if n >= context_length:
+            raise invalid(name, f"{name} is {n} tokens; the model's context is {context_length}")
+        room = context_length - n
+        if explicit is None:
+            out.append(min(default, room))
+        elif explicit > room:
+            raise invalid(max_tokens_field, f"{max_tokens_field} {explicit} does not fit: {name} is {n} tokens and "
+                                            f"the model's context is {context_length} (at most {room})")
+        else:
+            out.append(explicit)
+    return out
 
 
 async def gather_or_cancel(coros) -> list:

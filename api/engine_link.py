@@ -93,6 +93,8 @@ class EngineStatus:
     engine_restarts: int = 0
     tokens_per_s: float = 0.0
     num_inflight: int = 0  # this worker's requests in the engine
+    vocab_size: Optional[int] = None  # published by the engine when it got ready
+    context_length: Optional[int] = None  # None: not known yet, or the model states none
 
     @property
     def is_ready(self) -> bool:
@@ -277,6 +279,8 @@ class IpcEngineLink:
             engine_restarts=snap.engine_restarts,
             tokens_per_s=self._tokens_per_s,
             num_inflight=len(self._flights),
+            vocab_size=snap.vocab_size or None,
+            context_length=snap.context_length or None,
         )
 
     # ---------------------------------------------------------------- requests

@@ -11,50 +11,55 @@ from __future__ import annotations
 import time
 
 from mlxsup.api.common import (
-    check_lengths,
     gather_or_cancel,
+    limits_of,
     logprobs_mode_for,
+    max_tokens_per_prompt,
     new_request_id,
     prompt_ids_from,
     sampling_params,
     send_json,
+    stop_list,
 )
 from mlxsup.api.errors import unavailable
 from mlxsup.api.media import read_json_object
-from mlxsup.api.schemas import stop_list
+from mlxsup.api.parsing import parse_body
+from mlxsup.api.protocol import AbortRequest, GenerateRequest, json_logprobs
 from mlxsup.api.textcodec import cut_at_stop
 
 
 class GenerateResource:
-    def __init__(self, link, codecs, schema):
+    def __init__(self, link, codecs, config):
         self.link = link
         self.codecs = codecs
-        self.schema = schema
+        self.config = config
 
     async def on_post(self, req, resp):
         started = time.perf_counter()
-        body = self.schema.check(await read_json_object(req))
+        limits = limits_of(self.link, self.config)
+        body = parse_body(GenerateRequest, await read_json_object(req), limits)
         codec = self.codecs.get()
-        prompts = prompt_ids_from(codec, text=body["prompt"], ids=body["prompt_ids"], messages=body["messages"])
-        input_field = next(k for k in ("prompt", "prompt_ids", "messages") if body[k] is not None)
+        prompts = prompt_ids_from(codec, text=body.prompt, ids=body.prompt_ids, messages=body.messages)
+        input_field = next(k for k in GenerateRequest.INPUTS if getattr(body, k) is not None)
+        given = getattr(body, input_field)
         # the answer's shape follows the input's: a list of prompts answers the envelope even
         # when it holds one, so a trainer's batch code never meets the bare shape by chance
-        is_batch = input_field == "prompt" and isinstance(body["prompt"], list) or (
-            input_field != "prompt" and isinstance(body[input_field][0], list))
-        check_lengths(codec, prompts, body["max_tokens"], input_field)
-        stops = stop_list(body["stop"])
-        params = sampling_params(body, max_tokens=body["max_tokens"], stops=stops,
-                                 logprobs_mode=logprobs_mode_for(body["logprobs"] > 0, body["logprobs_mode"]))
-        request_id = body["request_id"] or new_request_id()
+        is_batch = isinstance(given, list) if input_field == "prompt" else isinstance(given[0], list)
+        max_tokens = max_tokens_per_prompt(prompts, body.max_tokens, self.config.max_tokens,
+                                           limits.context_length, input_field)
+        stops = stop_list(body.stop)
+        mode = logprobs_mode_for(body.logprobs > 0, body.logprobs_mode)
+        params = [sampling_params(body, max_tokens=m, stops=stops, logprobs_mode=mode) for m in max_tokens]
+        request_id = body.request_id or new_request_id()
         status = self.link.status()
         if not status.is_ready:
             raise unavailable(status.why_not_ready())
-        min_version = body["min_policy_version"]
-        n = body["n"]
+        min_version = body.min_policy_version
+        n = body.n
         outcomes = await gather_or_cancel((
-            self.link.generate(ids, params, n=n, min_policy_version=-1 if min_version is None else min_version,
-                               tag=request_id, cache_salt=body["cache_salt"])
-            for ids in prompts
+            self.link.generate(ids, p, n=n, min_policy_version=-1 if min_version is None else min_version,
+                               tag=request_id, cache_salt=body.cache_salt)
+            for ids, p in zip(prompts, params)
         ))
         latency_ms = round((time.perf_counter() - started) * 1000.0, 3)
         current = self.link.status().policy_version
@@ -63,12 +68,12 @@ class GenerateResource:
             for s, done in enumerate(samples):
                 result = {
                     "request_id": request_id,
-                    "policy_version": body["policy_version"],
-                    "step_id": body["step_id"],
+                    "policy_version": body.policy_version,
+                    "step_id": body.step_id,
                     "prompt_ids": ids,
                     "completion_ids": list(done.token_ids),
                     "text": cut_at_stop(codec.decode(done.token_ids), stops),
-                    "logprobs": list(done.logprobs) if body["logprobs"] > 0 else None,
+                    "logprobs": json_logprobs(done.logprobs) if body.logprobs > 0 else None,
                     "finish_reason": done.finish_reason,
                     "metadata": {
                         "batch_size": done.batch_size,
@@ -92,12 +97,11 @@ class GenerateResource:
 
 
 class AbortResource:
-    def __init__(self, link, schema):
+    def __init__(self, link):
         self.link = link
-        self.schema = schema
 
     async def on_post(self, req, resp):
-        body = self.schema.check(await read_json_object(req))
-        found = await self.link.abort(body["request_id"])
-        send_json(resp, {"request_id": body["request_id"], "status": "abort_requested",
+        body = parse_body(AbortRequest, await read_json_object(req))
+        found = await self.link.abort(body.request_id)
+        send_json(resp, {"request_id": body.request_id, "status": "abort_requested",
                          "found_in_this_worker": found})

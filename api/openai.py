@@ -2,7 +2,7 @@
 
 Shapes follow the OpenAI API so the official `openai` SDK works unchanged, streaming (SSE,
 `data: [DONE]` at the end) included. OpenAI parameters we do not implement are accepted and
-ignored (listed in `schemas.OPENAI_*_IGNORED` and docs/api.md); other unknown fields are refused.
+ignored (listed in `openai_protocol.OPENAI_*_IGNORED` and docs/api.md); other unknown fields are refused.
 Log-probs: only the sampled token's is known, so `top_logprobs` lists that one token.
 A streamed request's first engine event is awaited before the response starts, so errors that
 come before any token (overloaded, invalid) still answer with their HTTP status.
@@ -19,21 +19,26 @@ import orjson
 from falcon.asgi import SSEvent
 
 from mlxsup.api.common import (
-    check_lengths,
     gather_or_cancel,
+    limits_of,
     logprobs_mode_for,
+    max_tokens_per_prompt,
     new_request_id,
     prompt_ids_from,
     sampling_params,
     send_json,
+    stop_list,
 )
 from mlxsup.api.errors import ApiError, unavailable
 from mlxsup.api.media import read_json_object
-from mlxsup.api.schemas import stop_list
+from mlxsup.api.openai_protocol import ChatCompletionRequest, CompletionRequest
+from mlxsup.api.parsing import parse_body
+from mlxsup.api.protocol import json_logprobs
 from mlxsup.api.textcodec import TextStream, cut_at_stop
 from mlxsup.ipc.messages import SequenceDone
 
 CREATED_AT = int(time.time())
+OPENAI_DEFAULT_MAX_TOKENS = 16  # /v1/completions without max_tokens, as OpenAI
 
 
 def served_model_name(config) -> str:
@@ -42,15 +47,14 @@ def served_model_name(config) -> str:
 
 
 class ModelsResource:
-    def __init__(self, codecs, config):
-        self.codecs = codecs
+    def __init__(self, link, config):
+        self.link = link
         self.name = served_model_name(config)
 
     async def on_get(self, req, resp):
-        codec = self.codecs.get()
         send_json(resp, {"object": "list", "data": [
             {"id": self.name, "object": "model", "created": CREATED_AT, "owned_by": "mlxsup",
-             "max_model_len": codec.context_length},
+             "max_model_len": self.link.status().context_length},
         ]})
 
 
@@ -62,7 +66,7 @@ class _Job:
         self.cache_salt = cache_salt
         self.prompts = prompts
         self.prompt_texts = prompt_texts
-        self.params = params
+        self.params = params  # one SamplingParams per prompt (max_tokens may differ)
         self.n = n
         self.min_version = -1 if min_version is None else min_version
         self.model = model
@@ -73,27 +77,28 @@ class _Job:
 
 class _OpenAIResource:
     chat: bool = False
+    model = None  # the request body's model class
 
-    def __init__(self, link, codecs, schema, config):
+    def __init__(self, link, codecs, config):
         self.link = link
         self.codecs = codecs
-        self.schema = schema
         self.config = config
 
     async def on_post(self, req, resp):
-        body = self.schema.check(await read_json_object(req))
+        limits = limits_of(self.link, self.config)
+        body = parse_body(self.model, await read_json_object(req), limits)
         codec = self.codecs.get()
-        job = self.build(codec, body)
+        job = self.build(codec, body, limits.context_length)
         status = self.link.status()
         if not status.is_ready:
             raise unavailable(status.why_not_ready())
-        if body["stream"]:
+        if body.stream:
             await self.start_stream(req, resp, codec, body, job)
             return
         outcomes = await gather_or_cancel((
-            self.link.generate(ids, job.params, n=job.n, min_policy_version=job.min_version, tag=job.tag,
+            self.link.generate(ids, params, n=job.n, min_policy_version=job.min_version, tag=job.tag,
                                cache_salt=job.cache_salt)
-            for ids in job.prompts
+            for ids, params in zip(job.prompts, job.params)
         ))
         choices = []
         completion_tokens = cached_tokens = 0
@@ -131,7 +136,7 @@ class _OpenAIResource:
         resp.sse = self._sse(codec, body, job, first, events)
 
     async def _sse(self, codec, body, job, first, events):
-        include_usage = bool(body["stream_options"] and body["stream_options"].get("include_usage"))
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
         states: dict[int, _ChoiceState] = {}
         completion_tokens = 0
         cached: dict[int, int] = {}  # prompt index -> its prompt tokens from the prefix cache
@@ -166,7 +171,7 @@ class _OpenAIResource:
                     if self.chat:
                         yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
                                       "logprobs": None, "finish_reason": None}])
-                    elif body.get("echo"):
+                    elif getattr(body, "echo", False):
                         yield chunk([{"index": index, "text": job.prompt_texts[p], "logprobs": None,
                                       "finish_reason": None}])
                 completion_tokens += len(event.token_ids)
@@ -201,21 +206,23 @@ class _ChoiceState:
 
 class CompletionsResource(_OpenAIResource):
     chat = False
+    model = CompletionRequest
 
-    def build(self, codec, body) -> _Job:
-        prompt = body["prompt"]
+    def build(self, codec, body, context_length) -> _Job:
+        prompt = body.prompt
         if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], str)):
             prompts = prompt_ids_from(codec, text=prompt)
             texts = [prompt] if isinstance(prompt, str) else list(prompt)
         else:
             prompts = prompt_ids_from(codec, ids=prompt, names=("prompt", "prompt", "prompt"))
-            texts = [codec.decode(ids) for ids in prompts] if body["echo"] else [""] * len(prompts)
-        return _job(codec, body, prompts, texts, body["max_tokens"], body["logprobs"] is not None,
-                    served_model_name(self.config))
+            texts = [codec.decode(ids) for ids in prompts] if body.echo else [""] * len(prompts)
+        max_tokens = max_tokens_per_prompt(prompts, body.max_tokens, OPENAI_DEFAULT_MAX_TOKENS, context_length,
+                                           "prompt")
+        return _job(body, prompts, texts, max_tokens, body.logprobs is not None, served_model_name(self.config))
 
     def choice(self, codec, body, job, p, done):
         text = cut_at_stop(codec.decode(done.token_ids), job.stops)
-        prefix = job.prompt_texts[p] if body["echo"] else ""
+        prefix = job.prompt_texts[p] if body.echo else ""
         return {
             "index": p * job.n + done.seq_index,
             "text": prefix + text,
@@ -224,22 +231,23 @@ class CompletionsResource(_OpenAIResource):
         }
 
     def legacy_logprobs(self, codec, body, token_ids, logprobs, offset) -> Optional[dict]:
-        if body["logprobs"] is None or (token_ids and not logprobs):
+        if body.logprobs is None or (token_ids and not logprobs):
             return None
         tokens = [codec.token_text(t) for t in token_ids]
+        logprobs = json_logprobs(logprobs)
         offsets = []
         for token in tokens:
             offsets.append(offset)
             offset += len(token)
         return {
             "tokens": tokens,
-            "token_logprobs": list(logprobs),
-            "top_logprobs": [{t: lp} for t, lp in zip(tokens, logprobs)] if body["logprobs"] > 0 else None,
+            "token_logprobs": logprobs,
+            "top_logprobs": [{t: lp} for t, lp in zip(tokens, logprobs)] if body.logprobs > 0 else None,
             "text_offset": offsets,
         }
 
     def stream_logprobs(self, codec, body, state, event):
-        if body["logprobs"] is None or not event.token_ids or not event.logprobs:
+        if body.logprobs is None or not event.token_ids or not event.logprobs:
             return None
         out = self.legacy_logprobs(codec, body, event.token_ids, event.logprobs, state.text_offset)
         state.text_offset = out["text_offset"][-1] + len(out["tokens"][-1]) if out["tokens"] else state.text_offset
@@ -251,16 +259,20 @@ class CompletionsResource(_OpenAIResource):
 
 class ChatCompletionsResource(_OpenAIResource):
     chat = True
+    model = ChatCompletionRequest
 
-    def build(self, codec, body) -> _Job:
-        prompts = [codec.encode_chat(body["messages"], "messages")]
-        max_tokens = body["max_completion_tokens"] or body["max_tokens"] or self.config.max_tokens
-        return _job(codec, body, prompts, [""], max_tokens, bool(body["logprobs"]), served_model_name(self.config))
+    def build(self, codec, body, context_length) -> _Job:
+        (prompt,) = prompt_ids_from(codec, messages=body.messages, names=("messages",) * 3)
+        # max_completion_tokens wins over max_tokens; an error names the field the client gave
+        field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        max_tokens = max_tokens_per_prompt([prompt], body.max_completion_tokens or body.max_tokens,
+                                           self.config.max_tokens, context_length, "messages", field)
+        return _job(body, [prompt], [""], max_tokens, body.logprobs, served_model_name(self.config))
 
     def entries(self, codec, body, token_ids, logprobs) -> list:
-        top = body["top_logprobs"] or 0
+        top = body.top_logprobs or 0
         out = []
-        for t, lp in zip(token_ids, logprobs):
+        for t, lp in zip(token_ids, json_logprobs(logprobs)):
             text = codec.token_text(t)
             raw = list(text.encode("utf-8", "replace"))
             entry = {"token": text, "logprob": lp, "bytes": raw,
@@ -271,7 +283,7 @@ class ChatCompletionsResource(_OpenAIResource):
     def choice(self, codec, body, job, p, done):
         text = cut_at_stop(codec.decode(done.token_ids), job.stops)
         logprobs = None
-        if body["logprobs"] and (done.logprobs or not done.token_ids):
+        if body.logprobs and (done.logprobs or not done.token_ids):
             logprobs = {"content": self.entries(codec, body, done.token_ids, done.logprobs), "refusal": None}
         return {
             "index": p * job.n + done.seq_index,
@@ -281,7 +293,7 @@ class ChatCompletionsResource(_OpenAIResource):
         }
 
     def stream_logprobs(self, codec, body, state, event):
-        if not body["logprobs"] or not event.token_ids or not event.logprobs:
+        if not body.logprobs or not event.token_ids or not event.logprobs:
             return None
         return {"content": self.entries(codec, body, event.token_ids, event.logprobs), "refusal": None}
 
@@ -290,17 +302,14 @@ class ChatCompletionsResource(_OpenAIResource):
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
 
-def _job(codec, body, prompts, texts, max_tokens, wants_logprobs, model_name) -> _Job:
-    # Name the field the client gave (chat takes max_completion_tokens, which wins over max_tokens).
-    max_tokens_field = "max_completion_tokens" if body.get("max_completion_tokens") else "max_tokens"
-    check_lengths(codec, prompts, max_tokens, "messages" if "messages" in body else "prompt", max_tokens_field)
-    stops = stop_list(body["stop"])
-    params = sampling_params(body, max_tokens=max_tokens, stops=stops,
-                             logprobs_mode=logprobs_mode_for(wants_logprobs, body["logprobs_mode"]))
-    prefix = "chatcmpl" if "messages" in body else "cmpl"
-    return _Job(prompts=prompts, prompt_texts=texts, params=params, n=body["n"],
-                min_version=body["min_policy_version"], model=body["model"] or model_name,
-                stops=stops, tag=new_request_id(prefix), cache_salt=body["cache_salt"])
+def _job(body, prompts, texts, max_tokens: list, wants_logprobs, model_name) -> _Job:
+    stops = stop_list(body.stop)
+    mode = logprobs_mode_for(wants_logprobs, body.logprobs_mode)
+    params = [sampling_params(body, max_tokens=m, stops=stops, logprobs_mode=mode) for m in max_tokens]
+    prefix = "chatcmpl" if isinstance(body, ChatCompletionRequest) else "cmpl"
+    return _Job(prompts=prompts, prompt_texts=texts, params=params, n=body.n,
+                min_version=body.min_policy_version, model=body.model or model_name,
+                stops=stops, tag=new_request_id(prefix), cache_salt=body.cache_salt)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
@@ -312,9 +321,9 @@ def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -
 async def _merged_streams(link, job: _Job):
     """(prompt index, event) from every prompt's stream, as they come."""
     if len(job.prompts) == 1:
-        async with contextlib.aclosing(link.stream(job.prompts[0], job.params, n=job.n,
+        async with contextlib.aclosing(link.stream(job.prompts[0], job.params[0], n=job.n,
                                                    min_policy_version=job.min_version, tag=job.tag,
-                                                   cache_salt=job.cache_salt)) as events:
+                               cache_salt=job.cache_salt)) as events:
             async for event in events:
                 yield 0, event
         return
@@ -323,9 +332,9 @@ async def _merged_streams(link, job: _Job):
 
     async def pump(p, ids):
         try:
-            async with contextlib.aclosing(link.stream(ids, job.params, n=job.n,
+            async with contextlib.aclosing(link.stream(ids, job.params[p], n=job.n,
                                                        min_policy_version=job.min_version, tag=job.tag,
-                                                       cache_salt=job.cache_salt)) as events:
+                               cache_salt=job.cache_salt)) as events:
                 async for event in events:
                     await queue.put((p, event))
             await queue.put((p, end))

@@ -179,6 +179,8 @@ def make_app(codec, run_dir: str, *, link: Optional[FakeEngineLink] = None,
 
     config_fields.setdefault("model", "test-model")
     config = ServerConfig(run_dir=run_dir, **config_fields)
-    link = link or FakeEngineLink()
+    # the limits a real engine publishes when ready, here from the tokenizer's model
+    link = link or FakeEngineLink(vocab_size=getattr(codec, "vocab_size", None),
+                                  context_length=getattr(codec, "context_length", None))
     adapters = adapters or FakeAdapters(run_dir)
     return create_app(config, engine_link=link, codec=codec, adapters=adapters), link, adapters

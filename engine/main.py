@@ -77,7 +77,9 @@ class EngineProcess:
         self.stopping = False
         self.publisher = Publisher(channel.control, dict(
             engine_epoch=epoch, engine_pid=os.getpid(), engine_state="starting",
-            policy_version=engine.policy_version, adapter_id=engine.adapter_path or ""))
+            policy_version=engine.policy_version, adapter_id=engine.adapter_path or "",
+            # the limits the API checks requests against (docs/api.md, "Context length")
+            vocab_size=engine.vocab_size, context_length=engine.context_length or 0))
 
     def wake(self) -> None:
         self._bell.ring()

@@ -42,7 +42,7 @@ PREFIX_CACHE_FIELDS = (
     "prefix_cache_bytes",
     "kv_budget_bytes",
 )
-_ENGINE = struct.Struct(f"<QQQqQQQQQQQ{'Q' * len(PREFIX_CACHE_FIELDS)}I{MAX_ADAPTER_ID_BYTES}s")
+_ENGINE = struct.Struct(f"<QQQqQQQQQQQQQ{'Q' * len(PREFIX_CACHE_FIELDS)}I{MAX_ADAPTER_ID_BYTES}s")
 _SUPERVISOR_SEQ_OFF = _ENGINE_OFF + -(-_ENGINE.size // _LINE) * _LINE
 _SUPERVISOR_OFF = _SUPERVISOR_SEQ_OFF + _LINE
 _SUPERVISOR = struct.Struct(f"<QQI{MAX_SUPERVISOR_STATE_BYTES}s")
@@ -62,6 +62,8 @@ ENGINE_FIELDS = (
     "prefill_tokens",
     "num_swaps",
     "num_requests",
+    "vocab_size",
+    "context_length",
     *PREFIX_CACHE_FIELDS,
     "adapter_id",
 )
@@ -98,6 +100,9 @@ class ControlSnapshot:
     prefill_tokens: int = 0
     num_swaps: int = 0
     num_requests: int = 0
+    # the model's limits, published once with "ready": the API checks requests against them
+    vocab_size: int = 0
+    context_length: int = 0  # 0: the model's config states none
     prefix_cache_lookups: int = 0
     prefix_cache_hits: int = 0
     prefix_cache_lookup_tokens: int = 0

@@ -1,6 +1,7 @@
 """Resource logic of every route with falcon's TestClient over a fake engine link and the
 model-free codec (api.testing.fake_codec): the seed's response shape exactly, the multi-result envelope,
-/score, /abort, /health, /metrics (JSON and Prometheus), /adapter, the OpenAPI document."""
+/score, /abort, /health, /metrics (JSON and Prometheus), /adapter (the OpenAPI document:
+test_api_spec.py)."""
 
 from __future__ import annotations
 
@@ -252,35 +253,6 @@ def test_adapter(setup):
                     "loaded_at": "2023-11-14T22:13:20.500000+00:00", "committed_version": 4, "num_swaps": 4}
 
 
-def test_openapi_document_is_served_and_matches_docs(setup):
-    from mlxsup.api.spec import spec_text
-
-    client, _, _ = setup
-    served = client.simulate_get("/openapi.json").json
-    with open(os.path.join(ROOT, "docs", "openapi.json")) as f:
-        on_disk = json.load(f)
-    assert served == on_disk == json.loads(spec_text()), "regenerate: python -m mlxsup.api.spec > docs/openapi.json"
-    assert served["openapi"].startswith("3.1")
-    props = served["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert props["additionalProperties"] is False and props["properties"]["max_tokens"]["default"] == 128
-    assert set(served["paths"]) >= {"/generate", "/score", "/abort", "/load_adapter", "/upload_adapter",
-                                    "/adapter", "/health", "/metrics", "/v1/models", "/v1/completions",
-                                    "/v1/chat/completions"}
-    chat = served["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert "tools" in chat["properties"] and "additionalProperties" in chat
-
-
-def test_openapi_document_is_valid_json_schema_for_the_requests(setup):
-    jsonschema = pytest.importorskip("jsonschema")
-    client, _, _ = setup
-    spec = client.simulate_get("/openapi.json").json
-    schema = spec["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    jsonschema.Draft202012Validator.check_schema(schema)
-    validator = jsonschema.Draft202012Validator(schema)
-    assert validator.is_valid({"prompt": "hi", "n": 2, "stop": ["x"], "policy_version": "v"})
-    assert not validator.is_valid({"prompt": "hi", "max_token": 3})
-
-
 def test_one_failing_prompt_cancels_the_others(codec, tmp_path):
     import asyncio
 
@@ -297,3 +269,44 @@ def test_one_failing_prompt_cancels_the_others(codec, tmp_path):
     r = testing.TestClient(app).simulate_post("/generate", json={"prompt": ["ok", "bad", "fine"]})
     assert r.status_code == 422 and r.json["error"]["message"] == "engine refused it"
     assert link.cancelled == 2  # the other prompts' engine requests were cancelled (so aborted)
+
+
+def test_context_rule_explicit_max_tokens_must_fit_and_absent_one_takes_the_room_left(codec, tmp_path):
+    # the limits as the engine publishes them with "ready" (here a small context)
+    app, link, _ = make_app(codec, str(tmp_path), link=FakeEngineLink(vocab_size=codec.vocab_size,
+                                                                      context_length=20), max_tokens=8)
+    client = testing.TestClient(app)
+    r = client.simulate_post("/generate", json={"prompt_ids": [5] * 15, "max_tokens": 6})
+    assert r.status_code == 422 and r.json["error"]["field"] == "max_tokens" and "20" in r.json["error"]["message"]
+    assert not link.requests
+    assert client.simulate_post("/generate", json={"prompt_ids": [5] * 15, "max_tokens": 5}).status_code == 200
+    assert client.simulate_post("/generate", json={"prompt_ids": [5] * 15}).status_code == 200
+    assert client.simulate_post("/generate", json={"prompt_ids": [5] * 4}).status_code == 200
+    # per prompt of a batch: each gets the room its own length leaves
+    assert client.simulate_post("/generate", json={"prompt_ids": [[5] * 17, [5] * 2]}).status_code == 200
+    assert [params.max_tokens for _, _, params, _, _ in link.requests] == [5, 5, 8, 3, 8]
+    r = client.simulate_post("/generate", json={"prompt_ids": [[5] * 2, [5] * 20]})
+    assert r.status_code == 422 and r.json["error"]["field"] == "prompt_ids[1]"
+    # chat: the field named is the one the client gave
+    app, link, _ = make_app(codec, str(tmp_path), link=FakeEngineLink(vocab_size=codec.vocab_size,
+                                                                      context_length=64))
+    client = testing.TestClient(app)
+    chat = {"messages": [{"role": "user", "content": "x"}]}
+    r = client.simulate_post("/v1/chat/completions", json={**chat, "max_completion_tokens": 10**5})
+    assert r.status_code == 422 and r.json["error"]["field"] == "max_completion_tokens"
+    r = client.simulate_post("/v1/chat/completions", json={**chat, "max_tokens": 60})
+    assert r.status_code == 422 and r.json["error"]["field"] == "max_tokens"
+    assert not link.requests
+
+
+def test_token_ids_are_checked_against_the_vocabulary_the_engine_published(codec, tmp_path):
+    app, link, _ = make_app(codec, str(tmp_path), link=FakeEngineLink(vocab_size=100, context_length=64))
+    client = testing.TestClient(app)
+    r = client.simulate_post("/generate", json={"prompt_ids": [[1, 2], [3, 100]]})
+    assert r.status_code == 422 and r.json["error"]["field"] == "prompt_ids[1][1]"
+    assert "vocabulary size 100" in r.json["error"]["message"]
+    r = client.simulate_post("/v1/completions", json={"prompt": [99, 100]})
+    assert r.status_code == 422 and r.json["error"]["field"] == "prompt[1]"
+    assert not link.requests
+    assert client.simulate_post("/generate", json={"prompt_ids": [99]}).status_code == 200
+    assert client.simulate_get("/v1/models").json["data"][0]["max_model_len"] == 64

@@ -165,6 +165,31 @@ def test_errors_are_json_with_the_field(client):
     assert r.status_code == 404 and "error" in r.json()
 
 
+def test_limits_the_engine_published_are_checked_by_the_api(client, tiny_model_dir):
+    with open(os.path.join(tiny_model_dir, "config.json")) as f:
+        config = json.load(f)
+    vocab, ctx = config["vocab_size"], config["max_position_embeddings"]
+    assert client.get("/v1/models").json()["data"][0]["max_model_len"] == ctx
+    r = client.post("/generate", json={"prompt_ids": [1, vocab]})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "prompt_ids[1]"
+    assert f"vocabulary size {vocab}" in r.json()["error"]["message"]  # the API's check, not the engine's
+    prompt = [5] * (ctx - 3)
+    r = client.post("/generate", json={"prompt_ids": prompt, "max_tokens": 4})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "max_tokens"
+    # absent, max_tokens is the room the context leaves (3) rather than --max-tokens (24)
+    done = generate(client, prompt_ids=prompt, ignore_eos=True)
+    assert len(done["completion_ids"]) == 3 and done["finish_reason"] == "length"
+
+
+def test_minus_infinity_log_probs_are_minus_9999(client):
+    prompt = [1, 2, 3]
+    (top,) = generate(client, prompt_ids=prompt, max_tokens=1, temperature=0.0)["completion_ids"]
+    other = (top + 1) % 100
+    # top_k=1 leaves one token in the processed distribution: any other has log-prob -inf
+    logprobs = score(client, prompt, [other], top_k=1, temperature=1.0)
+    assert logprobs == [-9999.0]
+
+
 # ---------------------------------------------------------------------- adapters
 
 

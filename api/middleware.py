@@ -24,7 +24,7 @@ from mlxsup.api.errors import ApiError
 log = logging.getLogger("mlxsup.api")
 
 OPEN_ROUTES = frozenset({"/health"})
-ADMIN_ROUTES = frozenset({"/load_adapter", "/upload_adapter"})
+ADMIN_ROUTES = frozenset({"/load_adapter", "/upload_adapter", "/reset_prefix_cache"})
 
 
 class LifespanMiddleware:

@@ -38,6 +38,8 @@ class FakeEngineLink:
         self.error: Optional[ApiError] = None
         self.delay_s = 0.0
         self.requests: list = []
+        self.cache_salts: list[str] = []  # the cache_salt of each request, in order
+        self.cached_tokens = 0  # num_cached_tokens of every SequenceDone
         self.aborted: list = []
         self.cancelled = 0
         self.num_starts = 0
@@ -69,8 +71,9 @@ class FakeEngineLink:
         if self.error is not None:
             raise self.error
 
-    async def generate(self, prompt_ids, params, *, n=1, min_policy_version=-1, tag=None):
+    async def generate(self, prompt_ids, params, *, n=1, min_policy_version=-1, tag=None, cache_salt=""):
         await self._begin("generate", prompt_ids, params, n, tag)
+        self.cache_salts.append(cache_salt)
         version = self.status_fields.get("policy_version", 0)
         out = []
         for s in range(n):
@@ -78,11 +81,13 @@ class FakeEngineLink:
             out.append(SequenceDone(request_id=1, seq_index=s, finish_reason=finish, token_ids=ids,
                                     logprobs=logprobs, versions=[version] * len(ids),
                                     num_prompt_tokens=len(prompt_ids), batch_size=n, policy_version=version,
-                                    queue_ms=0.5, ttft_ms=1.0, total_ms=2.0))
+                                    queue_ms=0.5, ttft_ms=1.0, total_ms=2.0,
+                                    num_cached_tokens=self.cached_tokens))
         return out
 
-    async def stream(self, prompt_ids, params, *, n=1, min_policy_version=-1, tag=None):
+    async def stream(self, prompt_ids, params, *, n=1, min_policy_version=-1, tag=None, cache_salt=""):
         await self._begin("stream", prompt_ids, params, n, tag)
+        self.cache_salts.append(cache_salt)
         version = self.status_fields.get("policy_version", 0)
         for s in range(n):
             ids, logprobs, finish = self._sequence(prompt_ids, params, s)
@@ -92,10 +97,11 @@ class FakeEngineLink:
                 await asyncio.sleep(0)
             yield SequenceDone(request_id=1, seq_index=s, finish_reason=finish, token_ids=[], logprobs=[],
                                versions=[], num_prompt_tokens=len(prompt_ids), batch_size=n,
-                               policy_version=version)
+                               policy_version=version, num_cached_tokens=self.cached_tokens)
 
-    async def score(self, prompt_ids, completion_ids, *, logprobs_mode, params, tag=None):
+    async def score(self, prompt_ids, completion_ids, *, logprobs_mode, params, tag=None, cache_salt=""):
         await self._begin("score", prompt_ids, params, 1, tag)
+        self.cache_salts.append(cache_salt)
         return ScoreResult(request_id=1, logprobs=[-0.25] * len(completion_ids),
                            policy_version=self.status_fields.get("policy_version", 0))
 
@@ -146,6 +152,10 @@ class FakeAdapters:
         self.state = {"adapter_path": path, "policy_version": self.version, "committed_at": 1700000000.0}
         return {"ok": True, "policy_version": self.version, "adapter": path, "mode": mode,
                 "message": f"Loaded adapter from {path}" if path else "Back to the base model"}
+
+    async def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache",))
+        return self.reply if self.reply is not None else {"ok": True, "entries_dropped": 3}
 
     def committed(self) -> dict:
         return dict(self.state)

@@ -37,6 +37,7 @@ from .adapters import AdapterManager, PreparedAdapter
 from .config import EngineConfig
 from .memory import HeapTrimmer
 from .postprocess import Postprocessor, decoder_for
+from .prefix_cache import PrefixCache, default_budget_bytes
 from .runner import Admission, ModelRunner, ScoreItem, StepOutput, context_length
 from .sampling import mix_seed
 from .scheduler import SWAP_MODES, QueueFull, Scheduler
@@ -46,6 +47,8 @@ log = logging.getLogger("mlxsup.engine")
 
 
 MAX_N = 4096  # samples per request; the API allows fewer
+# Cached prefixes shorter than this are not reused (PrefixCache.min_tokens).
+MIN_REUSE_TOKENS = 16
 # A step longer than this is logged (INFO) with its rows, admissions and sampler traces: on a
 # GPU a decode step takes milliseconds, so a second means something was built or compiled.
 SLOW_STEP_LOG_S = 1.0
@@ -95,6 +98,12 @@ class SwapTicket:
     running_at_commit: int = 0
 
 
+def _weights_bytes(model) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
 def load_model(config: EngineConfig):
     """`mlx_lm.load` of a local directory or a hub id; returns (model, tokenizer)."""
     from mlx_lm import load
@@ -129,11 +138,18 @@ class Engine:
                                   max_window=self.context_length or 1 << 16, pipeline=pipeline,
                                   prefill_chunk=config.prefill_chunk_tokens)
         self.vocab_size = self.runner.vocab_size
+        # One KV budget for the batch and the prefix cache (see Scheduler.kv_budget_tokens).
+        self.kv_budget_bytes = int(config.kv_cache_gb * 2**30) if config.kv_cache_gb else \
+            default_budget_bytes(_weights_bytes(model))
+        self.kv_budget_tokens = self.kv_budget_bytes // self.runner.kv_bytes_per_token
+        if config.prefix_cache:
+            self.runner.prefix_cache = PrefixCache(self.kv_budget_bytes, MIN_REUSE_TOKENS)
         self.scheduler = Scheduler(
             max_batch=config.max_batch, max_queue=config.max_queue,
             flush_interval_s=config.flush_interval_ms / 1e3,
             max_prefill_tokens=config.max_prefill_tokens,
             max_score_tokens=config.max_score_tokens,
+            kv_budget_tokens=self.kv_budget_tokens,
         )
         self.policy_version = policy_version
         self.adapter_path: Optional[str] = None
@@ -189,6 +205,14 @@ class Engine:
                     raise RequestError(f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) "
                                        f"exceed the model's context of {self.context_length}",
                                        "max_tokens")
+            if Scheduler.kv_tokens(1, n_prompt + max_tokens) > self.kv_budget_tokens:
+                per_token = self.runner.kv_bytes_per_token
+                need = Scheduler.kv_tokens(1, n_prompt + max_tokens)
+                raise RequestError(
+                    f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) need {need} KV "
+                    f"positions ({need * per_token / 2**30:.3g} GiB with the cache's growth step), "
+                    f"past the KV budget of {self.kv_budget_tokens} "
+                    f"({self.kv_budget_bytes / 2**30:.3g} GiB, --kv-cache-gb)", "max_tokens")
             state = RequestState(request, now)
             wait = request.min_policy_wait_s if request.min_policy_wait_s > 0 else \
                 self.config.min_policy_wait_s
@@ -296,6 +320,8 @@ class Engine:
         self.adapter_path = ticket.adapter_path = ticket.prepared.path
         self.counters["num_swaps"] += 1
         ticket.done = True
+        if self.runner.prefix_cache is not None:
+            self.runner.prefix_cache.clear()  # KV of the old weights serves no new request
         _clear_cache("swap commit")
         if ticket.on_done is not None:
             ticket.on_done(ticket)
@@ -346,7 +372,10 @@ class Engine:
                          "%d sampler traces, version %d", spent * 1e3, self.runner.num_rows,
                          len(admissions), sum(len(a.prompt_ids) for a in admissions),
                          sampling.traces - traces, self.policy_version)
-            for state, _ in plan.admit:
+            for (state, _), admission in zip(plan.admit, admissions):
+                if admission.prefix is None or admission.cached_tokens:
+                    state.num_cached_tokens = admission.cached_tokens
+                    self.counters["prefill_tokens"] -= admission.cached_tokens  # (not prefilled)
                 if state.num_unadmitted == 0:
                     state.prefix = None  # every sample admitted: nobody needs it
             for admission, prefix in prefixes:
@@ -361,6 +390,9 @@ class Engine:
                     self._fail_running(f"engine step failed: {e}", events)
         if plan.scores:
             self._run_scores(plan.scores, events)
+        if self.runner.prefix_cache is not None:  # the cache gets what the batch leaves
+            self.runner.prefix_cache.limit(self.kv_budget_bytes - self.runner.kv_bytes_per_token
+                                           * self.scheduler.reserved_kv_tokens())
         if not self.has_work():  # going idle: MLX's buffer cache, then the heap, back to the OS
             _clear_cache("idle")
             self._trimmer.trim()
@@ -376,8 +408,17 @@ class Engine:
         return Admission(
             prompt_ids=req.prompt_ids, params=req.params, seq_ids=[s.seq_id for s in seqs],
             seeds=[s.seed for s in seqs], prefix=prefix,
-            save_prefix=state.num_unadmitted > 0, owner=state,
+            save_prefix=state.num_unadmitted > 0, owner=state, cache_key=self._cache_key(req),
         )
+
+    def _cache_key(self, req) -> tuple:
+        """The prefix cache's key: the weights serving now, and the request's salt."""
+        return (self.policy_version, self.adapter_path, req.cache_salt)
+
+    def reset_prefix_cache(self) -> int:
+        """Drop every prefix-cache entry (running rows keep their KV); the number dropped."""
+        cache = self.runner.prefix_cache
+        return cache.clear() if cache is not None else 0
 
     def _forget(self, state: RequestState) -> None:
         self._requests.pop(state.request_id, None)
@@ -400,8 +441,9 @@ class Engine:
         ended = self.postprocessor.accept(seqs, out.tokens, out.logprobs, out.version,
                                           time.monotonic(), events)
         self.counters["tokens_generated"] += len(out.tokens)
-        if ended:
-            self.runner.remove([seq.seq_id for seq in ended])
+        if ended:  # a finished sequence's prompt + completion stays in the prefix cache
+            store = {s.seq_id: list(s.request.request.prompt_ids) + s.token_ids for s in ended}
+            self.runner.remove([seq.seq_id for seq in ended], store, self.policy_version)
             for seq in ended:
                 self._release(seq)
         ticket = self._first_token_of
@@ -427,7 +469,7 @@ class Engine:
 
     def _run_scores(self, states: list[RequestState], events: list[Event]) -> None:
         items = [ScoreItem(s.request.prompt_ids, s.request.completion_ids, s.request.params,
-                           s.request.logprobs_mode) for s in states]
+                           s.request.logprobs_mode, self._cache_key(s.request)) for s in states]
         try:
             results = self.runner.score(items, self.config.max_score_tokens)
         except Exception as e:
@@ -456,6 +498,10 @@ class Engine:
             active_memory=mx.get_active_memory(),
             cache_memory=mx.get_cache_memory(),
             peak_memory=mx.get_peak_memory(),
+            kv_budget_bytes=self.kv_budget_bytes,
+            kv_reserved_bytes=self.scheduler.reserved_kv_tokens() * self.runner.kv_bytes_per_token,
+            **(self.runner.prefix_cache.stats() if self.runner.prefix_cache is not None
+               else PrefixCache(0).stats()),
         )
 
     def generate(self, prompts: Iterable[Seq[int]], params: Optional[SamplingParams] = None,

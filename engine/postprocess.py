@@ -179,6 +179,7 @@ class Postprocessor:
             batch_size=seq.max_batch_size,
             policy_version=seq.versions[0] if seq.versions else policy_version,
             queue_ms=ms(seq.admitted_at), ttft_ms=ms(seq.first_token_at), total_ms=ms(now),
+            num_cached_tokens=state.num_cached_tokens,
         )
 
 

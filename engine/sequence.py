@@ -59,6 +59,7 @@ class RequestState:
     prefix: Any = None
     prefix_version: int = -1
     hold_deadline: float = 0.0  # when a min_policy_version wait gives up
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache served at its first admission
 
     @property
     def request_id(self) -> int:

@@ -54,7 +54,8 @@ _HAS_SEED, _IGNORE_EOS = 1, 2
 _SCORE = struct.Struct("<QB")  # request_id, logprobs_mode
 _ABORT = struct.Struct("<Q")
 _CHUNK = struct.Struct("<QI")  # request_id, seq_index
-_DONE = struct.Struct("<QIBIIqddd")  # ..., finish_reason, prompt tokens, batch, version, 3 times
+# ..., finish_reason, prompt tokens, batch, version, 3 times, cached prompt tokens
+_DONE = struct.Struct("<QIBIIqdddI")
 _SCORE_RESULT = struct.Struct("<Qq")  # request_id, policy_version
 
 
@@ -81,12 +82,14 @@ def encode(msg) -> bytes:
             )
             _put_params(out, msg.params)
             _put_array(out, "i", msg.prompt_ids)
+            _put_str(out, msg.cache_salt)
         elif kind is ScoreRequest:
             out.append(_HEAD.pack(VERSION, T_SCORE))
             out.append(_SCORE.pack(msg.request_id, _index(LOGPROBS_MODES, msg.logprobs_mode)))
             _put_params(out, msg.params)
             _put_array(out, "i", msg.prompt_ids)
             _put_array(out, "i", msg.completion_ids)
+            _put_str(out, msg.cache_salt)
         elif kind is AbortRequest:
             out.append(_HEAD.pack(VERSION, T_ABORT) + _ABORT.pack(msg.request_id))
         elif kind is TokenChunk:
@@ -105,6 +108,7 @@ def encode(msg) -> bytes:
                     msg.queue_ms,
                     msg.ttft_ms,
                     msg.total_ms,
+                    msg.num_cached_tokens,
                 )
             )
             _put_tokens(out, msg.token_ids, msg.logprobs, msg.versions)
@@ -280,6 +284,7 @@ def _get_generate(r: _Reader) -> GenerateRequest:
         stream=stream,
         min_policy_version=min_version,
         min_policy_wait_s=min_wait,
+        cache_salt=r.str(),
     )
 
 
@@ -293,6 +298,7 @@ def _get_score(r: _Reader) -> ScoreRequest:
         completion_ids=r.array("i"),
         logprobs_mode=_choice(LOGPROBS_MODES, mode),
         params=params,
+        cache_salt=r.str(),
     )
 
 
@@ -307,9 +313,8 @@ def _get_token_chunk(r: _Reader) -> TokenChunk:
 
 
 def _get_sequence_done(r: _Reader) -> SequenceDone:
-    (request_id, seq_index, reason, num_prompt, batch, version, queue_ms, ttft_ms, total_ms) = (
-        r.unpack(_DONE)
-    )
+    (request_id, seq_index, reason, num_prompt, batch, version, queue_ms, ttft_ms, total_ms,
+     num_cached) = r.unpack(_DONE)
     return SequenceDone(
         request_id=request_id,
         seq_index=seq_index,
@@ -323,6 +328,7 @@ def _get_sequence_done(r: _Reader) -> SequenceDone:
         queue_ms=queue_ms,
         ttft_ms=ttft_ms,
         total_ms=total_ms,
+        num_cached_tokens=num_cached,
     )
 
 

@@ -95,6 +95,7 @@ class GenerateRequest:
     stream: bool = False  # True: TokenChunk events as tokens come; False: all in SequenceDone
     min_policy_version: int = -1  # -1: none; else wait until the engine reaches it
     min_policy_wait_s: float = 0.0  # how long to wait for min_policy_version
+    cache_salt: str = ""  # prefix-cache entries are shared only by requests with the same salt
 
     def __post_init__(self):
         if self.n < 1:
@@ -113,6 +114,7 @@ class ScoreRequest:
     completion_ids: Sequence[int]
     logprobs_mode: str = LOGPROBS_RAW
     params: SamplingParams = field(default_factory=SamplingParams)
+    cache_salt: str = ""
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,7 @@ class SequenceDone:
     queue_ms: float = 0.0  # from arrival in the engine to admission
     ttft_ms: float = 0.0  # from arrival to the first token
     total_ms: float = 0.0  # from arrival to done
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 @dataclass(frozen=True)

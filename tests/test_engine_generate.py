@@ -579,7 +579,7 @@ def test_prompts_of_very_different_lengths_prefill_in_separate_passes(tiny_model
 
     assert [list(g) for g in runner_mod.length_groups([3, 3, 20, 30, 33, 200, 230, 800])] == \
         [[0, 1, 2, 3, 4], [5, 6], [7]]  # 33 <= 3 + 32; 230 <= 1.25 x 200
-    eng = make_engine(tiny_model_dir)
+    eng = make_engine(tiny_model_dir, prefix_cache=False)  # (the same prompts run twice)
     passes = []
     real = runner_mod.ModelRunner._start_group
     monkeypatch.setattr(runner_mod.ModelRunner, "_start_group",
@@ -742,7 +742,8 @@ def test_a_long_prompt_is_prefilled_in_as_few_passes_as_the_chunk_allows(tiny_mo
     prefill_step_size), or chunked in ceil(199 / chunk): never a pass a token. With no row
     decoding there is nobody to keep waiting short, and even a chunked engine prefills it
     whole."""
-    eng = make_engine(tiny_model_dir, prefill_chunk_tokens=chunk, pipeline=False)
+    eng = make_engine(tiny_model_dir, prefill_chunk_tokens=chunk, pipeline=False,
+                      prefix_cache=False)  # (the same prompt runs twice)
     counting = _CountingModel(eng.runner.model)
     eng.runner.model = counting
     prefill_passes = lambda: sum(1 for shape in counting.shapes if shape[1] > 1)

@@ -46,6 +46,15 @@ class SupervisorAdapters:
         except ControlError as e:
             raise ApiError(503, "supervisor_unavailable", str(e), retry_after=2) from None
 
+    async def reset_prefix_cache(self) -> dict:
+        """Ask the engine (through the supervisor) to drop its prefix cache."""
+        from mlxsup.supervisor.protocol import ControlError, acall
+
+        try:
+            return await acall(self.run_dir, {"op": "reset_prefix_cache"}, timeout=self.timeout_s)
+        except ControlError as e:
+            raise ApiError(503, "supervisor_unavailable", str(e), retry_after=2) from None
+
     def committed(self) -> dict:
         """The committed-adapter state file (written by the supervisor), or {}."""
         try:
@@ -112,6 +121,22 @@ class LoadAdapterResource:
         if path is not None:
             path = resolve_adapter_path(path, self.adapter_root)
         send_json(resp, swap_answer(await self.adapters.reload(path, body.mode)))
+
+
+class ResetPrefixCacheResource:
+    """POST /reset_prefix_cache (vLLM's route): drop every prefix-cache entry; rows decoding
+    keep their own KV. No body."""
+
+    def __init__(self, adapters: SupervisorAdapters):
+        self.adapters = adapters
+
+    async def on_post(self, req, resp):
+        reply = await self.adapters.reset_prefix_cache()
+        if not reply.get("ok"):
+            error = reply.get("error") if isinstance(reply.get("error"), dict) else {}
+            raise ApiError(503, str(error.get("type") or "engine_unavailable"),
+                           str(error.get("message") or "the engine did not answer"), retry_after=2)
+        send_json(resp, {"status": "success", "entries_dropped": int(reply.get("entries_dropped", 0))})
 
 
 class UploadAdapterResource:

@@ -17,7 +17,13 @@ import falcon
 import falcon.asgi
 
 from mlxsup.api import errors
-from mlxsup.api.adapters import AdapterResource, LoadAdapterResource, SupervisorAdapters, UploadAdapterResource
+from mlxsup.api.adapters import (
+    AdapterResource,
+    LoadAdapterResource,
+    ResetPrefixCacheResource,
+    SupervisorAdapters,
+    UploadAdapterResource,
+)
 from mlxsup.api.common import CodecRef
 from mlxsup.api.engine_link import EngineLink, IpcEngineLink
 from mlxsup.api.generate import AbortResource, GenerateResource
@@ -82,6 +88,7 @@ def create_app(
     app.add_route("/upload_adapter", UploadAdapterResource(adapters, UploadStore(config.run_dir),
                                                            config.max_upload_mb << 20))
     app.add_route("/adapter", AdapterResource(adapters, link))
+    app.add_route("/reset_prefix_cache", ResetPrefixCacheResource(adapters))
     app.add_route("/health", HealthResource(link, codecs))
     app.add_route("/metrics", MetricsResource(link, config))
     app.add_route("/openapi.json", OpenApiResource(config))

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional, Protocol, Sequence, Union
 
 from mlxsup.api.aborts import AbortBoard, tag_key
+from mlxsup.ipc.control import PREFIX_CACHE_FIELDS
 from mlxsup.api.errors import (
     RETRY_AFTER_OVERLOADED,
     RETRY_AFTER_UNAVAILABLE,
@@ -84,6 +85,13 @@ class EngineStatus:
     prefill_tokens: int = 0
     num_swaps: int = 0
     num_requests: int = 0
+    prefix_cache_lookups: int = 0
+    prefix_cache_hits: int = 0
+    prefix_cache_lookup_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    prefix_cache_entries: int = 0
+    prefix_cache_bytes: int = 0
+    kv_budget_bytes: int = 0
     engine_restarts: int = 0
     tokens_per_s: float = 0.0
     num_inflight: int = 0  # this worker's requests in the engine
@@ -121,18 +129,20 @@ class EngineLink(Protocol):
     def status(self) -> EngineStatus: ...
 
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams, *, n: int = 1,
-                       min_policy_version: int = -1, tag: Optional[str] = None) -> list[SequenceDone]:
+                       min_policy_version: int = -1, tag: Optional[str] = None,
+                       cache_salt: str = "") -> list[SequenceDone]:
         """All `n` samples of one prompt, in seq_index order."""
         ...
 
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams, *, n: int = 1,
-               min_policy_version: int = -1, tag: Optional[str] = None) -> AsyncIterator[StreamEvent]:
+               min_policy_version: int = -1, tag: Optional[str] = None,
+               cache_salt: str = "") -> AsyncIterator[StreamEvent]:
         """TokenChunk and SequenceDone events as the engine produces them, until all n are done."""
         ...
 
     async def score(self, prompt_ids: Sequence[int], completion_ids: Sequence[int], *,
                     logprobs_mode: str, params: SamplingParams, tag: Optional[str] = None,
-                    top_logprobs: int = 0) -> ScoreResult: ...
+                    top_logprobs: int = 0, cache_salt: str = "") -> ScoreResult: ...
 
     async def control(self, op: str, mode: str = "") -> ControlResult:
         """An engine-wide control: pause (`mode` abort/wait/keep), resume, status, abort_all."""
@@ -271,6 +281,7 @@ class IpcEngineLink:
             prefill_tokens=snap.prefill_tokens,
             num_swaps=snap.num_swaps,
             num_requests=snap.num_requests,
+            **{k: getattr(snap, k) for k in PREFIX_CACHE_FIELDS},
             engine_restarts=snap.engine_restarts,
             tokens_per_s=self._tokens_per_s,
             num_inflight=len(self._flights),
@@ -280,11 +291,12 @@ class IpcEngineLink:
 
     # ---------------------------------------------------------------- requests
 
-    async def generate(self, prompt_ids, params, *, n=1, min_policy_version=-1, tag=None):
+    async def generate(self, prompt_ids, params, *, n=1, min_policy_version=-1, tag=None, cache_salt=""):
         def make(rid):
             return GenerateRequest(rid, list(prompt_ids), params, n=n, stream=False,
                                    min_policy_version=min_policy_version,
-                                   min_policy_wait_s=self.min_policy_wait_s if min_policy_version >= 0 else 0.0)
+                                   min_policy_wait_s=self.min_policy_wait_s if min_policy_version >= 0 else 0.0,
+                                   cache_salt=cache_salt)
 
         done: dict[int, SequenceDone] = {}
         async with contextlib.aclosing(self._fly(make, tag, expect=n, stream=False)) as events:
@@ -293,21 +305,22 @@ class IpcEngineLink:
                     done[event.seq_index] = event
         return [done[i] for i in sorted(done)]
 
-    async def stream(self, prompt_ids, params, *, n=1, min_policy_version=-1, tag=None):
+    async def stream(self, prompt_ids, params, *, n=1, min_policy_version=-1, tag=None, cache_salt=""):
         def make(rid):
             return GenerateRequest(rid, list(prompt_ids), params, n=n, stream=True,
                                    min_policy_version=min_policy_version,
-                                   min_policy_wait_s=self.min_policy_wait_s if min_policy_version >= 0 else 0.0)
+                                   min_policy_wait_s=self.min_policy_wait_s if min_policy_version >= 0 else 0.0,
+                                   cache_salt=cache_salt)
 
         async with contextlib.aclosing(self._fly(make, tag, expect=n, stream=True)) as events:
             async for event in events:
                 yield event
 
     async def score(self, prompt_ids, completion_ids, *, logprobs_mode, params, tag=None,
-                    top_logprobs=0):
+                    top_logprobs=0, cache_salt=""):
         def make(rid):
             return ScoreRequest(rid, list(prompt_ids), list(completion_ids), logprobs_mode, params,
-                                top_logprobs)
+                                top_logprobs, cache_salt=cache_salt)
 
         result = None
         async with contextlib.aclosing(self._fly(make, tag, expect=1, stream=False)) as events:

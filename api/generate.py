@@ -58,7 +58,7 @@ class GenerateResource:
         n = body.n
         outcomes = await gather_or_cancel((
             self.link.generate(ids, p, n=n, min_policy_version=-1 if min_version is None else min_version,
-                               tag=request_id)
+                               tag=request_id, cache_salt=body.cache_salt)
             for ids, p in zip(prompts, params)
         ))
         latency_ms = round((time.perf_counter() - started) * 1000.0, 3)
@@ -84,6 +84,7 @@ class GenerateResource:
                         "server_policy_version": current,
                         "queue_ms": round(done.queue_ms, 3),
                         "ttft_ms": round(done.ttft_ms, 3),
+                        "cached_tokens": done.num_cached_tokens,  # prompt tokens from the prefix cache
                     },
                     "generated_by_version": done.policy_version,
                     "token_versions": list(done.versions),

@@ -24,7 +24,7 @@ from mlxsup.api.errors import ApiError
 log = logging.getLogger("mlxsup.api")
 
 OPEN_ROUTES = frozenset({"/health"})
-ADMIN_ROUTES = frozenset({"/load_adapter", "/upload_adapter",
+ADMIN_ROUTES = frozenset({"/load_adapter", "/upload_adapter", "/reset_prefix_cache",
                           # vLLM's control routes (api/vllm.py)
                           "/pause", "/resume", "/abort_requests", "/v1/load_lora_adapter",
                           "/v1/unload_lora_adapter"})

@@ -69,10 +69,11 @@ class _Job:
     """One validated OpenAI request, ready for the engine."""
 
     def __init__(self, *, prompts, prompt_texts, params, n, min_version, model, stops, tag,
-                 generates=True, prompt_top=None):
+                 generates=True, prompt_top=None, cache_salt=""):
         self.generates = generates  # False: max_tokens 0 (echo and prompt log-probs only)
         self.prompt_top = prompt_top  # top log-probs per prompt position; None: no prompt scoring
         self.prompt_results: list = [None] * len(prompts)  # the prompts' ScoreResults
+        self.cache_salt = cache_salt
         self.prompts = prompts
         self.prompt_texts = prompt_texts
         self.params = params  # one SamplingParams per prompt (max_tokens may differ)
@@ -104,13 +105,14 @@ class _OpenAIResource:
         if body.stream:
             if job.prompt_top is not None:
                 job.prompt_results = await gather_or_cancel(
-                    score_prompt(self.link, ids, job.prompt_top, job.tag) for ids in job.prompts)
+                    score_prompt(self.link, ids, job.prompt_top, job.tag, job.cache_salt) for ids in job.prompts)
             await self.start_stream(req, resp, codec, body, job)
             return
         outcomes = await gather_or_cancel(self.run_prompt(job, p) for p in range(len(job.prompts)))
         choices = []
-        completion_tokens = 0
+        completion_tokens = cached_tokens = 0
         for p, samples in enumerate(outcomes):
+            cached_tokens += samples[0].num_cached_tokens if samples else 0
             for done in samples:
                 completion_tokens += len(done.token_ids)
                 choices.append(self.choice(codec, body, job, p, done))
@@ -122,7 +124,7 @@ class _OpenAIResource:
             "model": job.model,
             "system_fingerprint": None,
             "choices": choices,
-            "usage": _usage(prompt_tokens, completion_tokens),
+            "usage": _usage(prompt_tokens, completion_tokens, cached_tokens),
             "policy_version": self.link.status().policy_version,
         }
         if self.chat:  # (completions: per choice, one prompt each)
@@ -138,10 +140,10 @@ class _OpenAIResource:
         ids = job.prompts[p]
         calls = []
         if job.generates:
-            calls.append(self.link.generate(ids, job.params[p], n=job.n,
-                                            min_policy_version=job.min_version, tag=job.tag))
+            calls.append(self.link.generate(ids, job.params[p], n=job.n, min_policy_version=job.min_version,
+                                            tag=job.tag, cache_salt=job.cache_salt))
         if job.prompt_top is not None:
-            calls.append(score_prompt(self.link, ids, job.prompt_top, job.tag))
+            calls.append(score_prompt(self.link, ids, job.prompt_top, job.tag, job.cache_salt))
         results = await gather_or_cancel(calls)
         if job.prompt_top is not None:
             job.prompt_results[p] = results[-1]
@@ -171,6 +173,7 @@ class _OpenAIResource:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         states: dict[int, _ChoiceState] = {}
         completion_tokens = 0
+        cached: dict[int, int] = {}  # prompt index -> its prompt tokens from the prefix cache
 
         def chunk(choices, usage=False, **extra):
             obj = {
@@ -212,6 +215,7 @@ class _OpenAIResource:
                 text = state.stream.push(event.token_ids)
                 finish = None
                 if isinstance(event, SequenceDone):
+                    cached[p] = event.num_cached_tokens  # (the same for every sample of a prompt)
                     text += state.stream.finish()
                     finish = event.finish_reason
                 calls = []
@@ -232,7 +236,8 @@ class _OpenAIResource:
                 prompt_tokens = sum(len(ids) for ids in job.prompts)
                 obj = {"id": job.tag, "object": "chat.completion.chunk" if self.chat else "text_completion",
                        "created": job.created, "model": job.model, "system_fingerprint": None,
-                       "choices": [], "usage": _usage(prompt_tokens, completion_tokens)}
+                       "choices": [], "usage": _usage(prompt_tokens, completion_tokens,
+                                                      sum(cached.values()))}
                 yield SSEvent(data=orjson.dumps(obj))
         except ApiError as e:
             yield SSEvent(data=orjson.dumps(e.body(openai=True)))
@@ -475,7 +480,7 @@ def _job(body, prompts, texts, max_tokens: list, wants_logprobs, model_name, *, 
     return _Job(prompts=prompts, prompt_texts=texts, params=params, n=body.n,
                 min_version=body.min_policy_version, model=body.model or model_name,
                 stops=stops, tag=new_request_id(prefix), generates=any(m > 0 for m in max_tokens),
-                prompt_top=prompt_top)
+                prompt_top=prompt_top, cache_salt=body.cache_salt)
 
 
 def _join_legacy(first: dict, second: dict) -> dict:
@@ -489,16 +494,18 @@ def _join_legacy(first: dict, second: dict) -> dict:
             "top_logprobs": tops, "text_offset": first["text_offset"] + second["text_offset"]}
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 async def _merged_streams(link, job: _Job):
     """(prompt index, event) from every prompt's stream, as they come."""
     if len(job.prompts) == 1:
         async with contextlib.aclosing(link.stream(job.prompts[0], job.params[0], n=job.n,
-                                                   min_policy_version=job.min_version, tag=job.tag)) as events:
+                                                   min_policy_version=job.min_version, tag=job.tag,
+                               cache_salt=job.cache_salt)) as events:
             async for event in events:
                 yield 0, event
         return
@@ -508,7 +515,8 @@ async def _merged_streams(link, job: _Job):
     async def pump(p, ids):
         try:
             async with contextlib.aclosing(link.stream(ids, job.params[p], n=job.n,
-                                                       min_policy_version=job.min_version, tag=job.tag)) as events:
+                                                       min_policy_version=job.min_version, tag=job.tag,
+                               cache_salt=job.cache_salt)) as events:
                 async for event in events:
                     await queue.put((p, event))
             await queue.put((p, end))

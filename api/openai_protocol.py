@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import Discriminator, Field, Tag, create_model
 
 from mlxsup.api.protocol import (
+    CACHE_SALT_DOC,
     MAX_MAX_TOKENS,
     MAX_N,
     Batch,
@@ -72,6 +73,7 @@ class _OpenAICommon(Sampling):
                                                                  "`logprobs` reports")
     min_policy_version: Optional[Int(0, 2**63 - 1)] = Field(
         None, description="mlxsup extension: wait until the server reaches this version")
+    cache_salt: Text(256) = Field("", description="mlxsup extension (vLLM's name): " + CACHE_SALT_DOC)
 
 
 class _VllmExtras(RequestBody):
@@ -163,10 +165,15 @@ class ModelList(ResponseBody):
     data: list[ModelCard]
 
 
+class PromptTokensDetails(ResponseBody):
+    cached_tokens: int = Field(0, description="prompt tokens served from the prefix cache")
+
+
 class Usage(ResponseBody):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: Optional[PromptTokensDetails] = None
 
 
 class CompletionLogprobs(ResponseBody):

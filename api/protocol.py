@@ -218,6 +218,8 @@ Stop = OneOf("a string or an array of strings", text=Text(MAX_STOP_CHARS, 1),
              texts=Annotated[list[Text(MAX_STOP_CHARS, 1)], Field(max_length=MAX_STOP)])
 Seed = Optional[Int(0, INT64_MAX)]
 RequestId = Optional[Text(MAX_ID_CHARS, 1)]
+CACHE_SALT_DOC = ("prefix-cache entries are shared only between requests with the same salt "
+                  "(vLLM's name); the default \"\" shares them with every unsalted request")
 
 
 class Sampling(RequestBody):
@@ -282,6 +284,7 @@ class GenerateRequest(Sampling):
     request_id: RequestId = Field(None, description="echoed; generated when absent; POST /abort takes it")
     min_policy_version: Optional[Int(0, INT64_MAX)] = Field(
         None, description="wait (bounded) until the server reaches this version")
+    cache_salt: Text(MAX_ID_CHARS) = Field("", description=CACHE_SALT_DOC)
 
     @model_validator(mode="after")
     def _one_input(self):
@@ -301,6 +304,7 @@ class ScoreRequest(Sampling):
     completion_ids: TokenIds = Field(description="the tokens to score")
     logprobs_mode: LogprobsMode = "processed"
     request_id: RequestId = None
+    cache_salt: Text(MAX_ID_CHARS) = Field("", description=CACHE_SALT_DOC)
 
     @model_validator(mode="after")
     def _one_input(self):
@@ -337,6 +341,7 @@ class GenerateMetadata(ResponseBody):
     server_policy_version: int = Field(description="the version served when the answer was sent")
     queue_ms: float
     ttft_ms: float
+    cached_tokens: int = Field(0, description="prompt tokens whose KV came from the prefix cache")
 
 
 class GenerateResult(ResponseBody):
@@ -421,6 +426,22 @@ class WorkerMetrics(ResponseBody):
     link_open: bool
 
 
+class PrefixCacheMetrics(ResponseBody):
+    lookups: int
+    hits: int = Field(description="prompts that found a cached prefix")
+    lookup_tokens: int
+    hit_tokens: int = Field(description="prompt tokens served from the cache")
+    hit_rate: float = Field(description="hit_tokens / lookup_tokens")
+    entries: int
+    bytes: int
+    kv_budget_bytes: int = Field(description="the budget of the running batch and the cache (--kv-cache-gb)")
+
+
+class ResetPrefixCacheResult(ResponseBody):
+    status: Literal["success"]
+    entries_dropped: int
+
+
 class Metrics(ResponseBody):
     current_policy_version: int
     queue_depth: int
@@ -439,6 +460,7 @@ class Metrics(ResponseBody):
     num_requests: int
     heartbeat_age_s: Optional[float]
     max_queue: int
+    prefix_cache: PrefixCacheMetrics
     worker: WorkerMetrics
 
 

@@ -41,7 +41,7 @@ class ScoreResource:
         if not status.is_ready:
             raise unavailable(status.why_not_ready())
         result = await self.link.score(prompt_ids, completion_ids, logprobs_mode=body.logprobs_mode,
-                                       params=params, tag=request_id)
+                                       params=params, tag=request_id, cache_salt=body.cache_salt)
         send_json(resp, {
             "request_id": request_id,
             "prompt_ids": prompt_ids,

@@ -109,6 +109,8 @@ def _routes() -> list[Route]:
                   "parameters": [{"name": "mode", "in": "query", "required": False,
                                   "schema": {"enum": list(SWAP_MODES)}}],
               }),
+        Route("/reset_prefix_cache", "post", "Drop every prefix-cache entry (running sequences keep their KV)",
+              _json(_ref(p.ResetPrefixCacheResult)), (401, 403, 503), security="admin", ok_text="dropped"),
         Route("/adapter", "get", "The adapter being served", _json(_ref(p.AdapterState)), (401,)),
         Route("/health", "get", "Health (no key needed)", _json(_ref(p.Health)), (503,), security="none",
               ok_text="engine ready"),
@@ -162,6 +164,7 @@ def _routes() -> list[Route]:
 
 RESPONSE_MODELS = (
     p.GenerateResult, p.GenerateResults, p.ScoreResult, p.AbortResult, p.SwapResult, p.AdapterState,
+    p.ResetPrefixCacheResult,
     p.Health, p.Unhealthy, p.Metrics, p.ErrorBody, oa.ModelList, oa.CompletionResponse, oa.CompletionChunk,
     oa.ChatCompletionResponse, oa.ChatCompletionChunk, vp.GenerateTokensResponse, vp.GenerateTokensChunk,
     vp.TokenizeResponse, vp.DetokenizeResponse, vp.PauseState, vp.AbortRequestsResponse, vp.LoraSwapResult,

@@ -7,6 +7,7 @@ import os
 from mlxsup.api.common import send_json
 from mlxsup.api.errors import RETRY_AFTER_UNAVAILABLE
 from mlxsup.config import ServerConfig
+from mlxsup.ipc.control import prefix_cache_hit_rate, prefix_cache_json
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_TEXT = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -48,7 +49,21 @@ _GAUGES = (
     ("tokens_generated_total", "Tokens generated (this engine)", "counter", lambda s, c: s.tokens_generated),
     ("prefill_tokens_total", "Prompt tokens prefilled (this engine)", "counter", lambda s, c: s.prefill_tokens),
     ("requests_total", "Requests admitted (this engine)", "counter", lambda s, c: s.num_requests),
+    ("prefix_cache_queries_total", "Prompts looked up in the prefix cache", "counter",
+     lambda s, c: s.prefix_cache_lookups),
+    ("prefix_cache_hits_total", "Prompts that found a cached prefix", "counter", lambda s, c: s.prefix_cache_hits),
+    ("prefix_cache_query_tokens_total", "Prompt tokens looked up in the prefix cache", "counter",
+     lambda s, c: s.prefix_cache_lookup_tokens),
+    ("prefix_cache_hit_tokens_total", "Prompt tokens served from the prefix cache", "counter",
+     lambda s, c: s.prefix_cache_hit_tokens),
+    ("prefix_cache_hit_rate", "Share of looked-up prompt tokens served from the cache", "gauge",
+     lambda s, c: prefix_cache_hit_rate(s)),
+    ("prefix_cache_entries", "Entries in the prefix cache", "gauge", lambda s, c: s.prefix_cache_entries),
+    ("prefix_cache_bytes", "Bytes of KV held by the prefix cache", "gauge", lambda s, c: s.prefix_cache_bytes),
+    ("kv_budget_bytes", "KV budget of the running batch and the cache (--kv-cache-gb)", "gauge",
+     lambda s, c: s.kv_budget_bytes),
 )
+
 
 
 def metrics_json(status, config: ServerConfig) -> dict:
@@ -71,6 +86,7 @@ def metrics_json(status, config: ServerConfig) -> dict:
         "num_requests": status.num_requests,
         "heartbeat_age_s": None if status.heartbeat_age_s is None else round(status.heartbeat_age_s, 3),
         "max_queue": config.max_queue,
+        "prefix_cache": prefix_cache_json(status),
         "worker": {"pid": os.getpid(), "slot": status.slot, "inflight": status.num_inflight,
                    "link_open": status.link_open},
     }

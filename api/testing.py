@@ -47,6 +47,8 @@ class FakeEngineLink:
         self.error: Optional[ApiError] = None
         self.delay_s = 0.0
         self.requests: list = []
+        self.cache_salts: list[str] = []  # the cache_salt of each request, in order
+        self.cached_tokens = 0  # num_cached_tokens of every SequenceDone
         self.aborted: list = []
         self.controls: list = []
         self.paused: Optional[str] = None
@@ -91,8 +93,9 @@ class FakeEngineLink:
         if self.error is not None:
             raise self.error
 
-    async def generate(self, prompt_ids, params, *, n=1, min_policy_version=-1, tag=None):
+    async def generate(self, prompt_ids, params, *, n=1, min_policy_version=-1, tag=None, cache_salt=""):
         await self._begin("generate", prompt_ids, params, n, tag)
+        self.cache_salts.append(cache_salt)
         version = self.status_fields.get("policy_version", 0)
         out = []
         for s in range(n):
@@ -102,11 +105,12 @@ class FakeEngineLink:
                                     logprobs=logprobs, versions=[version] * len(ids),
                                     num_prompt_tokens=len(prompt_ids), batch_size=n, policy_version=version,
                                     queue_ms=0.5, ttft_ms=1.0, total_ms=2.0, top_ids=top_ids,
-                                    top_logprobs=top_lps))
+                                    top_logprobs=top_lps, num_cached_tokens=self.cached_tokens))
         return out
 
-    async def stream(self, prompt_ids, params, *, n=1, min_policy_version=-1, tag=None):
+    async def stream(self, prompt_ids, params, *, n=1, min_policy_version=-1, tag=None, cache_salt=""):
         await self._begin("stream", prompt_ids, params, n, tag)
+        self.cache_salts.append(cache_salt)
         version = self.status_fields.get("policy_version", 0)
         for s in range(n):
             ids, logprobs, finish = self._sequence(prompt_ids, params, s)
@@ -117,11 +121,12 @@ class FakeEngineLink:
                 await asyncio.sleep(0)
             yield SequenceDone(request_id=1, seq_index=s, finish_reason=finish, token_ids=[], logprobs=[],
                                versions=[], num_prompt_tokens=len(prompt_ids), batch_size=n,
-                               policy_version=version)
+                               policy_version=version, num_cached_tokens=self.cached_tokens)
 
     async def score(self, prompt_ids, completion_ids, *, logprobs_mode, params, tag=None,
-                    top_logprobs=0):
+                    top_logprobs=0, cache_salt=""):
         await self._begin("score", prompt_ids, params, 1, tag)
+        self.cache_salts.append(cache_salt)
         logprobs = [-0.25] * len(completion_ids)
         top_ids, top_lps = self._tops(list(completion_ids), logprobs, top_logprobs)
         return ScoreResult(request_id=1, logprobs=logprobs, policy_version=self.status_fields.get("policy_version", 0),
@@ -183,6 +188,10 @@ class FakeAdapters:
         self.state = {"adapter_path": path, "policy_version": self.version, "committed_at": 1700000000.0}
         return {"ok": True, "policy_version": self.version, "adapter": path, "mode": mode,
                 "message": f"Loaded adapter from {path}" if path else "Back to the base model"}
+
+    async def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache",))
+        return self.reply if self.reply is not None else {"ok": True, "entries_dropped": 3}
 
     def committed(self) -> dict:
         return dict(self.state)

@@ -114,13 +114,13 @@ def engine_params(sp: VllmSamplingParams, max_tokens: int) -> SamplingParams:
         raise invalid("sampling_params", str(e)) from None
 
 
-async def score_prompt(link, prompt_ids: Sequence[int], k: int, tag: str):
+async def score_prompt(link, prompt_ids: Sequence[int], k: int, tag: str, cache_salt: str = ""):
     """Teacher-forced raw log-probs of prompt tokens 1.. (the /score path), or None for a
     one-token prompt."""
     if len(prompt_ids) < 2:
         return None
     return await link.score(prompt_ids[:1], prompt_ids[1:], logprobs_mode=LOGPROBS_RAW,
-                            params=SamplingParams(), tag=tag, top_logprobs=k)
+                            params=SamplingParams(), tag=tag, top_logprobs=k, cache_salt=cache_salt)
 
 
 class InferenceGenerateResource:
@@ -162,9 +162,9 @@ class InferenceGenerateResource:
             await self.start_stream(resp, codec, body, ids, params, request_id, min_version)
             return
         calls = [self.link.generate(ids, params, n=sp.n, min_policy_version=min_version,
-                                    tag=request_id)]
+                                    tag=request_id, cache_salt=body.cache_salt)]
         if sp.prompt_logprobs is not None:
-            calls.append(score_prompt(self.link, ids, sp.prompt_logprobs, request_id))
+            calls.append(score_prompt(self.link, ids, sp.prompt_logprobs, request_id, body.cache_salt))
         outcomes = await gather_or_cancel(calls)
         samples = outcomes[0]
         k = params.top_logprobs
@@ -202,7 +202,7 @@ class InferenceGenerateResource:
         with `stream_options.include_usage`, then `data: [DONE]`. The first engine event is
         awaited before the response starts, so early errors keep their HTTP status."""
         events = self.link.stream(ids, params, n=body.sampling_params.n,
-                                  min_policy_version=min_version, tag=request_id)
+                                  min_policy_version=min_version, tag=request_id, cache_salt=body.cache_salt)
         try:
             first = await events.__anext__()
         except StopAsyncIteration:

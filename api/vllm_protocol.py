@@ -17,9 +17,21 @@ from typing import Annotated, Any, Literal, Optional
 from pydantic import AfterValidator, Field
 
 from mlxsup.api.errors import invalid
-from mlxsup.api.protocol import MAX_TOKEN_ID, MAX_TOKEN_IDS, LogProb, RequestBody, ResponseBody, Stop, SwapResult, TokenIds
+from mlxsup.api.protocol import (
+    CACHE_SALT_DOC,
+    MAX_ID_CHARS,
+    MAX_TOKEN_ID,
+    MAX_TOKEN_IDS,
+    LogProb,
+    RequestBody,
+    ResponseBody,
+    Stop,
+    SwapResult,
+    Text,
+    TokenIds,
+    _check_vocab,
+)
 from mlxsup.api.openai_protocol import PromptLogprobs, Usage
-from mlxsup.api.protocol import _check_vocab
 from mlxsup.ipc.messages import LOGPROBS_PROCESSED, LOGPROBS_RAW, MAX_TOP_LOGPROBS
 
 MAX_N = 1024
@@ -123,7 +135,7 @@ class GenerateTokensRequest(_Body):
     sampling_params: VllmSamplingParams = Field(default_factory=VllmSamplingParams)
     model: Optional[str] = None
     request_id: Optional[str] = Field(None, max_length=256)
-    cache_salt: Optional[str] = None
+    cache_salt: Text(MAX_ID_CHARS) = Field("", description=CACHE_SALT_DOC)
     priority: int = 0
     stream: bool = False
     stream_options: Optional[dict] = None

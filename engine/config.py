@@ -37,6 +37,9 @@ class EngineConfig:
         bound by the host's kernel launches; on the CPU chosen by the length of the steps
         (stepwise over 25 ms from step to step, pipelined under 15 ms: runner.SLOW_STEP_S).
     seed: seeds the streams of requests that give no seed; None draws one from the OS.
+    kv_cache_gb: one KV budget (GiB) for the running batch and the prefix cache; None: half
+        of the memory the weights leave (engine/prefix_cache.py, default_budget_bytes).
+    prefix_cache: keep prompts' KV for later requests that start with them.
     """
 
     model: str
@@ -55,6 +58,8 @@ class EngineConfig:
     seed: Optional[int] = None
     pipeline: Optional[bool] = None
     prefill_chunk_tokens: Optional[int] = None
+    kv_cache_gb: Optional[float] = None
+    prefix_cache: bool = True
 
     def __post_init__(self):
         if not self.model:
@@ -79,6 +84,8 @@ class EngineConfig:
             raise ValueError("max_score_tokens must be >= 1")
         if self.cache_limit_mb is not None and self.cache_limit_mb < 0:
             raise ValueError("cache_limit_mb must be >= 0 or None")
+        if self.kv_cache_gb is not None and not self.kv_cache_gb > 0:
+            raise ValueError("kv_cache_gb must be > 0 or None")
         if self.clear_cache_every < 1:
             raise ValueError("clear_cache_every must be >= 1")
 
@@ -97,4 +104,6 @@ class EngineConfig:
             min_policy_wait_s=cfg.min_policy_wait_s,
             pipeline={"on": True, "off": False}.get(cfg.pipeline),
             prefill_chunk_tokens=cfg.prefill_chunk or None,
+            kv_cache_gb=cfg.kv_cache_gb or None,
+            prefix_cache=not cfg.no_prefix_cache,
         )

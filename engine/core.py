@@ -1,9 +1,9 @@
 """`Engine`: the in-process API of the generation engine.
 
 `step()` is schedule -> run -> postprocess: the scheduler picks this step's work, the runner
-executes it on the model, and the postprocessing turns tokens into events (stop checks,
-streaming chunks, finished sequences). Everything here runs on one thread, the one that
-created the engine (MLX streams belong to their thread).
+executes it on the model, and the postprocessor (postprocess.py) turns tokens into events
+(stop checks, streaming chunks, finished sequences). Everything here runs on one thread, the
+one that created the engine (MLX streams belong to their thread).
 """
 
 from __future__ import annotations
@@ -20,9 +20,6 @@ from mlxsup.ipc.messages import (
     ERR_INTERNAL,
     ERR_TIMEOUT,
     FINISH_ABORT,
-    FINISH_LENGTH,
-    FINISH_STOP,
-    LOGPROBS_NONE,
     LOGPROBS_PROCESSED,
     LOGPROBS_RAW,
     PAUSE_ABORT,
@@ -35,7 +32,6 @@ from mlxsup.ipc.messages import (
     ScoreRequest,
     ScoreResult,
     SequenceDone,
-    TokenChunk,
 )
 
 from . import sampling
@@ -43,6 +39,8 @@ from .adapter_files import AdapterFiles
 from .adapters import AdapterManager, PreparedAdapter
 from .config import EngineConfig
 from .memory import HeapTrimmer
+from .postprocess import Postprocessor, decoder_for
+from .prefix_cache import PrefixCache, default_budget_bytes
 from .runner import Admission, ModelRunner, ScoreItem, StepOutput, context_length
 from .sampling import mix_seed
 from .scheduler import SWAP_MODES, QueueFull, Scheduler
@@ -52,6 +50,8 @@ log = logging.getLogger("mlxsup.engine")
 
 
 MAX_N = 4096  # samples per request; the API allows fewer
+# Cached prefixes shorter than this are not reused (PrefixCache.min_tokens).
+MIN_REUSE_TOKENS = 16
 # A step longer than this is logged (INFO) with its rows, admissions and sampler traces: on a
 # GPU a decode step takes milliseconds, so a second means something was built or compiled.
 SLOW_STEP_LOG_S = 1.0
@@ -101,6 +101,12 @@ class SwapTicket:
     running_at_commit: int = 0
 
 
+def _weights_bytes(model) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
 def load_model(config: EngineConfig):
     """`mlx_lm.load` of a local directory or a hub id; returns (model, tokenizer)."""
     from mlx_lm import load
@@ -135,18 +141,26 @@ class Engine:
                                   max_window=self.context_length or 1 << 16, pipeline=pipeline,
                                   prefill_chunk=config.prefill_chunk_tokens)
         self.vocab_size = self.runner.vocab_size
+        # One KV budget for the batch and the prefix cache (see Scheduler.kv_budget_tokens).
+        self.kv_budget_bytes = int(config.kv_cache_gb * 2**30) if config.kv_cache_gb else \
+            default_budget_bytes(_weights_bytes(model))
+        self.kv_budget_tokens = self.kv_budget_bytes // self.runner.kv_bytes_per_token
+        if config.prefix_cache:
+            self.runner.prefix_cache = PrefixCache(self.kv_budget_bytes, MIN_REUSE_TOKENS)
         self.scheduler = Scheduler(
             max_batch=config.max_batch, max_queue=config.max_queue,
             flush_interval_s=config.flush_interval_ms / 1e3,
             max_prefill_tokens=config.max_prefill_tokens,
             max_score_tokens=config.max_score_tokens,
+            kv_budget_tokens=self.kv_budget_tokens,
         )
         self.policy_version = policy_version
         self.adapter_path: Optional[str] = None
         if config.adapter_path:
             self.adapters.commit(self.prepare_adapter(config.adapter_path))
             self.adapter_path = config.adapter_path
-        self.eos_token_ids = frozenset(getattr(tokenizer, "eos_token_ids", None) or ())
+        self.postprocessor = Postprocessor(
+            decoder_for(tokenizer), getattr(tokenizer, "eos_token_ids", None) or ())
         self._rng = np.random.default_rng(config.seed)
         self._requests: dict[int, RequestState] = {}
         self._seqs: dict[int, Sequence] = {}
@@ -169,12 +183,12 @@ class Engine:
         rid = request.request_id
         if rid in self._requests:
             raise RequestError(f"request_id {rid} is already in flight", "request_id")
-        self._check_ids(request.prompt_ids, "prompt_ids")
+        if not request.prompt_ids:
+            raise RequestError("prompt_ids must not be empty", "prompt_ids")
+        self._guard_ids(request.prompt_ids, "prompt_ids")
         now = time.monotonic()
         if isinstance(request, ScoreRequest):
-            if not request.prompt_ids:
-                raise RequestError("prompt_ids must not be empty", "prompt_ids")
-            self._check_ids(request.completion_ids, "completion_ids")
+            self._guard_ids(request.completion_ids, "completion_ids")
             if request.logprobs_mode not in (LOGPROBS_RAW, LOGPROBS_PROCESSED):
                 raise RequestError("logprobs_mode of a score request must be 'raw' or "
                                    "'processed'", "logprobs_mode")
@@ -188,11 +202,22 @@ class Engine:
                 raise RequestError(f"n must be at most {MAX_N}", "n")
             n_prompt = len(request.prompt_ids)
             max_tokens = request.params.max_tokens
-            if self.context_length:
+            if self.context_length:  # (past it a model with learned positions reads out of range)
                 if n_prompt >= self.context_length:
                     raise RequestError(f"prompt of {n_prompt} tokens does not fit the model's "
                                        f"context of {self.context_length}", "prompt_ids")
-                max_tokens = min(max_tokens, self.context_length - n_prompt)
+                if n_prompt + max_tokens > self.context_length:
+                    raise RequestError(f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) "
+                                       f"exceed the model's context of {self.context_length}",
+                                       "max_tokens")
+            if Scheduler.kv_tokens(1, n_prompt + max_tokens) > self.kv_budget_tokens:
+                per_token = self.runner.kv_bytes_per_token
+                need = Scheduler.kv_tokens(1, n_prompt + max_tokens)
+                raise RequestError(
+                    f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) need {need} KV "
+                    f"positions ({need * per_token / 2**30:.3g} GiB with the cache's growth step), "
+                    f"past the KV budget of {self.kv_budget_tokens} "
+                    f"({self.kv_budget_bytes / 2**30:.3g} GiB, --kv-cache-gb)", "max_tokens")
             state = RequestState(request, now)
             wait = request.min_policy_wait_s if request.min_policy_wait_s > 0 else \
                 self.config.min_policy_wait_s
@@ -211,13 +236,24 @@ class Engine:
             self._seqs[seq.seq_id] = seq
         self.counters["num_requests"] += 1
 
-    def _check_ids(self, ids: Seq[int], field: str) -> None:
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not (
-                0 <= t < self.vocab_size
-            ):
-                raise RequestError(f"{field} holds {t!r}, not a token id of this model "
-                                   f"(0 <= id < {self.vocab_size})", field)
+    def _guard_ids(self, ids: Seq[int], field: str) -> None:
+        """The API checks ids against the vocabulary (with the index of a bad one); this guard
+        only keeps the process alive: MLX's embedding lookup neither checks nor clamps (an id
+        past the table reads out of bounds, a large one segfaults; a negative one wraps), so
+        one bad id reaching the model would take every running request down with it. Two C
+        loops (min, max) over the ids the IPC codec decoded as ints."""
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            raise RequestError(f"{field} holds ids outside this model's vocabulary "
+                               f"(0 <= id < {self.vocab_size})", field)
+
+    @property
+    def eos_token_ids(self) -> frozenset:
+        """Token ids that end a sequence unless it sets `ignore_eos` (the tokenizer's)."""
+        return self.postprocessor.eos_token_ids
+
+    @eos_token_ids.setter
+    def eos_token_ids(self, ids) -> None:
+        self.postprocessor.eos_token_ids = frozenset(ids)
 
     def abort(self, request_id: int) -> bool:
         """End a request now: its running sequences leave the batch before the next step
@@ -319,6 +355,8 @@ class Engine:
         self.adapter_path = ticket.adapter_path = ticket.prepared.path
         self.counters["num_swaps"] += 1
         ticket.done = True
+        if self.runner.prefix_cache is not None:
+            self.runner.prefix_cache.clear()  # KV of the old weights serves no new request
         _clear_cache("swap commit")
         if ticket.on_done is not None:
             ticket.on_done(ticket)
@@ -379,7 +417,10 @@ class Engine:
                          "%d sampler traces, version %d", spent * 1e3, self.runner.num_rows,
                          len(admissions), sum(len(a.prompt_ids) for a in admissions),
                          sampling.traces - traces, self.policy_version)
-            for state, _ in plan.admit:
+            for (state, _), admission in zip(plan.admit, admissions):
+                if admission.prefix is None or admission.cached_tokens:
+                    state.num_cached_tokens = admission.cached_tokens
+                    self.counters["prefill_tokens"] -= admission.cached_tokens  # (not prefilled)
                 if state.num_unadmitted == 0:
                     state.prefix = None  # every sample admitted: nobody needs it
             for admission, prefix in prefixes:
@@ -394,6 +435,9 @@ class Engine:
                     self._fail_running(f"engine step failed: {e}", events)
         if plan.scores:
             self._run_scores(plan.scores, events)
+        if self.runner.prefix_cache is not None:  # the cache gets what the batch leaves
+            self.runner.prefix_cache.limit(self.kv_budget_bytes - self.runner.kv_bytes_per_token
+                                           * self.scheduler.reserved_kv_tokens())
         if not self.has_work():  # going idle: MLX's buffer cache, then the heap, back to the OS
             _clear_cache("idle")
             self._trimmer.trim()
@@ -409,8 +453,17 @@ class Engine:
         return Admission(
             prompt_ids=req.prompt_ids, params=req.params, seq_ids=[s.seq_id for s in seqs],
             seeds=[s.seed for s in seqs], prefix=prefix,
-            save_prefix=state.num_unadmitted > 0, owner=state,
+            save_prefix=state.num_unadmitted > 0, owner=state, cache_key=self._cache_key(req),
         )
+
+    def _cache_key(self, req) -> tuple:
+        """The prefix cache's key: the weights serving now, and the request's salt."""
+        return (self.policy_version, self.adapter_path, req.cache_salt)
+
+    def reset_prefix_cache(self) -> int:
+        """Drop every prefix-cache entry (running rows keep their KV); the number dropped."""
+        cache = self.runner.prefix_cache
+        return cache.clear() if cache is not None else 0
 
     def _forget(self, state: RequestState) -> None:
         self._requests.pop(state.request_id, None)
@@ -429,33 +482,15 @@ class Engine:
             events.append(ErrorEvent(state.request_id, ERR_INTERNAL, message))
 
     def _postprocess(self, out: StepOutput, events: list[Event]) -> None:
-        now = time.monotonic()
-        batch_size = len(out.seq_ids)
-        done: list[int] = []
-        for row, (seq_id, token, logprob) in enumerate(zip(out.seq_ids, out.tokens, out.logprobs)):
-            seq = self._seqs.get(seq_id)
-            if seq is None or seq.status != SeqStatus.RUNNING:
-                continue  # aborted after this step was queued
-            seq.token_ids.append(token)
-            seq.logprobs.append(logprob)
-            seq.versions.append(out.version)
-            k = seq.params.top_logprobs
-            if k and out.top_ids is not None:
-                seq.top_ids += out.top_ids[row][:k]
-                seq.top_logprobs += out.top_logprobs[row][:k]
-            seq.max_batch_size = max(seq.max_batch_size, batch_size)
-            if len(seq.token_ids) == 1:
-                seq.first_token_at = now
-            reason = self._stop_reason(seq, token)
-            if reason is not None:
-                seq.finish_reason = reason
-                done.append(seq_id)
-                self._finish(seq, events)
-            elif seq.request.request.stream:
-                events.append(self._chunk(seq))
+        seqs = [self._seqs.get(seq_id) for seq_id in out.seq_ids]
+        ended = self.postprocessor.accept(seqs, out.tokens, out.logprobs, out.version,
+                                          time.monotonic(), events, out.top_ids, out.top_logprobs)
         self.counters["tokens_generated"] += len(out.tokens)
-        if done:
-            self.runner.remove(done)
+        if ended:  # a finished sequence's prompt + completion stays in the prefix cache
+            store = {s.seq_id: list(s.request.request.prompt_ids) + s.token_ids for s in ended}
+            self.runner.remove([seq.seq_id for seq in ended], store, self.policy_version)
+            for seq in ended:
+                self._release(seq)
         ticket = self._first_token_of
         if ticket is not None and out.version >= ticket.policy_version and out.tokens:
             self._first_token_of = None
@@ -466,62 +501,21 @@ class Engine:
                 except Exception:  # a report, never a reason to fail the batch
                     log.exception("swap first-token callback failed")
 
-    def _stop_reason(self, seq: Sequence, token: int) -> Optional[str]:
-        params = seq.params
-        if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
-            return FINISH_STOP
-        if params.stop_strings:
-            # Exact on the decoded completion: the first token whose text completes a stop
-            # string ends the sequence, so ids and text end together.
-            text = self.tokenizer.decode(seq.token_ids)
-            if any(s in text for s in params.stop_strings):
-                return FINISH_STOP
-        if len(seq.token_ids) >= seq.max_tokens:
-            return FINISH_LENGTH
-        return None
-
-    def _chunk(self, seq: Sequence) -> TokenChunk:
-        start, seq.num_sent = seq.num_sent, len(seq.token_ids)
-        return TokenChunk(
-            request_id=seq.request.request_id, seq_index=seq.index,
-            token_ids=seq.token_ids[start:], logprobs=self._logprobs(seq, start),
-            versions=seq.versions[start:], **self._top(seq, start),
-        )
-
-    @staticmethod
-    def _logprobs(seq: Sequence, start: int) -> list[float]:
-        return [] if seq.params.logprobs_mode == LOGPROBS_NONE else seq.logprobs[start:]
-
-    @staticmethod
-    def _top(seq: Sequence, start: int) -> dict:
-        k = seq.params.top_logprobs
-        if not k:
-            return {}
-        return dict(top_ids=seq.top_ids[start * k:], top_logprobs=seq.top_logprobs[start * k:])
-
     def _finish(self, seq: Sequence, events: list[Event]) -> None:
-        state = seq.request
-        last = self.scheduler.finish(seq)
+        """End `seq` outside a step's tokens (its `finish_reason` set): its SequenceDone, then
+        its records released."""
+        events.append(self.postprocessor.done(seq, time.monotonic(), self.policy_version))
+        self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        if self.scheduler.finish(seq):  # its request's last sequence
+            self._forget(seq.request)
         self._seqs.pop(seq.seq_id, None)
-        now = time.monotonic()
-        start = seq.num_sent
-        seq.num_sent = len(seq.token_ids)
-        ms = lambda t: (t - state.arrival) * 1e3 if t else 0.0  # noqa: E731
-        events.append(SequenceDone(
-            request_id=state.request_id, seq_index=seq.index, finish_reason=seq.finish_reason,
-            token_ids=seq.token_ids[start:], logprobs=self._logprobs(seq, start),
-            versions=seq.versions[start:], num_prompt_tokens=state.num_prompt_tokens,
-            batch_size=seq.max_batch_size,
-            policy_version=seq.versions[0] if seq.versions else self.policy_version,
-            queue_ms=ms(seq.admitted_at), ttft_ms=ms(seq.first_token_at), total_ms=ms(now),
-            **self._top(seq, start),
-        ))
-        if last:
-            self._forget(state)
 
     def _run_scores(self, states: list[RequestState], events: list[Event]) -> None:
         items = [ScoreItem(s.request.prompt_ids, s.request.completion_ids, s.request.params,
-                           s.request.logprobs_mode, s.request.top_logprobs) for s in states]
+                           s.request.logprobs_mode, s.request.top_logprobs,
+                           self._cache_key(s.request)) for s in states]
         try:
             results = self.runner.score_top(items, self.config.max_score_tokens)
         except Exception as e:
@@ -552,6 +546,10 @@ class Engine:
             active_memory=mx.get_active_memory(),
             cache_memory=mx.get_cache_memory(),
             peak_memory=mx.get_peak_memory(),
+            kv_budget_bytes=self.kv_budget_bytes,
+            kv_reserved_bytes=self.scheduler.reserved_kv_tokens() * self.runner.kv_bytes_per_token,
+            **(self.runner.prefix_cache.stats() if self.runner.prefix_cache is not None
+               else PrefixCache(0).stats()),
         )
 
     def generate(self, prompts: Iterable[Seq[int]], params: Optional[SamplingParams] = None,

@@ -27,6 +27,7 @@ import time
 from typing import Optional
 
 from mlxsup.config import ServerConfig
+from mlxsup.ipc.control import PREFIX_CACHE_FIELDS
 from mlxsup.ipc.messages import (
     ERR_INTERNAL,
     ERR_INVALID,
@@ -140,6 +141,7 @@ class EngineProcess:
             queue_depth=s["queue_depth"], num_running=s["num_running"],
             tokens_generated=s["tokens_generated"], prefill_tokens=s["prefill_tokens"],
             num_swaps=s["num_swaps"], num_requests=s["num_requests"],
+            **{k: s[k] for k in PREFIX_CACHE_FIELDS},
         )
         if state is None:
             swap = self.engine.pending_swap
@@ -256,6 +258,10 @@ class EngineProcess:
                 self._swaps.append(msg)
             elif op == "stop":
                 self._stop(drain=bool(msg.get("drain", True)))
+            elif op == "reset_prefix_cache":
+                dropped = self.engine.reset_prefix_cache()
+                self.control.send({"op": "reset_prefix_cache_done", "id": msg.get("id"), "ok": True,
+                                   "entries_dropped": dropped})
             else:
                 log.warning("unknown control op: %r", msg)
         if self._swaps and not self._swap_busy:

@@ -23,6 +23,9 @@ rows, so the vocabulary projection runs only there and joining costs no extra pa
 weights. A request's `n` samples share the prefill: its cache row is replicated `n` times.
 With `prefill_chunk`, the admissions of a step are a job prefilled over several steps (at most
 that many prompt tokens a step while rows decode), joining the batch when its last pass is done.
+With a prefix cache (engine/prefix_cache.py), a prompt starts from the KV of its longest cached
+prefix and only the rest is prefilled; prompts of one step sharing a long prefix prefill it
+once; prompts' and finished rows' KV go into the cache (docs/engine.md, "Prefix cache").
 
 A batch of one row runs *solo*: its caches become mlx-lm's plain single-sequence caches
 (`BatchKVCache.extract`), which need no attention mask, no per-row offsets and take the fused
@@ -36,11 +39,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Hashable, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
+from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
 from mlxsup.ipc.messages import LOGPROBS_RAW, MAX_TOP_LOGPROBS, SamplingParams
 
@@ -77,6 +80,10 @@ _SOLO_CACHES = (BatchKVCache,)
 _PREFILL_SLACK = 1.25
 _PREFILL_GAP = 32
 
+# Prompts of one admission that share at least this many tokens prefill them once (a pass of
+# one row), then each its remainder; below it the extra pass costs more than it saves.
+MIN_SHARED_PREFIX = 32
+
 
 def length_groups(lengths: Sequence[int], grouped: bool = True) -> list[range]:
     """Runs of `lengths` (sorted ascending) whose padding to their longest stays within
@@ -111,6 +118,13 @@ class Admission:
     prefix: Optional[GroupPrefix] = None  # start from this instead of prefilling
     save_prefix: bool = False  # return the prompt state for the samples still waiting
     owner: object = None  # the caller's (returned with the prompt state, see `step`)
+    # The weights' key of the prefix cache (None: neither looked up nor stored), and what the
+    # runner found there: prompt tokens served from the cache, the KV they start from.
+    cache_key: Optional[Hashable] = None
+    cached_tokens: int = 0
+    start: Optional[list] = None
+    start_len: int = 0  # positions `start` holds
+    shares: bool = False  # starts from a prefix this job prefills once for several prompts
 
 
 @dataclass
@@ -122,6 +136,7 @@ class _Group:
     longest: int
     padded: bool
     pos: int = 0  # positions prefilled so far
+    seed: Optional[tuple] = None  # (key, tokens): a shared prefix, stored when done, no rows
 
 
 @dataclass
@@ -137,10 +152,12 @@ class _PrefillJob:
     caches: list = field(default_factory=list)  # of the passes done
     current: Optional[_Group] = None
     dropped: set = field(default_factory=set)  # seq ids removed before joining
+    seeds: list = field(default_factory=list)  # (key, tokens) prefilled first (see _new_job)
+    num_seeds_done: int = 0
 
     @property
     def done(self) -> bool:
-        return len(self.caches) == len(self.groups)
+        return self.num_seeds_done == len(self.seeds) and len(self.caches) == len(self.groups)
 
 
 @dataclass
@@ -164,6 +181,7 @@ class ScoreItem:
     params: SamplingParams
     mode: str
     top_logprobs: int = 0
+    cache_key: Optional[Hashable] = None  # look the prompt up in the prefix cache
 
 
 @dataclass
@@ -208,6 +226,9 @@ class ModelRunner:
             _merge([make_prompt_cache(model), make_prompt_cache(model)])
         except Exception as e:  # a cache type mlx-lm cannot batch
             raise ValueError(f"this model's KV cache does not support batching: {e}") from e
+        self.kv_bytes_per_token = _kv_bytes_per_token(model)
+        # Set by the engine (engine/prefix_cache.py); None: no reuse across requests.
+        self.prefix_cache = None
         self._jobs: list[_PrefillJob] = []  # admissions still prefilling, oldest first
         self._clear()
 
@@ -227,6 +248,8 @@ class ModelRunner:
         self.num_top = 0  # the most top log-probs a row asks for
         self.pending_version = 0
         self.solo = False  # the one row's caches are plain caches, not batch caches
+        self.row_keys: list = []  # each row's prefix-cache key (None: not stored)
+        self.kv_versions: list[int] = []  # the version all of a row's KV was computed under
         self._last_step_at = None  # no rows: the next step starts a new run of steps
 
     @property
@@ -277,6 +300,8 @@ class ModelRunner:
                 self._go_solo(len(seq_ids) == 1)
                 self.pending = self._decode()
                 self.pending_version = version
+                if any(v != version for v in self.kv_versions):  # (KV of two versions: -1)
+                    self.kv_versions = [v if v == version else -1 for v in self.kv_versions]
                 self.fresh = [False] * len(seq_ids)
                 top = self.pending_top or ()
                 if self.pipeline:
@@ -338,14 +363,62 @@ class ModelRunner:
         return tokens, logprobs
 
     def _new_job(self, admissions: Sequence[Admission], version: int) -> _PrefillJob:
+        for a in admissions:
+            if a.prefix is None and a.cache_key is not None and self.prefix_cache is not None:
+                a.start, a.start_len = self.prefix_cache.fetch(
+                    a.cache_key, a.prompt_ids, limit=len(a.prompt_ids) - 1)  # (prompt[:-1] at most)
+                a.cached_tokens = a.start_len
+                if a.start is not None and a.start_len == len(a.prompt_ids) - 1:  # all
+                    a.prefix, a.start = GroupPrefix(a.start), None
+        # Prompts of one admission that share a long prefix (one system prompt, a burst of
+        # conversations' first turns) have it prefilled once, stored, and start from it.
+        seeds = self._shared_prefixes(admissions) if self.prefix_cache is not None else []
         # Prompts of similar length are prefilled together (padding wastes compute).
-        fresh = sorted((i for i, a in enumerate(admissions) if a.prefix is None),
+        fresh = sorted((i for i, a in enumerate(admissions)
+                        if a.prefix is None and a.start is None and not a.shares),
                        key=lambda i: len(admissions[i].prompt_ids))
+        # Hits prefill their remainders together too, from their cached KV left-padded to the
+        # longest (mlx-lm's BatchGenerator does the same with prompt caches).
+        rest = lambda i: len(admissions[i].prompt_ids) - 1 - admissions[i].start_len  # noqa: E731
+        hits = sorted((i for i, a in enumerate(admissions) if a.start is not None or a.shares),
+                      key=rest)
         reused = [i for i, a in enumerate(admissions) if a.prefix is not None]
         groups = [[fresh[j] for j in group] for group in length_groups(
             [len(admissions[i].prompt_ids) for i in fresh], self.group_prefill)]
-        return _PrefillJob(list(admissions), fresh + reused, groups, version,
-                           frozenset(s for a in admissions for s in a.seq_ids))
+        groups += [[hits[j] for j in group] for group in length_groups(
+            [rest(i) for i in hits], self.group_prefill)]
+        return _PrefillJob(list(admissions), fresh + hits + reused, groups,
+                           version, frozenset(s for a in admissions for s in a.seq_ids),
+                           seeds=seeds)
+
+    @staticmethod
+    def _shared_prefixes(admissions: Sequence[Admission]) -> list[tuple]:
+        """(key, tokens) of each run of this job's uncached prompts that share at least
+        MIN_SHARED_PREFIX tokens (the run's common prefix, at most each one's prompt[:-1]);
+        marks the prompts of a run `shares`, and counts the prefix as cached for all of them
+        but the first (for which it is computed)."""
+        todo = sorted((i for i, a in enumerate(admissions) if a.prefix is None and a.start is None
+                       and a.cache_key is not None and len(a.prompt_ids) > MIN_SHARED_PREFIX),
+                      key=lambda i: (repr(admissions[i].cache_key), list(admissions[i].prompt_ids)))
+        seeds, run, common = [], [], 0
+        for i in todo + [None]:
+            if run and i is not None and admissions[i].cache_key == admissions[run[-1]].cache_key:
+                a, b = admissions[run[-1]].prompt_ids, admissions[i].prompt_ids
+                limit = min(len(a), len(b)) - 1
+                n = next((k for k in range(limit) if a[k] != b[k]), limit)
+                if min(common, n) >= MIN_SHARED_PREFIX:
+                    run.append(i)
+                    common = min(common, n)
+                    continue
+            if len(run) > 1:
+                first = admissions[run[0]]
+                seeds.append((first.cache_key, list(first.prompt_ids[:common])))
+                for j in run:
+                    admissions[j].shares = True
+                    admissions[j].start_len = common  # (planned: fetched once the seed is done)
+                    admissions[j].cached_tokens = common if j != run[0] else 0
+            run, common = ([i], 1 << 62) if i is not None else ([], 0)
+        return seeds
 
     def _prefill_jobs(self, version: int) -> list[tuple[Admission, GroupPrefix]]:
         """Run prefill passes, oldest job first, within this step's budget; join the jobs
@@ -357,7 +430,7 @@ class ModelRunner:
         prefixes = []
         while self._jobs:
             job = self._jobs[0]
-            budget = self._advance(job, budget)
+            budget = self._advance(job, budget, version)
             if not job.done:
                 break
             self._jobs.pop(0)
@@ -366,12 +439,17 @@ class ModelRunner:
                 break  # (rows run now: the next jobs wait for the chunks of later steps)
         return prefixes
 
-    def _advance(self, job: _PrefillJob, budget: float) -> float:
+    def _advance(self, job: _PrefillJob, budget: float, version: int) -> float:
         """Prefill `job` for up to `budget` tokens (at least one position); the rest left."""
         first = True
         while not job.done and (budget > 0 or first):
             first = False
-            if job.current is None:
+            if job.current is None and job.num_seeds_done < len(job.seeds):
+                key, tokens = job.seeds[job.num_seeds_done]
+                job.current = _Group(_merge([make_prompt_cache(self.model)]),
+                                     mx.array([tokens], dtype=mx.int32), len(tokens), padded=False,
+                                     seed=(key, tokens))
+            elif job.current is None:
                 job.current = self._start_group([job.admissions[i] for i in
                                                  job.groups[len(job.caches)]])
             g = job.current
@@ -385,7 +463,12 @@ class ModelRunner:
                 budget -= n * rows
                 if g.pos < g.longest:
                     mx.eval([c.state for c in g.cache])  # bound the graph of long prompts
-            if g.pos >= g.longest:
+            if g.pos >= g.longest and g.seed is not None:
+                job.num_seeds_done += 1
+                job.current = None
+                if job.version == version:  # (its sharers prefill whole otherwise)
+                    self._store(g.seed[0], g.seed[1], [c.extract(0) for c in g.cache])
+            elif g.pos >= g.longest:
                 if g.padded:
                     for c in g.cache:
                         c.finalize()
@@ -395,7 +478,9 @@ class ModelRunner:
 
     def _start_group(self, admissions: Sequence[Admission]) -> _Group:
         """Batch caches to hold `prompt[:-1]` of each admission, one row each, and the
-        right-padded tokens to run through them."""
+        right-padded tokens to run through them (for prefix-cache hits: `_start_hits`)."""
+        if any(a.start is not None or a.shares for a in admissions):  # (all of them are hits)
+            return self._start_hits(admissions)
         cache = _merge([make_prompt_cache(self.model) for _ in admissions])
         heads = [list(a.prompt_ids[:-1]) for a in admissions]
         lengths = [len(h) for h in heads]
@@ -407,6 +492,30 @@ class ModelRunner:
             if max(padding) > 0:
                 for c in cache:
                     c.prepare(lengths=lengths, right_padding=padding)
+        return _Group(cache, x, longest, padded=longest > 0 and max(padding) > 0)
+
+    def _start_hits(self, admissions: Sequence[Admission]) -> _Group:
+        """Batch caches holding each admission's cached KV (left-padded to the longest) and the
+        right-padded remainders of `prompt[:-1]` to run through them."""
+        starts = []
+        for a in admissions:
+            if a.shares and a.start is None:  # its shared prefix is done: in the cache now
+                a.start, a.start_len = self.prefix_cache.fetch(
+                    a.cache_key, a.prompt_ids, limit=len(a.prompt_ids) - 1, new_lookup=False)
+            if a.start is None:  # (evicted meanwhile, or a seed that spanned a commit)
+                a.start, a.start_len = make_prompt_cache(self.model), 0
+            starts.append(a.start)
+            a.start = None  # (merged: a copy; the fetched KV is freed)
+        cache = _merge(starts)
+        rests = [list(a.prompt_ids[a.start_len:-1]) for a in admissions]
+        longest = max(len(r) for r in rests)
+        padding = [longest - len(r) for r in rests]
+        x = None
+        if longest > 0:
+            x = mx.array([r + [0] * (longest - len(r)) for r in rests], dtype=mx.int32)
+            if max(padding) > 0:
+                for c in cache:
+                    c.prepare(lengths=[len(r) for r in rests], right_padding=padding)
         return _Group(cache, x, longest, padded=longest > 0 and max(padding) > 0)
 
     def _finish(self, job: _PrefillJob, version: int) -> list[tuple[Admission, GroupPrefix]]:
@@ -422,10 +531,15 @@ class ModelRunner:
                 c.extend(p)
 
         prefixes = []
-        if job.version == version:
+        if job.version == version:  # (KV of one version only)
             for row, i in enumerate(order):
-                if admissions[i].save_prefix and len(admissions[i].prompt_ids) > 1:
-                    prefixes.append((admissions[i], GroupPrefix([c.extract(row) for c in cache])))
+                a = admissions[i]
+                if len(a.prompt_ids) <= 1:
+                    continue
+                if a.save_prefix:
+                    prefixes.append((a, GroupPrefix([c.extract(row) for c in cache])))
+                if a.cache_key is not None and a.prefix is None and self.prefix_cache is not None:
+                    self._store(a.cache_key, a.prompt_ids[:-1], [c.extract(row) for c in cache])
 
         # One row per sample (each request's cache row replicated), less those removed while
         # the job prefilled.
@@ -440,6 +554,8 @@ class ModelRunner:
                 c.filter(rows)
         seq_ids = [a.seq_ids[s] for _, a, s in samples]
         seeds = [a.seeds[s] for _, a, s in samples]
+        row_keys = [a.cache_key for _, a, _ in samples]
+        kv_version = job.version if job.version == version else -1
         params = [a.params for _, a, _ in samples]
         heads = [a.prompt_ids[:-1] for _, a, _ in samples]
         width = min(self.max_window, max(
@@ -450,7 +566,18 @@ class ModelRunner:
         self._go_solo(False)
         self._join(seq_ids, params, cache, sampling.keys_for(seeds),
                    mx.array(ctx) if ctx is not None else None, pending)
+        self.row_keys += row_keys
+        self.kv_versions += [kv_version] * len(seq_ids)
         return prefixes
+
+    def _store(self, key: Hashable, tokens: Sequence[int], cache: list) -> None:
+        """Keep one row's plain caches in the prefix cache as the KV of `tokens` (cut to
+        the positions the caches hold; skipped when they hold more or cannot say)."""
+        held = next((c.offset for c in cache if isinstance(getattr(c, "offset", None), int)), None)
+        if held is None or held > len(tokens) or held == 0:
+            return
+        mx.eval([c.state for c in cache])  # (its own arrays now, not a view of the batch's)
+        self.prefix_cache.insert(key, tokens[:held], cache)
 
     def _join(self, seq_ids, params, cache, keys, ctx, pending) -> None:
         if not self.seq_ids:
@@ -493,10 +620,21 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ rows
 
-    def remove(self, seq_ids) -> None:
+    def remove(self, seq_ids, store: Optional[dict] = None, version: int = -1) -> None:
         """Drop the rows of `seq_ids` (finished or aborted) from the batch, and those still
-        prefilling from their job."""
+        prefilling from their job. `store` maps a finished row's seq id to its prompt +
+        completion: its KV goes into the prefix cache when all of it was computed under
+        `version` (the weights serving now)."""
         drop = set(seq_ids)
+        if store and self.prefix_cache is not None:
+            with mx.stream(self.stream):
+                keep = [(self.row_keys[row], store[s], self._row_cache(row))
+                        for row, s in enumerate(self.seq_ids)
+                        if s in store and self.row_keys[row] is not None
+                        and self.kv_versions[row] == version]
+                mx.eval([c.state for _, _, cache in keep for c in cache])  # (one sync for all)
+                for key, tokens, cache in keep:
+                    self._store(key, tokens, cache)
         for job in self._jobs:
             job.dropped |= drop & job.seq_ids
         self._jobs = [j for j in self._jobs if j.dropped != j.seq_ids]  # (none would join)
@@ -519,7 +657,25 @@ class ModelRunner:
         self.seq_ids = [self.seq_ids[i] for i in keep]
         self.params = [self.params[i] for i in keep]
         self.fresh = [self.fresh[i] for i in keep]
+        self.row_keys = [self.row_keys[i] for i in keep]
+        self.kv_versions = [self.kv_versions[i] for i in keep]
         self._rebuild_rows()
+
+    def _row_cache(self, row: int) -> list:
+        """Plain single-sequence caches of one row (copies, not views of the batch's)."""
+        if not self.solo:
+            return [c.extract(row) for c in self.cache]
+        out = []
+        for c in self.cache:
+            if isinstance(c, KVCache) and c.keys is not None:
+                copy = KVCache()
+                copy.keys = mx.contiguous(c.keys[..., : c.offset, :])
+                copy.values = mx.contiguous(c.values[..., : c.offset, :])
+                copy.offset = c.offset
+                out.append(copy)
+            else:
+                return []  # (solo is only taken by KVCache rows)
+        return out
 
     def reset(self) -> None:
         """Drop every row, the step in flight and the jobs still prefilling."""
@@ -541,10 +697,20 @@ class ModelRunner:
         results: list[Optional[ScoreOutput]] = [None] * len(items)
         batch: list[int] = []
         longest = 0
-        todo = [i for i, it in enumerate(items) if it.completion_ids]
+        todo = []
         for i, it in enumerate(items):
             if not it.completion_ids:
                 results[i] = ScoreOutput([])
+                continue
+            cache, num = None, 0
+            if it.cache_key is not None and self.prefix_cache is not None:
+                # (at most prompt[:-1]: the last prompt position's logits score the first token)
+                cache, num = self.prefix_cache.fetch(it.cache_key, it.prompt_ids,
+                                                     limit=len(it.prompt_ids) - 1)
+            if cache is None:
+                todo.append(i)
+            else:
+                self._score_batch(items, [i], results, start=(cache, num))
         for i in todo:
             n = len(items[i].prompt_ids) + len(items[i].completion_ids) - 1
             if batch and (len(batch) + 1) * max(longest, n) > budget:
@@ -556,25 +722,32 @@ class ModelRunner:
             self._score_batch(items, batch, results)
         return results
 
-    def _score_batch(self, items, batch, results) -> None:
+    def _score_batch(self, items, batch, results, start=None) -> None:
+        """Score `batch` in one pass; `start` (caches, positions): one item whose first
+        positions' KV came from the prefix cache, so only the rest runs."""
         seqs = [list(items[i].prompt_ids) + list(items[i].completion_ids) for i in batch]
         longest = max(len(s) - 1 for s in seqs)
+        cache, skip = start if start is not None else (None, 0)
         # Right padding: a real position never attends to the padding after it.
-        x = mx.array([s[:-1] + [0] * (longest - len(s) + 1) for s in seqs], dtype=mx.int32)
+        x = mx.array([s[skip:-1] + [0] * (longest - len(s) + 1) for s in seqs], dtype=mx.int32)
         b_idx, pos, targets, params, modes, histories, spans = [], [], [], [], [], [], []
         for b, (i, s) in enumerate(zip(batch, seqs)):
             p = len(items[i].prompt_ids)
             start = len(b_idx)
+            # Each position's history is only its penalty window (none without a penalty):
+            # the whole prefix at each position would be O(L^2) for an L-token sequence.
+            ip = items[i].params
+            window = ip.repetition_context_size if ip.repetition_penalty != 1.0 else 0
             for t in range(p, len(s)):
                 b_idx.append(b)
-                pos.append(t - 1)
+                pos.append(t - 1 - skip)
                 targets.append(s[t])
-                params.append(items[i].params)
+                params.append(ip)
                 modes.append(items[i].mode)
-                histories.append(s[:t])
+                histories.append(s[max(0, t - window):t] if window else ())
             spans.append((i, start, len(b_idx)))
         with mx.stream(self.stream):
-            logits = self.model(x)
+            logits = self.model(x, cache=cache)
             rows_logits = logits[mx.array(b_idx), mx.array(pos)]
             rows = sampling.RowParams.build(params, self.vocab_size, modes=modes)
             width = min(rows.context_size, max(len(h) for h in histories))
@@ -596,8 +769,29 @@ class ModelRunner:
                     out.top_logprobs += top_lps[row][:want]
 
 
+# Config fields naming a model's context window (GPT-2's `n_positions` sizes a table of learned
+# positions that a longer sequence would read past).
+_CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length",
+                   "max_seq_len")
+
+
+def _kv_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of KV one token adds to one row (the layers whose KV grows with the sequence)."""
+    cache = make_prompt_cache(model)
+    model(mx.array([[0]]), cache=cache)
+    total = 0.0
+    for c in cache:
+        keys = getattr(c, "keys", None)
+        if isinstance(keys, mx.array):
+            total += c.nbytes / keys.shape[2]
+    return max(1, int(round(total)))
+
+
 def context_length(model: nn.Module) -> Optional[int]:
     """The model's context window when its config states one."""
     args = getattr(model, "args", None)
-    n = getattr(args, "max_position_embeddings", None)
-    return int(n) if isinstance(n, int) and n > 0 else None
+    for name in _CONTEXT_FIELDS:
+        n = getattr(args, name, None)
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+    return None

@@ -16,6 +16,10 @@ SWAP_INFLIGHT = "inflight"
 SWAP_MODES = (SWAP_DRAIN, SWAP_ABORT, SWAP_INFLIGHT)
 
 
+# mlx-lm's KV caches grow their buffers by this many positions at a time (KVCache.step).
+KV_STEP = 256
+
+
 class QueueFull(Exception):
     """The engine's queue holds `max_queue` requests already (HTTP 503 + Retry-After)."""
 
@@ -47,6 +51,12 @@ class Scheduler:
         `max_batch` samples wait, before it admits, so arrivals are prefilled together.
     max_prefill_tokens: prompt tokens admitted per step (the first request always passes).
     max_score_tokens: tokens of score requests run per step (the first always passes).
+    kv_budget_tokens: KV positions the running batch may hold (None: no bound). The batch's
+        caches hold every row left-padded to the longest and grow in steps of `KV_STEP`
+        positions, so a batch of `rows` sequences whose longest may reach `longest` tokens
+        (prompt + max_tokens) holds at most `rows * (longest + KV_STEP)` (`kv_tokens`). A
+        request that would pass the bound waits, and so do those behind it; one that cannot
+        fit alone is refused by the engine at submit.
     """
 
     def __init__(
@@ -56,12 +66,14 @@ class Scheduler:
         flush_interval_s: float,
         max_prefill_tokens: int = 4096,
         max_score_tokens: int = 8192,
+        kv_budget_tokens: Optional[int] = None,
     ):
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.flush_interval_s = flush_interval_s
         self.max_prefill_tokens = max_prefill_tokens
         self.max_score_tokens = max_score_tokens
+        self.kv_budget_tokens = kv_budget_tokens
         self.waiting: deque[RequestState] = deque()
         self.running: dict[int, Sequence] = {}
         self.pending_swap: Optional[PendingSwap] = None
@@ -95,6 +107,17 @@ class Scheduler:
         state = seq.request
         state.num_finished += 1
         return state.num_finished == state.num_samples
+
+    @staticmethod
+    def kv_tokens(rows: int, longest: int) -> int:
+        """KV positions a batch of `rows` holds at most when its longest row reaches `longest`."""
+        return rows * (longest + KV_STEP) if rows else 0
+
+    def reserved_kv_tokens(self) -> int:
+        """What the running batch may grow to (see `kv_budget_tokens`)."""
+        if not self.running:
+            return 0
+        return self.kv_tokens(len(self.running), max(_kv_end(s) for s in self.running.values()))
 
     def running_requests(self) -> list[RequestState]:
         """Requests with a sequence in the batch, in admission order, each once."""
@@ -180,6 +203,8 @@ class Scheduler:
             return plan
 
         free = self.max_batch - len(self.running)
+        rows = len(self.running)
+        longest = max((_kv_end(s) for s in self.running.values()), default=0)
         budget = self.max_prefill_tokens
         score_budget = self.max_score_tokens
         admitted_any = False
@@ -206,6 +231,14 @@ class Scheduler:
                     continue
                 budget -= state.num_prompt_tokens
             take = min(free, state.num_unadmitted)
+            if self.kv_budget_tokens is not None:
+                end = max(longest, _kv_end(state.seqs[state.num_admitted]))
+                while take and self.kv_tokens(rows + take, end) > self.kv_budget_tokens:
+                    take -= 1
+                if not take:  # does not fit now: waits for rows to finish, and so do the
+                    free = 0  # requests behind it (a long prompt is not starved by short ones)
+                    continue
+                rows, longest = rows + take, end
             seqs = state.seqs[state.num_admitted : state.num_admitted + take]
             state.num_admitted += take
             free -= take
@@ -237,3 +270,8 @@ class Scheduler:
             oldest = min(s.arrival for s in eligible)
             return max(0.0, oldest + self.flush_interval_s - now)
         return max(0.0, min(s.hold_deadline for s in self.waiting) - now)
+
+
+def _kv_end(seq: Sequence) -> int:
+    """The most KV positions `seq` may hold: its prompt and all of its max_tokens."""
+    return seq.request.num_prompt_tokens + seq.max_tokens

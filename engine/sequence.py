@@ -23,7 +23,7 @@ class Sequence:
     seq_id: int  # unique within the engine; the runner's row key
     request: "RequestState"
     index: int  # the sample's index within its request (SequenceDone.seq_index)
-    max_tokens: int  # the request's max_tokens, clamped to the model's context
+    max_tokens: int  # the request's max_tokens
     seed: int  # 64-bit seed of this sample's sampling stream
     status: SeqStatus = SeqStatus.WAITING
     token_ids: list[int] = field(default_factory=list)
@@ -36,6 +36,7 @@ class Sequence:
     max_batch_size: int = 0  # largest running batch this sequence decoded in
     admitted_at: float = 0.0
     first_token_at: float = 0.0
+    stop_check: Any = None  # the postprocessor's stop-string state (engine/postprocess.py)
 
     @property
     def params(self):
@@ -60,6 +61,7 @@ class RequestState:
     prefix: Any = None
     prefix_version: int = -1
     hold_deadline: float = 0.0  # when a min_policy_version wait gives up
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache served at its first admission
 
     @property
     def request_id(self) -> int:

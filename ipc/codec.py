@@ -33,7 +33,7 @@ from mlxsup.ipc.messages import (
     TokenChunk,
 )
 
-VERSION = 2  # 2: top log-probs, engine controls
+VERSION = 2  # 2: top log-probs, engine controls (and the prefix cache's salt and cached tokens)
 
 T_HELLO = 1
 T_GENERATE = 2
@@ -60,7 +60,8 @@ _HAS_SEED, _IGNORE_EOS = 1, 2
 _SCORE = struct.Struct("<QB")  # request_id, logprobs_mode
 _ABORT = struct.Struct("<Q")
 _CHUNK = struct.Struct("<QI")  # request_id, seq_index
-_DONE = struct.Struct("<QIBIIqddd")  # ..., finish_reason, prompt tokens, batch, version, 3 times
+# ..., finish_reason, prompt tokens, batch, version, 3 times, cached prompt tokens
+_DONE = struct.Struct("<QIBIIqdddI")
 _SCORE_RESULT = struct.Struct("<Qq")  # request_id, policy_version
 _CONTROL = struct.Struct("<QBB")  # request_id, op, mode (index + 1; 0 none)
 _CONTROL_RESULT = struct.Struct("<Q?BI")  # request_id, is_paused, mode (index + 1), num_aborted
@@ -90,6 +91,7 @@ def encode(msg) -> bytes:
             )
             _put_params(out, msg.params)
             _put_array(out, "i", msg.prompt_ids)
+            _put_str(out, msg.cache_salt)
         elif kind is ScoreRequest:
             out.append(_HEAD.pack(VERSION, T_SCORE))
             out.append(_SCORE.pack(msg.request_id, _index(LOGPROBS_MODES, msg.logprobs_mode)))
@@ -97,6 +99,7 @@ def encode(msg) -> bytes:
             _put_array(out, "i", msg.prompt_ids)
             _put_array(out, "i", msg.completion_ids)
             out.append(_TOP.pack(msg.top_logprobs))
+            _put_str(out, msg.cache_salt)
         elif kind is AbortRequest:
             out.append(_HEAD.pack(VERSION, T_ABORT) + _ABORT.pack(msg.request_id))
         elif kind is TokenChunk:
@@ -116,6 +119,7 @@ def encode(msg) -> bytes:
                     msg.queue_ms,
                     msg.ttft_ms,
                     msg.total_ms,
+                    msg.num_cached_tokens,
                 )
             )
             _put_tokens(out, msg.token_ids, msg.logprobs, msg.versions)
@@ -311,6 +315,7 @@ def _get_generate(r: _Reader) -> GenerateRequest:
         stream=stream,
         min_policy_version=min_version,
         min_policy_wait_s=min_wait,
+        cache_salt=r.str(),
     )
 
 
@@ -327,6 +332,7 @@ def _get_score(r: _Reader) -> ScoreRequest:
         logprobs_mode=_choice(LOGPROBS_MODES, mode),
         params=params,
         top_logprobs=top_logprobs,
+        cache_salt=r.str(),
     )
 
 
@@ -350,9 +356,8 @@ def _get_top(r: _Reader) -> tuple[list, list]:
 
 
 def _get_sequence_done(r: _Reader) -> SequenceDone:
-    (request_id, seq_index, reason, num_prompt, batch, version, queue_ms, ttft_ms, total_ms) = (
-        r.unpack(_DONE)
-    )
+    (request_id, seq_index, reason, num_prompt, batch, version, queue_ms, ttft_ms, total_ms,
+     num_cached) = r.unpack(_DONE)
     token_ids, logprobs, versions = r.array("i"), r.array("f"), r.array("I")
     top_ids, top_lps = _get_top(r)
     return SequenceDone(
@@ -370,6 +375,7 @@ def _get_sequence_done(r: _Reader) -> SequenceDone:
         queue_ms=queue_ms,
         ttft_ms=ttft_ms,
         total_ms=total_ms,
+        num_cached_tokens=num_cached,
     )
 
 

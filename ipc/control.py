@@ -32,7 +32,17 @@ _LINE = LINE_BYTES
 _MAGIC_OFF = 0
 _ENGINE_SEQ_OFF = _LINE
 _ENGINE_OFF = 2 * _LINE
-_ENGINE = struct.Struct(f"<QQQqQQQQQQQQQI{MAX_ADAPTER_ID_BYTES}s")
+# The engine's prefix cache and KV budget (engine/prefix_cache.py), also in /metrics and status.
+PREFIX_CACHE_FIELDS = (
+    "prefix_cache_lookups",
+    "prefix_cache_hits",
+    "prefix_cache_lookup_tokens",
+    "prefix_cache_hit_tokens",
+    "prefix_cache_entries",
+    "prefix_cache_bytes",
+    "kv_budget_bytes",
+)
+_ENGINE = struct.Struct(f"<QQQqQQQQQQQQQ{'Q' * len(PREFIX_CACHE_FIELDS)}I{MAX_ADAPTER_ID_BYTES}s")
 _SUPERVISOR_SEQ_OFF = _ENGINE_OFF + -(-_ENGINE.size // _LINE) * _LINE
 _SUPERVISOR_OFF = _SUPERVISOR_SEQ_OFF + _LINE
 _SUPERVISOR = struct.Struct(f"<QQI{MAX_SUPERVISOR_STATE_BYTES}s")
@@ -54,9 +64,24 @@ ENGINE_FIELDS = (
     "num_requests",
     "vocab_size",
     "context_length",
+    *PREFIX_CACHE_FIELDS,
     "adapter_id",
 )
 SUPERVISOR_FIELDS = ("engine_restarts", "supervisor_pid", "supervisor_state")
+
+
+def prefix_cache_hit_rate(status) -> float:
+    looked = status.prefix_cache_lookup_tokens
+    return status.prefix_cache_hit_tokens / looked if looked else 0.0
+
+
+def prefix_cache_json(status) -> dict:
+    """The prefix cache's figures, as /metrics and `mlxsup status` show them."""
+    return {"lookups": status.prefix_cache_lookups, "hits": status.prefix_cache_hits,
+            "lookup_tokens": status.prefix_cache_lookup_tokens,
+            "hit_tokens": status.prefix_cache_hit_tokens, "hit_rate": round(prefix_cache_hit_rate(status), 4),
+            "entries": status.prefix_cache_entries, "bytes": status.prefix_cache_bytes,
+            "kv_budget_bytes": status.kv_budget_bytes}
 
 
 @dataclass(frozen=True)
@@ -78,6 +103,13 @@ class ControlSnapshot:
     # the model's limits, published once with "ready": the API checks requests against them
     vocab_size: int = 0
     context_length: int = 0  # 0: the model's config states none
+    prefix_cache_lookups: int = 0
+    prefix_cache_hits: int = 0
+    prefix_cache_lookup_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    prefix_cache_entries: int = 0
+    prefix_cache_bytes: int = 0
+    kv_budget_bytes: int = 0
     engine_restarts: int = 0
     supervisor_pid: int = 0
     supervisor_state: str = ""

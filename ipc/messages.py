@@ -109,6 +109,7 @@ class GenerateRequest:
     stream: bool = False  # True: TokenChunk events as tokens come; False: all in SequenceDone
     min_policy_version: int = -1  # -1: none; else wait until the engine reaches it
     min_policy_wait_s: float = 0.0  # how long to wait for min_policy_version
+    cache_salt: str = ""  # prefix-cache entries are shared only by requests with the same salt
 
     def __post_init__(self):
         if self.n < 1:
@@ -128,6 +129,7 @@ class ScoreRequest:
     logprobs_mode: str = LOGPROBS_RAW
     params: SamplingParams = field(default_factory=SamplingParams)
     top_logprobs: int = 0  # also the k most likely tokens at each completion position
+    cache_salt: str = ""
 
     def __post_init__(self):
         if not (0 <= self.top_logprobs <= MAX_TOP_LOGPROBS):
@@ -196,6 +198,7 @@ class SequenceDone:
     total_ms: float = 0.0  # from arrival to done
     top_ids: Sequence[int] = field(default_factory=list)  # as TokenChunk's
     top_logprobs: Sequence[float] = field(default_factory=list)
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,10 @@ class ServerConfig:
     pipeline: str = "auto"
     # Prompt tokens prefilled per engine step at most, the rest in later steps (0: no limit).
     prefill_chunk: int = 0
+    # One KV budget (GiB) for the running batch and the prefix cache (0: the engine's default,
+    # half the memory the weights leave); no_prefix_cache: no KV reuse across requests.
+    kv_cache_gb: float = 0.0
+    no_prefix_cache: bool = False
 
     def __post_init__(self):
         if not self.run_dir:
@@ -84,6 +88,8 @@ class ServerConfig:
             raise ValueError("blas must be 'auto' or 'off'")
         if self.pipeline not in PIPELINE_MODES:
             raise ValueError(f"pipeline must be one of {PIPELINE_MODES}")
+        if not self.kv_cache_gb >= 0:
+            raise ValueError("kv_cache_gb must be >= 0")
         if self.prefill_chunk < 0:
             raise ValueError("prefill_chunk must be >= 0")
 

@@ -15,12 +15,16 @@ Workloads (--workloads):
   mixed   (c) prompt lengths log-uniform in 16..1024 tokens, closed loop
   swap    (d) mlxsup only: POST /load_adapter of two alternating adapters every few seconds
               under load; time from the swap request to the first token of the new version
+  multiturn      (e) 8 conversations x 4 turns at once, a 300-word system prompt shared by all,
+                 32 tokens a turn; each turn resends the conversation so far (bench_lib/multiturn)
+  shared-prefix  (f) 32 requests of that system prompt + a question of their own, concurrency 8
 
 Examples (see docs/benchmarks.md for the recorded runs):
   python scripts/bench_server.py                      # CPU, bench75m, everything
   python scripts/bench_server.py --quick              # smoke test on the tiny model
   python scripts/bench_server.py --gpu                # H100: bench1b bf16, c=1,32,128,256
   python scripts/bench_server.py --systems raw,mlx_lm --workloads single --concurrency 1,8
+  python scripts/bench_server.py --systems mlxsup-tuned,mlx_lm --workloads multiturn,shared-prefix
 
 Writes OUT/results.json (meta, one cell per system x workload x concurrency), OUT/records.jsonl
 (every request), OUT/bench.png (if matplotlib is installed) and prints the summary table last.
@@ -54,7 +58,9 @@ from bench_lib.systems import MlxLmServer, MlxsupServer, mlxsup_import_env  # no
 ALL_SYSTEMS = ("mlxsup", "mlxsup-tuned", "mlx_lm", "mlx_lm-tuned", "raw")
 DEFAULT_SYSTEMS = "mlxsup,mlxsup-tuned,mlx_lm,raw"
 GPU_SYSTEMS = "mlxsup-tuned,mlx_lm,raw"  # max-batch 5 on a GPU is a long wait with little to learn
-ALL_WORKLOADS = ("single", "grpo", "mixed", "swap")
+ALL_WORKLOADS = ("single", "grpo", "mixed", "swap", "multiturn", "shared-prefix")
+# Default set: the prefix-cache workloads (e), (f) run when asked for.
+DEFAULT_WORKLOADS = "single,grpo,mixed,swap"
 
 PROFILES = {
     # CPU, the ~75M model: the figures of issue 7.
@@ -84,7 +90,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts (and of the demo model)")
     p.add_argument("--systems", help=f"comma list of {', '.join(ALL_SYSTEMS)} "
                    f"(default {DEFAULT_SYSTEMS}; --gpu {GPU_SYSTEMS})")
-    p.add_argument("--workloads", default=",".join(ALL_WORKLOADS), help="comma list of single, grpo, mixed, swap")
+    p.add_argument("--workloads", default=DEFAULT_WORKLOADS,
+                   help=f"comma list of {', '.join(ALL_WORKLOADS)} (default {DEFAULT_WORKLOADS})")
+    p.add_argument("--conversations", type=int, default=8, help="(e) conversations, all at once (default 8)")
+    p.add_argument("--turns", type=int, default=4, help="(e) turns per conversation (default 4)")
+    p.add_argument("--system-words", type=int, default=300, help="(e), (f) words of the shared system prompt")
+    p.add_argument("--turn-tokens", type=int, default=32, help="(e), (f) completion tokens per request (default 32)")
+    p.add_argument("--shared-requests", type=int, default=32, help="(f) requests (default 32)")
+    p.add_argument("--shared-concurrency", type=int, default=8, help="(f) concurrency (default 8)")
     p.add_argument("--concurrency", help="concurrencies of (a) (default 1,8,32,128; --gpu 1,32,128,256)")
     p.add_argument("--requests", type=int, help="requests per concurrency level (default max(8, 2 x concurrency); --quick max(4, 2 x c))")
     p.add_argument("--duration", type=float, help="seconds a level may keep sending (default 300; --gpu 90)")
@@ -275,6 +288,16 @@ class Workloads:
         top = max([requests_for(args, c) for c in args.concurrency]
                   + [args.grpo_prompts * args.grpo_n, args.mixed_concurrency, 8])
         self.warm_levels = fixed_prompts(tok, args.seed + 5000, top, args.prompt_tokens)
+        from bench_lib.multiturn import make_conversations, shared_prefix_items
+
+        # (e) and (f): their warm-up passes use another system prompt (the shapes, not the
+        # cache entries, of the measured run).
+        self.conv = make_conversations(args.seed + 7000, args.conversations, args.turns, args.system_words)
+        self.conv_warm = make_conversations(args.seed + 7500, args.conversations, 1, args.system_words)
+        shared = make_conversations(args.seed + 8000, 1, 1, args.system_words)
+        self.shared = shared_prefix_items(shared, args.shared_requests, args.seed + 8001, args.turn_tokens)
+        self.shared_warm = shared_prefix_items(make_conversations(args.seed + 8500, 1, 1, args.system_words),
+                                               args.shared_concurrency, args.seed + 8501, args.turn_tokens)
         self.warm_mixed = mixed_prompts(tok, args.seed + 6000,
                                         args.mixed_requests if args.warm_full else args.mixed_concurrency,
                                         args.mixed_min, args.mixed_max)
@@ -374,21 +397,31 @@ def run_server_system(name, args, model, env, work: Workloads, monitor: TreeMoni
                                     args.grace, args.request_timeout))
             settle(server, args)
 
-        def measure(workload, items, proto, conc, num, duration=None, grace=None, **extra):
+        def measure(workload, items, proto, conc, num, duration=None, grace=None, runner=None, **extra):
             section = f"{name}/{workload}/{conc}"
             cpu0 = monitor.cpu_seconds(name)
             monitor.begin(section)
-            records, elapsed = asyncio.run(closed_loop(
-                server.base_url, proto, items, conc, num,
-                args.duration if duration is None else duration,
-                args.grace if grace is None else grace, args.request_timeout))
+            if runner is None:
+                records, elapsed = asyncio.run(closed_loop(
+                    server.base_url, proto, items, conc, num,
+                    args.duration if duration is None else duration,
+                    args.grace if grace is None else grace, args.request_timeout))
+            else:  # (e): conversations, each turn after the last
+                records, elapsed = asyncio.run(runner())
             monitor.end()
             cell = {"system": name, "workload": workload, "concurrency": conc,
                     "route": proto.path + (" (stream)" if getattr(proto, "stream", False) else ""),
                     "peak_rss_mb": monitor.peaks(section), "cpu_s": cpu_delta(monitor.cpu_seconds(name), cpu0),
                     **extra}
             recs = [r.as_dict() for r in records]
-            cell["stats"] = report.summarize(recs, elapsed, args.max_tokens)
+            cell["stats"] = report.summarize(recs, elapsed, (items[0].max_tokens if items else None)
+                                             or args.max_tokens)
+            if runner is not None:
+                from bench_lib.multiturn import by_turn
+
+                cell["by_turn"] = by_turn(recs)
+            if server.kind == "mlxsup" and workload in ("multiturn", "shared-prefix"):
+                cell["prefix_cache"] = prefix_cache_figures(server.base_url)
             results.add(cell, recs)
             settle(server, args)
             return cell
@@ -418,6 +451,26 @@ def run_server_system(name, args, model, env, work: Workloads, monitor: TreeMoni
         if "mixed" in args.workloads:
             warm_level("mixed", main, args.mixed_concurrency, args.mixed_requests)
             measure("mixed", work.items(work.mixed), main, args.mixed_concurrency, args.mixed_requests)
+        if "multiturn" in args.workloads:
+            from bench_lib.multiturn import conversation_loop
+
+            def conversations(conv):
+                return lambda: conversation_loop(server.base_url, main, conv, args.turn_tokens,
+                                                 args.request_timeout)
+
+            if args.warm_levels:
+                asyncio.run(conversations(work.conv_warm)())
+                settle(server, args)
+            measure("multiturn", [Item("", 0, 1, args.turn_tokens)], main, args.conversations,
+                    args.conversations * args.turns, runner=conversations(work.conv),
+                    turns=args.turns, system_words=args.system_words)
+        if "shared-prefix" in args.workloads:
+            if args.warm_levels:
+                asyncio.run(closed_loop(server.base_url, main, work.shared_warm, args.shared_concurrency,
+                                        len(work.shared_warm), args.duration, args.grace, args.request_timeout))
+                settle(server, args)
+            measure("shared-prefix", work.shared, main, args.shared_concurrency, len(work.shared),
+                    system_words=args.system_words)
         if "swap" in args.workloads and server.kind == "mlxsup":
             from bench_lib.swaps import run_swaps
 
@@ -437,6 +490,16 @@ def run_server_system(name, args, model, env, work: Workloads, monitor: TreeMoni
         server.stop()
         info["logs"] = server.logs()
         results.save()
+
+
+def prefix_cache_figures(base_url: str) -> Optional[dict]:
+    """mlxsup's prefix-cache figures from /metrics (hits, hit rate, entries, bytes)."""
+    import httpx
+
+    try:
+        return httpx.get(base_url + "/metrics", timeout=10).json().get("prefix_cache")
+    except (httpx.HTTPError, ValueError):
+        return None
 
 
 def settle(server, args) -> None:
@@ -748,7 +811,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     try:
         for name in args.systems:
-            if name == "raw":
+            if name == "raw" and not {"single", "grpo", "mixed"} & set(args.workloads):
+                log("raw: skipped (it runs single, grpo and mixed only)")
+            elif name == "raw":
                 run_raw(args, model, env, work, monitor, results, eos_ids)
             else:
                 run_server_system(name, args, model, env, work, monitor, results, eos_ids)

@@ -39,7 +39,7 @@ from mlxsup.supervisor.children import (
 )
 from mlxsup.supervisor.commands import GUNICORN_GRACEFUL_S, describe_exit, engine_argv, gunicorn_argv
 from mlxsup.supervisor.control_server import ControlServer
-from mlxsup.supervisor.engine_link import EngineLink
+from mlxsup.supervisor.engine_link import EngineGone, EngineLink
 from mlxsup.supervisor.health import get_health, is_healthy
 from mlxsup.supervisor.rundir import PID_NAME, log_size, log_tail, write_pid
 from mlxsup.supervisor.state import AdapterState, initial_state, read_state, write_state
@@ -513,10 +513,18 @@ class Arbiter:
             return await self.swaps.reload(request.get("path"), request.get("mode", "drain"), self._ready_link)
         if op == "status":
             return self.status()
+        if op == "reset_prefix_cache":
+            link = await self._ready_link()
+            if link is None:
+                return error_reply("engine_unavailable", "the engine is not running")
+            try:
+                return await link.reset_prefix_cache()
+            except EngineGone as e:
+                return error_reply("engine_restarted", str(e))
         if op == "stop":
             self.sig_queue.put_nowait("stop")
             return {"ok": True}
-        return error_reply("bad_request", f"unknown op {op!r}; expected reload_adapter, status or stop")
+        return error_reply("bad_request", f"unknown op {op!r}; expected reload_adapter, reset_prefix_cache, status or stop")
 
     async def _ready_link(self) -> Optional[EngineLink]:
         """The link of a ready engine, waiting for a restarting one; None when stopping."""

@@ -91,6 +91,14 @@ def add_start_arguments(p: argparse.ArgumentParser) -> None:
              "steps, while running sequences keep decoding: bounds how long one step (and the "
              "wait for a swap's step boundary) can take (default: 0, whole prompts at once)",
     )  # fmt: skip
+    more.add_argument(
+        "--kv-cache-gb", type=float, default=d["kv_cache_gb"], metavar="GB",
+        help="one KV memory budget (GiB) for the running batch and the prefix cache: admission "
+             "waits while it is full, a request that can never fit is refused (default: 0, half "
+             "of the memory the weights leave: Metal's recommended working set on a Mac)",
+    )  # fmt: skip
+    more.add_argument("--no-prefix-cache", action="store_true",
+                      help="keep no prompt KV for later requests (every prompt is prefilled whole)")
     sec = p.add_argument_group("security")
     # The environment variables keep keys out of the command line, which any local user can read with ps.
     sec.add_argument("--api-key", default=os.environ.get("MLXSUP_API_KEY") or None,
@@ -127,6 +135,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         header_timeout_s=args.header_timeout,
         pipeline=args.pipeline,
         prefill_chunk=args.prefill_chunk,
+        kv_cache_gb=args.kv_cache_gb,
+        no_prefix_cache=args.no_prefix_cache,
     )
 
 

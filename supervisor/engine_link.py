@@ -69,7 +69,7 @@ class EngineLink:
         op = msg.get("op")
         if op == "ready":
             self._on_ready(msg)
-        elif op == "swap_done":
+        elif op in ("swap_done", "reset_prefix_cache_done"):
             fut = self._pending.pop(msg.get("id"), None)
             if fut is not None and not fut.done():
                 fut.set_result(msg)
@@ -102,6 +102,19 @@ class EngineLink:
             await self._writer.drain()
         except (OSError, EngineGone) as e:
             self._pending.pop(swap_id, None)
+            raise EngineGone(str(e)) from e
+        return await fut
+
+    async def reset_prefix_cache(self) -> dict:
+        """Ask the engine to drop its prefix cache; its reply (`entries_dropped`)."""
+        call_id = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[call_id] = fut
+        try:
+            self._send({"op": "reset_prefix_cache", "id": call_id})
+            await self._writer.drain()
+        except (OSError, EngineGone) as e:
+            self._pending.pop(call_id, None)
             raise EngineGone(str(e)) from e
         return await fut
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-from mlxsup.ipc.control import ControlBlock, ControlSnapshot
+from mlxsup.ipc.control import ControlBlock, ControlSnapshot, prefix_cache_json
 from mlxsup.ipc.layout import IpcLayout
 from mlxsup.ipc.segments import create_ipc
 
@@ -57,6 +57,7 @@ class SupervisorIpc:
             "tokens_generated": snap.tokens_generated,
             "prefill_tokens": snap.prefill_tokens,
             "num_requests": snap.num_requests,
+            "prefix_cache": prefix_cache_json(snap),
             "tokens_per_s": round(self.tokens_per_s, 1),
             "heartbeat_age_s": round(snap.heartbeat_age_s(), 2) if snap.heartbeat_ns else None,
         }

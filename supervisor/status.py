@@ -104,6 +104,12 @@ def format_status(status: dict) -> str:
         f"  load:           queue {engine.get('queue_depth', 0)}, running {engine.get('running', 0)}, "
         f"{engine.get('tokens_per_s', 0.0):.1f} tokens/s, {engine.get('tokens_generated', 0)} tokens generated",
     ]
+    cache = engine.get("prefix_cache")
+    if cache:
+        lines.append(
+            f"  prefix cache:   {cache['entries']} entries, {format_bytes(cache['bytes'])} of "
+            f"{format_bytes(cache['kv_budget_bytes'])} KV budget, {cache['hits']}/{cache['lookups']} "
+            f"hits, {100 * cache['hit_rate']:.1f}% of prompt tokens")
     last = status.get("last_swap")
     if last:
         first = last.get("first_token_ms")

@@ -131,6 +131,7 @@ def _requests():
         ("post", "/v1/chat/completions", {"messages": CHAT, "stream": True, "logprobs": True,
                                           "stream_options": {"include_usage": True}}),
         ("post", "/v1/chat/completions", {"messages": CHAT, "n": 0}),
+        ("post", "/reset_prefix_cache", None),
         # vLLM's extensions of the OpenAI routes
         ("post", "/v1/completions", {"prompt": "hi", "logprobs": 2, "echo": True, "max_tokens": 0,
                                      "prompt_logprobs": 1, "return_token_ids": True}),

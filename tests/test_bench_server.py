@@ -61,3 +61,23 @@ def test_profiles_and_flags_parse():
     assert quick.preset == "tiny" and quick.concurrency == [2]
     with pytest.raises(SystemExit):
         bench_server.parse_args(["--systems", "vllm"])
+
+
+def test_the_prefix_cache_workloads_build_their_conversations():
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    try:
+        import bench_server
+        from bench_lib.multiturn import make_conversations, shared_prefix_items, turn_prompt
+    finally:
+        sys.path.pop(0)
+    args = bench_server.parse_args(["--gpu", "--workloads", "multiturn,shared-prefix", "--out", "/tmp/x"])
+    assert args.workloads == ["multiturn", "shared-prefix"] and args.conversations == 8 and args.turns == 4
+    assert args.system_words == 300 and args.turn_tokens == 32 and args.shared_concurrency == 8
+    assert bench_server.parse_args(["--out", "/tmp/x"]).workloads == ["single", "grpo", "mixed", "swap"]
+    conv = make_conversations(1, 8, 4, 300)
+    assert len(conv.system.split()) == 301 and len(conv.users) == 8 and len(conv.users[0]) == 4
+    second = turn_prompt(conv, 2, ["an answer"], 1)
+    assert second.startswith(turn_prompt(conv, 2, [], 0)) and second.endswith("\nAssistant:")
+    items = shared_prefix_items(conv, 32, 2, 32)
+    assert len(items) == 32 and all(it.text.startswith(conv.system) for it in items)
+    assert len({it.text for it in items}) == 32

@@ -11,7 +11,7 @@ import os
 
 import httpx
 import pytest
-from e2e_support import make_adapter, mlxsup, running_server
+from e2e_support import make_adapter, mlxsup, running_server, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -327,3 +327,31 @@ def test_status_reports_every_process(server):
     assert "tokens/s" in text and "api-worker" in text
     with httpx.Client(base_url=server.url) as c:
         assert c.get("/metrics").json()["current_policy_version"] == st["policy_version"]
+
+
+def test_prefix_cache_over_real_http(server, client):
+    """A conversation's next turn reuses the KV of the last one, across the real rings; the
+    reset route (admin: loopback here) empties it; status and /metrics show it."""
+    prompt_ids = [5 + (i * 7) % 300 for i in range(80)]
+    first = generate(client, prompt_ids=prompt_ids, max_tokens=8, temperature=0.0, logprobs=1,
+                     cache_salt="e2e")
+    history = prompt_ids + first["completion_ids"]
+    second = generate(client, prompt_ids=history + [9, 10], max_tokens=8, temperature=0.0, logprobs=1,
+                      cache_salt="e2e")
+    assert second["metadata"]["cached_tokens"] >= len(history) - 1
+    # The same log-probs as a score of those tokens from scratch (another salt: no entry).
+    cold = score(client, history + [9, 10], second["completion_ids"], logprobs_mode="processed",
+                 temperature=0.0, cache_salt="cold")
+    assert max(abs(a - b) for a, b in zip(cold, second["logprobs"])) < 1e-4
+    r = client.post("/reset_prefix_cache")
+    assert r.status_code == 200 and r.json()["entries_dropped"] >= 1, r.text
+    again = generate(client, prompt_ids=history + [9, 10], max_tokens=8, temperature=0.0,
+                     cache_salt="e2e")
+    assert again["metadata"]["cached_tokens"] == 0 and again["completion_ids"] == second["completion_ids"]
+    wait_for(lambda: client.get("/metrics").json()["prefix_cache"]["entries"] >= 1, 10,
+             "the cache's figures in /metrics")  # (the engine publishes them every 0.1 s)
+    metrics = client.get("/metrics").json()["prefix_cache"]
+    assert metrics["hits"] >= 1 and metrics["kv_budget_bytes"] > 0
+    st = json.loads(mlxsup("status", "--run-dir", server.run_dir, "--json").stdout)
+    assert st["engine"]["prefix_cache"]["hit_tokens"] >= len(history) - 1
+    assert "prefix cache:" in mlxsup("status", "--run-dir", server.run_dir).stdout

@@ -183,6 +183,27 @@ def test_score_equals_generation_logprobs(engine):
                            s.params, "raw")
 
 
+def test_score_with_repetition_penalties_in_one_batch(engine):
+    # Each position's penalty window comes from its own item's prompt + completion so far,
+    # whatever the other items of the batch use (none, a narrower one, a longer sequence).
+    rng = random.Random(5)
+    kinds = [dict(repetition_penalty=1.5, repetition_context_size=4),
+             dict(repetition_penalty=1.3, repetition_context_size=30),
+             dict(repetition_penalty=1.0)]
+    gen_reqs = [req(p, temperature=0.8, logprobs_mode="processed", max_tokens=m, seed=3, **k)
+                for p, k, m in zip(prompts_of(3, rng, lo=2, hi=12), kinds, (40, 25, 60))]
+    events = run(engine, gen_reqs)
+    dones = [done_events(events, r.request_id)[0] for r in gen_reqs]
+    scores = [ScoreRequest(next(_ids), r.prompt_ids, d.token_ids, "processed", r.params)
+              for r, d in zip(gen_reqs, dones)]
+    sevents = run(engine, scores)
+    for s, r, d in zip(scores, gen_reqs, dones):
+        [res] = sevents[s.request_id]
+        np.testing.assert_allclose(res.logprobs, d.logprobs, atol=1e-4)
+        check_fidelity(engine.model, r.prompt_ids, d.token_ids, res.logprobs, r.params,
+                       "processed")
+
+
 def test_score_of_empty_completion_and_greedy_processed(engine):
     prompt = [5, 6, 7]
     [[done]] = engine.generate([prompt], SamplingParams(max_tokens=5))
@@ -380,17 +401,34 @@ def test_max_tokens_and_context_limit(engine):
     with pytest.raises(RequestError) as e:
         engine.submit(req([5] * ctx))
     assert e.value.field == "prompt_ids"
-    [[done]] = engine.generate([[5] * (ctx - 3)], SamplingParams(max_tokens=50))
+    # The API's rule: prompt + max_tokens within the context; past it refused, never clamped.
+    [[done]] = engine.generate([[5] * (ctx - 3)], SamplingParams(max_tokens=3))
     assert done.finish_reason == "length" and len(done.token_ids) == 3
-
-
-def test_invalid_token_ids_name_the_field(engine):
     with pytest.raises(RequestError) as e:
-        engine.submit(req([1, engine.vocab_size]))
-    assert e.value.field == "prompt_ids"
+        engine.submit(req([5] * (ctx - 3), max_tokens=4))
+    assert e.value.field == "max_tokens"
     with pytest.raises(RequestError) as e:
-        engine.submit(ScoreRequest(next(_ids), [1], [-1], "raw"))
+        engine.submit(ScoreRequest(next(_ids), [5] * (ctx - 1), [6, 7], "raw"))
     assert e.value.field == "completion_ids"
+
+
+def test_out_of_range_token_ids_are_refused_and_the_engine_lives_on(engine):
+    # MLX's embedding lookup reads out of bounds for them (a large id segfaults the process).
+    for bad in (engine.vocab_size, 2**31 - 1, -1, -(2**31)):
+        with pytest.raises(RequestError) as e:
+            engine.submit(req([1, bad]))
+        assert e.value.field == "prompt_ids"
+    with pytest.raises(RequestError) as e:
+        engine.submit(ScoreRequest(next(_ids), [1], [2, -1], "raw"))
+    assert e.value.field == "completion_ids"
+    with pytest.raises(RequestError) as e:
+        engine.submit(ScoreRequest(next(_ids), [1], [2, engine.vocab_size], "raw"))
+    assert e.value.field == "completion_ids"
+    [[done]] = engine.generate([[1, engine.vocab_size - 1]], SamplingParams(max_tokens=3))
+    assert len(done.token_ids) == 3
+
+
+def test_a_request_id_in_flight_is_refused(engine):
     r = req([1, 2])
     engine.submit(r)
     with pytest.raises(RequestError) as e:
@@ -420,7 +458,7 @@ def test_streaming_chunks_then_done(engine):
 
 def test_abort_frees_the_slot(tiny_model_dir):
     eng = make_engine(tiny_model_dir, max_batch=2)
-    long = [req([3, 4, 5], max_tokens=10_000) for _ in range(2)]
+    long = [req([3, 4, 5], max_tokens=4000) for _ in range(2)]
     for r in long:
         eng.submit(r)
     for _ in range(5):
@@ -541,7 +579,7 @@ def test_prompts_of_very_different_lengths_prefill_in_separate_passes(tiny_model
 
     assert [list(g) for g in runner_mod.length_groups([3, 3, 20, 30, 33, 200, 230, 800])] == \
         [[0, 1, 2, 3, 4], [5, 6], [7]]  # 33 <= 3 + 32; 230 <= 1.25 x 200
-    eng = make_engine(tiny_model_dir)
+    eng = make_engine(tiny_model_dir, prefix_cache=False)  # (the same prompts run twice)
     passes = []
     real = runner_mod.ModelRunner._start_group
     monkeypatch.setattr(runner_mod.ModelRunner, "_start_group",
@@ -704,7 +742,8 @@ def test_a_long_prompt_is_prefilled_in_as_few_passes_as_the_chunk_allows(tiny_mo
     prefill_step_size), or chunked in ceil(199 / chunk): never a pass a token. With no row
     decoding there is nobody to keep waiting short, and even a chunked engine prefills it
     whole."""
-    eng = make_engine(tiny_model_dir, prefill_chunk_tokens=chunk, pipeline=False)
+    eng = make_engine(tiny_model_dir, prefill_chunk_tokens=chunk, pipeline=False,
+                      prefix_cache=False)  # (the same prompt runs twice)
     counting = _CountingModel(eng.runner.model)
     eng.runner.model = counting
     prefill_passes = lambda: sum(1 for shape in counting.shapes if shape[1] > 1)

@@ -139,7 +139,7 @@ def test_engine_process_end_to_end(engine_proc, tiny_model_dir, tmp_path):
             assert err.code == "invalid" and err.field == "prompt_ids"
 
             # Abort by id: the sequence ends with its tokens so far.
-            long = GenerateRequest(rid(), [3], SamplingParams(max_tokens=100000))
+            long = GenerateRequest(rid(), [3], SamplingParams(max_tokens=4000))
             q = ch.register(long.request_id)
             await ch.send(long)
             await asyncio.sleep(0.3)
@@ -204,7 +204,7 @@ def test_engine_process_restarts_on_committed_state_and_new_worker_aborts_old(
 
         async def workers():
             ch = await WorkerChannel.open(layout)
-            long = GenerateRequest(ch.new_request_id(), [3], SamplingParams(max_tokens=100000))
+            long = GenerateRequest(ch.new_request_id(), [3], SamplingParams(max_tokens=4000))
             await ch.send(long)
             await asyncio.sleep(0.3)
             slot = ch.slot

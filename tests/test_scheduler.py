@@ -213,3 +213,51 @@ def test_finish_reports_last_sequence_of_request():
     assert s.finish(g.seqs[0]) is False
     assert s.finish(g.seqs[1]) is True
     assert g.seqs[1].status == SeqStatus.FINISHED and not s.has_work()
+
+
+# ------------------------------------------------------------------ KV budget
+
+
+def test_kv_budget_admits_what_fits_and_the_rest_waits_in_order():
+    from mlxsup.engine.scheduler import KV_STEP
+
+    # Each sequence may reach 4 + 16 = 20 positions: a row reserves 20 + KV_STEP.
+    row = 20 + KV_STEP
+    s = Scheduler(max_batch=16, max_queue=16, flush_interval_s=0, kv_budget_tokens=3 * row)
+    group, single, late = gen(n=2), gen(), gen()
+    for st in (group, single, late):
+        s.add(st)
+    plan = s.schedule(0.0, 0)
+    assert admitted(plan) == [(group.request_id, 2), (single.request_id, 1)]
+    assert s.reserved_kv_tokens() == 3 * row <= s.kv_budget_tokens
+    assert admitted(s.schedule(0.0, 0)) == []  # full: `late` waits
+    s.finish(group.seqs[0])
+    assert admitted(s.schedule(0.0, 0)) == [(late.request_id, 1)]
+
+
+def test_kv_budget_counts_rows_padded_to_the_longest():
+    from mlxsup.engine.scheduler import KV_STEP
+
+    long = gen(prompt_len=200)  # may reach 216 positions
+    s = Scheduler(max_batch=16, max_queue=16, flush_interval_s=0,
+                  kv_budget_tokens=2 * (216 + KV_STEP) + 10)
+    short1, short2 = gen(), gen()
+    for st in (long, short1, short2):
+        s.add(st)
+    # Two rows padded to 216 fit, a third does not, however short its own prompt.
+    assert admitted(s.schedule(0.0, 0)) == [(long.request_id, 1), (short1.request_id, 1)]
+    assert s.reserved_kv_tokens() == 2 * (216 + KV_STEP)
+
+
+def test_a_request_that_does_not_fit_holds_back_those_behind_it():
+    from mlxsup.engine.scheduler import KV_STEP
+
+    s = Scheduler(max_batch=16, max_queue=16, flush_interval_s=0, kv_budget_tokens=2 * (220 + KV_STEP))
+    first, big, small = gen(prompt_len=200), gen(n=2, prompt_len=200), gen()
+    for st in (first, big, small):
+        s.add(st)
+    # `big` gets one row now (a group is admitted in parts); `small` waits behind its rest.
+    assert admitted(s.schedule(0.0, 0)) == [(first.request_id, 1), (big.request_id, 1)]
+    assert admitted(s.schedule(0.0, 0)) == []
+    s.finish(first.seqs[0])
+    assert admitted(s.schedule(0.0, 0)) == [(big.request_id, 1)]

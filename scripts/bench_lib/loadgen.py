@@ -58,9 +58,10 @@ class Record:
     versions: list = field(default_factory=list)  # policy versions reported
     token_versions: Optional[list] = None  # version of each token (swap workload only)
     finish: dict = field(default_factory=dict)  # finish_reason -> count
+    text: str = ""  # the completion's text (/v1/completions; not written to the records)
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "text"}
 
 
 class Protocol:
@@ -194,6 +195,7 @@ class OpenAICompletions(Protocol):
                     return
                 for choice in data.get("choices") or ():
                     if choice.get("text"):
+                        rec.text += choice["text"]
                         chunks += 1
                         if rec.t_first is None:
                             rec.t_first = now
@@ -220,6 +222,7 @@ class OpenAICompletions(Protocol):
         rec.tokens = usage.get("completion_tokens", 0)
         rec.prompt_tokens = usage.get("prompt_tokens", rec.prompt_tokens)
         for choice in data.get("choices") or ():
+            rec.text = rec.text or choice.get("text") or ""
             reason = choice.get("finish_reason") or "?"
             rec.finish[reason] = rec.finish.get(reason, 0) + 1
         version = _version_of(data)

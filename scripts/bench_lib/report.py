@@ -98,6 +98,21 @@ def table(cells: list[dict]) -> str:
             f"| {s['ok']}/{s['errors']}/{s['timeouts']}/{s['cut']} | {s['short_completions']} "
             f"| {_fmt(c.get('peak_rss_mb', {}).get('total'), 0)} |"
         )
+    turns = [c for c in cells if c.get("by_turn")]
+    if turns:
+        n = max(len(c["by_turn"]) for c in turns)
+        lines += ["", "| multiturn system | " + " | ".join(f"turn {t} TTFT / latency p50 s" for t in range(1, n + 1))
+                  + " | turn-last / turn-1 TTFT | prefix cache hit rate |",
+                  "|---|" + "---|" * (n + 2)]
+        for c in turns:
+            bt = c["by_turn"]
+            first, last = bt.get("1", {}).get("ttft_p50_s"), bt.get(str(n), {}).get("ttft_p50_s")
+            pc = c.get("prefix_cache") or {}
+            lines.append(f"| {c['system']} | " + " | ".join(
+                f"{_fmt(bt.get(str(t), {}).get('ttft_p50_s'))} / {_fmt(bt.get(str(t), {}).get('latency_p50_s'))}"
+                for t in range(1, n + 1))
+                + f" | {_fmt(last / first) if first and last else '-'} | "
+                + (f"{pc['hit_rate']:.2f}" if "hit_rate" in pc else "-") + " |")
     swaps = [c for c in cells if c["workload"] == "swap"]
     if swaps:
         lines += ["", "| swap mode | conc | system | swaps ok | swap->probe token p50 / max ms "
@@ -168,6 +183,21 @@ def targets(cells: list[dict], gpu: bool) -> list[str]:
             bad = s["errors"] + s["timeouts"]
             out.append(f"{sysname}: errors+timeouts at c={top}: {bad} (cut {s['cut']})  "
                        f"[target 0: {'met' if bad == 0 else 'MISSED'}]")
+        m, mp = get(sysname, "multiturn"), get("mlx_lm", "multiturn")
+        if m and mp and mp["stats"]["tokens_per_s"]:
+            v = m["stats"]["tokens_per_s"] / mp["stats"]["tokens_per_s"]
+            out.append(f"{sysname}: x mlx_lm on (e) multiturn: {v:.2f}  [target >= 1.5: "
+                       f"{'met' if v >= 1.5 else 'MISSED'}]")
+        if m and m.get("by_turn"):
+            bt = m["by_turn"]
+            first, last = bt.get("1", {}).get("ttft_p50_s"), bt.get(str(len(bt)), {}).get("ttft_p50_s")
+            if first and last:
+                out.append(f"{sysname}: (e) turn-{len(bt)} TTFT / turn-1 TTFT: {last / first:.2f}  "
+                           f"[target <= 2: {'met' if last / first <= 2 else 'MISSED'}]")
+        f, fp = get(sysname, "shared-prefix"), get("mlx_lm", "shared-prefix")
+        if f and fp and fp["stats"]["tokens_per_s"]:
+            out.append(f"{sysname}: x mlx_lm on (f) shared-prefix: "
+                       f"{f['stats']['tokens_per_s'] / fp['stats']['tokens_per_s']:.2f}")
         g, gp = get(sysname, "grpo"), get("mlx_lm", "grpo")
         if g and gp and gp["stats"]["tokens_per_s"]:
             v = g["stats"]["tokens_per_s"] / gp["stats"]["tokens_per_s"]

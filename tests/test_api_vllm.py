@@ -157,3 +157,30 @@ def test_chat_stream_sends_the_prompt_ids_first_and_each_chunks_ids(codec, tmp_p
     assert chunks[0]["prompt_token_ids"] == codec.encode_chat([{"role": "user", "content": "hi"}])
     ids = [t for c in chunks[1:] for ch in c["choices"] for t in ch.get("token_ids", [])]
     assert len(ids) == 3
+
+
+def test_engine_limits_apply_to_vllm_routes(app):
+    """The vocabulary size and context length the engine published are checked on vLLM's
+    routes as on the others: 422 naming the id by its path, or the field that does not fit."""
+    from mlxsup.api.testing import status_with
+
+    client, link, _ = app
+    status_with(link, vocab_size=100, context_length=8)
+    r = generate(client, token_ids=[5, 100])
+    assert r.status_code == 422 and r.json["error"]["field"] == "token_ids[1]", r.text
+    r = client.simulate_post("/detokenize", json={"tokens": [1, 2, 150]})
+    assert r.status_code == 422 and r.json["error"]["field"] == "tokens[2]", r.text
+    r = generate(client, token_ids=[1] * 8)
+    assert r.status_code == 422 and r.json["error"]["field"] == "token_ids", r.text
+    r = generate(client, token_ids=[1] * 5, sampling_params={"max_tokens": 4})
+    assert r.status_code == 422 and r.json["error"]["field"] == "sampling_params.max_tokens", r.text
+    assert "at most 3" in r.json["error"]["message"]
+    # absent max_tokens: the room the context leaves (vLLM's default)
+    r = generate(client, token_ids=[1] * 5)
+    assert r.status_code == 200, r.text
+    assert link.requests[-1][2].max_tokens == 3
+    r = client.simulate_post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 0, "echo": True,
+                                                      "logprobs": 1})
+    assert r.status_code == 200, r.text
+    r = client.simulate_post("/v1/completions", json={"prompt": [1, 200], "max_tokens": 0, "echo": True})
+    assert r.status_code == 422 and r.json["error"]["field"] == "prompt[1]", r.text

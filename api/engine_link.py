@@ -209,7 +209,6 @@ class IpcEngineLink:
         self._watcher: Optional[asyncio.Task] = None
         self._rate = collections.deque()  # (monotonic, epoch, tokens_generated)
         self._tokens_per_s = 0.0
-        self._last_status: Optional[EngineStatus] = None
 
     # ---------------------------------------------------------------- lifecycle
 

@@ -135,9 +135,6 @@ class Scheduler:
             raise RuntimeError("a swap is already pending; the supervisor serialises swaps")
         self.pending_swap = PendingSwap(mode, version)
 
-    def cancel_swap(self) -> None:
-        self.pending_swap = None
-
     def _swap_can_commit(self) -> bool:
         swap = self.pending_swap
         if swap is None:

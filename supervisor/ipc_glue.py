@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-from mlxsup.ipc.control import ControlBlock, ControlSnapshot, prefix_cache_json
+from mlxsup.ipc.control import ControlBlock, prefix_cache_json
 from mlxsup.ipc.layout import IpcLayout
 from mlxsup.ipc.segments import create_ipc
 
@@ -22,9 +22,6 @@ class SupervisorIpc:
 
     def write_supervisor(self, pid: int, state: str, engine_restarts: int) -> None:
         self.control.write(supervisor_pid=pid, supervisor_state=state, engine_restarts=engine_restarts)
-
-    def snapshot(self) -> ControlSnapshot:
-        return self.control.read()
 
     def heartbeat_age_s(self) -> Optional[float]:
         """Seconds since the engine last wrote the control block (None if it never did)."""

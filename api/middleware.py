@@ -45,7 +45,9 @@ class LifespanMiddleware:
         await self.link.close()
 
 
-def is_loopback(address: Optional[str]) -> bool:
+def is_loopback_peer(address: Optional[str]) -> bool:
+    """Whether a request's peer address (`req.remote_addr`) is this machine (IPv4-mapped
+    IPv6 included; no address is a Unix-socket peer)."""
     if not address:
         return True  # a Unix socket: its file permissions are the access control
     try:
@@ -97,7 +99,7 @@ class AuthMiddleware:
                     raise ApiError(403, "forbidden", "the API key does not open adapter routes; send the admin key")
                 self._require(presented, self.admin_key, what="the admin key")
                 return
-            if not is_loopback(req.remote_addr):
+            if not is_loopback_peer(req.remote_addr):
                 raise ApiError(403, "forbidden", "adapter routes accept loopback clients only when the "
                                "server has no --admin-key")
         if self.api_key is not None:

@@ -39,7 +39,7 @@ from mlxsup.supervisor.children import (
 )
 from mlxsup.supervisor.commands import GUNICORN_GRACEFUL_S, describe_exit, engine_argv, gunicorn_argv
 from mlxsup.supervisor.control_server import ControlServer
-from mlxsup.supervisor.engine_link import EngineGone, EngineLink
+from mlxsup.supervisor.engine_link import EngineControlLink, EngineGone
 from mlxsup.supervisor.health import get_health, is_healthy
 from mlxsup.supervisor.rundir import PID_NAME, log_size, log_tail, write_pid
 from mlxsup.supervisor.state import AdapterState, initial_state, read_state, write_state
@@ -90,7 +90,7 @@ class Arbiter:
 
         self.engine: Optional[Child] = None
         self.gunicorn: Optional[Child] = None
-        self.link: Optional[EngineLink] = None
+        self.link: Optional[EngineControlLink] = None
         self.epoch = 0
         self.engine_restarts = 0
         self.is_engine_ready = False
@@ -270,7 +270,7 @@ class Arbiter:
         self.is_engine_ready = False
         self.engine_ready_event.clear()
         self.engine_restart_at = None
-        self.link = EngineLink(ours, self.epoch, self.on_engine_ready,
+        self.link = EngineControlLink(ours, self.epoch, self.on_engine_ready,
                                lambda msg: self.swaps.note_first_token(msg))
         self._spawn_task(self.link.start())
         self._record_children()
@@ -526,7 +526,7 @@ class Arbiter:
             return {"ok": True}
         return error_reply("bad_request", f"unknown op {op!r}; expected reload_adapter, reset_prefix_cache, status or stop")
 
-    async def _ready_link(self) -> Optional[EngineLink]:
+    async def _ready_link(self) -> Optional[EngineControlLink]:
         """The link of a ready engine, waiting for a restarting one; None when stopping."""
         deadline = time.monotonic() + SWAP_ENGINE_WAIT_S
         while self.is_running and not self.is_stopping and time.monotonic() < deadline:

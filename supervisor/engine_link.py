@@ -24,8 +24,10 @@ class EngineGone(Exception):
     """The engine's end of the channel closed (it exited or was killed)."""
 
 
-class EngineLink:
-    """Reads the engine's lines in a task; `swap` and `stop` write commands to it."""
+class EngineControlLink:
+    """The supervisor's end of one engine's control socket (not the API workers' `EngineLink`,
+    which carries requests over shared memory). Reads the engine's lines in a task; `swap`
+    and `stop` write commands to it."""
 
     def __init__(self, sock: socket.socket, epoch: int, on_ready: Callable[[dict], None],
                  on_first_token: Optional[Callable[[dict], None]] = None):

@@ -111,7 +111,8 @@ def check_port(host: str, port: int) -> None:
             raise StartError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
 
 
-def is_loopback(host: str) -> bool:
+def is_loopback_host(host: str) -> bool:
+    """Whether listening on `host` (a name or address from --host) stays on this machine."""
     if host in ("localhost",):
         return True
     try:
@@ -123,7 +124,7 @@ def is_loopback(host: str) -> bool:
 def exposure_warning(config: ServerConfig) -> Optional[str]:
     """What anyone who can reach the port may do, when the server listens beyond loopback
     without keys; None when nothing is exposed."""
-    if is_loopback(config.host):
+    if is_loopback_host(config.host):
         return None
     open_routes = []
     if config.api_key is None:

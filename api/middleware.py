@@ -1,6 +1,6 @@
 """Middleware: start-up/shutdown of the worker's dependencies, and authentication.
 
-Auth rules (DESIGN.md, issue 8):
+Auth rules (docs/api.md, Authentication):
 - `--api-key`: every route but /health needs `Authorization: Bearer <key>` (or `X-API-Key`);
 - `--admin-key`: /load_adapter and /upload_adapter need it (Bearer or `X-Admin-Key`); the admin
   key is accepted wherever the API key is;

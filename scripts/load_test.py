@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Load test (issue 8): a burst of requests at high concurrency through several API workers,
+"""Load test (docs/reliability.md, Load test): a burst of requests at high concurrency through several API workers,
 on loopback, against servers this script starts and stops itself.
 
 Two phases, each on its own fresh server (`mlxsup start`, 127.0.0.1, a free port, a temporary

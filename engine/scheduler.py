@@ -189,8 +189,8 @@ class Scheduler:
             if inflight and self.running:
                 # The committing step decodes the running rows alone, so the new weights'
                 # first tokens come one decode step after the commit instead of after the
-                # prefill of prompts admitted with it (one 100-token prompt: about 200 ms on
-                # the 2-core CPU against a 32 ms decode step). Those start a step later.
+                # prefill of prompts admitted with it (on the CPU a prompt's prefill can take
+                # several decode steps: docs/benchmarks.md). Those start a step later.
                 return plan
         draining = self.pending_swap is not None  # only a drain can still be pending
 

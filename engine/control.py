@@ -13,6 +13,8 @@ import threading
 import time
 from typing import Optional
 
+from mlxsup.ipc import jsonlines
+
 log = logging.getLogger("mlxsup.engine")
 
 HEARTBEAT_S = 0.1
@@ -97,26 +99,16 @@ class ControlLink:
         self._thread.start()
 
     def _read(self) -> None:
-        buf = b""
         try:
-            while True:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    if not line.strip():
-                        continue
-                    try:
-                        msg = json.loads(line)
-                    except ValueError:
-                        log.warning("unreadable control line: %r", line[:200])
-                        continue
-                    if isinstance(msg, dict):
-                        msg[RECEIVED_AT] = time.perf_counter()
-                        self.inbox.put(msg)
-                        self._wake()
+            for line in jsonlines.iter_lines(self.sock):
+                try:
+                    msg = jsonlines.decode(line)
+                except ValueError:
+                    log.warning("unreadable control line: %r", line[:200])
+                    continue
+                msg[RECEIVED_AT] = time.perf_counter()
+                self.inbox.put(msg)
+                self._wake()
         except OSError:
             pass
         self.closed.set()
@@ -124,6 +116,6 @@ class ControlLink:
 
     def send(self, msg: dict) -> None:
         try:
-            self.sock.sendall(json.dumps(msg).encode() + b"\n")
+            self.sock.sendall(jsonlines.encode(msg))
         except OSError as e:
             log.warning("control socket: %s", e)

@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+from mlxsup.files import write_atomic
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SWAP_MODES = ("drain", "abort", "inflight")
 PIPELINE_MODES = ("auto", "on", "off")
@@ -111,14 +113,9 @@ class ServerConfig:
         """Write config.json into the run directory atomically; return its path."""
         os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
         path = os.path.join(self.run_dir, "config.json")
-        tmp = path + ".tmp"
         # Owner-only: the file holds --api-key and --admin-key, and a run directory made
         # beforehand (or by an older version) may be readable by other local users.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(self.to_json())
-        os.replace(tmp, path)
+        write_atomic(path, self.to_json(), private=True)
         return path
 
     @classmethod

@@ -55,6 +55,8 @@ from bench_lib.loadgen import Item, MlxsupGenerate, OpenAICompletions, closed_lo
 from bench_lib.monitor import TreeMonitor, cpu_delta, wait_idle  # noqa: E402
 from bench_lib.systems import MlxLmServer, MlxsupServer, mlxsup_import_env  # noqa: E402
 
+from mlxsup.files import write_json_atomic  # noqa: E402
+
 ALL_SYSTEMS = ("mlxsup", "mlxsup-tuned", "mlx_lm", "mlx_lm-tuned", "raw")
 DEFAULT_SYSTEMS = "mlxsup,mlxsup-tuned,mlx_lm,raw"
 GPU_SYSTEMS = "mlxsup-tuned,mlx_lm,raw"  # max-batch 5 on a GPU is a long wait with little to learn
@@ -259,10 +261,7 @@ class Results:
         data = {"meta": self.meta, "systems": self.systems, "cells": self.cells}
         if extra:
             data.update(extra)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1, default=str)
-        os.replace(tmp, path)
+        write_json_atomic(path, data, default=str)
         return path
 
 

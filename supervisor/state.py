@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from mlxsup.files import write_json_atomic
+
 STATE_NAME = "adapter_state.json"
 
 
@@ -67,18 +69,13 @@ def read_state(run_dir: str) -> Optional[AdapterState]:
 def write_state(run_dir: str, state: AdapterState) -> None:
     """Replace the state file atomically (write a temporary file, fsync, os.replace)."""
     path = state_path(run_dir)
-    tmp = f"{path}.{os.getpid()}.tmp"
     body = {
         "adapter_path": state.adapter_path,
         "policy_version": state.policy_version,
         "max_issued_version": state.max_issued_version,
         "committed_at": time.time(),
     }
-    with open(tmp, "w") as f:
-        json.dump(body, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(path, body, indent=2)
 
 
 def initial_state(previous: Optional[AdapterState], adapter_path: Optional[str]) -> AdapterState:

@@ -4,14 +4,11 @@ thread). Neither touches MLX."""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import queue
 import socket
 import threading
 import time
-from typing import Optional
 
 from mlxsup.ipc import jsonlines
 
@@ -19,21 +16,7 @@ log = logging.getLogger("mlxsup.engine")
 
 HEARTBEAT_S = 0.1
 STALL_S = 60.0  # the publisher stops the heartbeat when the main loop made no progress this long
-ADAPTER_STATE = "adapter_state.json"
 RECEIVED_AT = "_received_at"  # added to each command: time.perf_counter() when the line was read
-
-
-def read_adapter_state(run_dir: str) -> tuple[Optional[str], Optional[int]]:
-    """(adapter_path, policy_version) committed in the run dir, or (None, None) without one."""
-    try:
-        with open(os.path.join(run_dir, ADAPTER_STATE)) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        return None, None
-    path, version = data.get("adapter_path"), data.get("policy_version", 0)
-    if (path is not None and not isinstance(path, str)) or not isinstance(version, int):
-        raise ValueError(f"{ADAPTER_STATE} has fields of the wrong type")
-    return path, version
 
 
 class Publisher(threading.Thread):

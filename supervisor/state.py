@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from mlxsup.files import write_json_atomic
@@ -29,6 +29,7 @@ class AdapterState:
     adapter_path: Optional[str] = None
     policy_version: int = 0
     max_issued_version: int = 0
+    committed_at: Optional[float] = field(default=None, compare=False)  # time.time() of the write
 
     def __post_init__(self):
         if self.policy_version < 0:
@@ -46,7 +47,9 @@ def state_path(run_dir: str) -> str:
 
 
 def read_state(run_dir: str) -> Optional[AdapterState]:
-    """The committed state, or None when the run dir has none (a first start)."""
+    """The committed state, or None when the run dir has none (a first start); ValueError
+    for a file that is unreadable or has fields of the wrong type. The one reader of the file:
+    the supervisor, the engine (at start) and the API's GET /adapter use it."""
     try:
         with open(state_path(run_dir)) as f:
             data = json.load(f)
@@ -63,7 +66,11 @@ def read_state(run_dir: str) -> Optional[AdapterState]:
     issued = data.get("max_issued_version", version)
     if not isinstance(issued, int) or isinstance(issued, bool):
         issued = version
-    return AdapterState(adapter_path=path, policy_version=version, max_issued_version=issued)
+    committed_at = data.get("committed_at")
+    if not isinstance(committed_at, (int, float)) or isinstance(committed_at, bool):
+        committed_at = None
+    return AdapterState(adapter_path=path, policy_version=version, max_issued_version=issued,
+                        committed_at=committed_at)
 
 
 def write_state(run_dir: str, state: AdapterState) -> None:

@@ -8,12 +8,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .sequence import RequestState, Sequence, SeqStatus
+from mlxsup.config import SWAP_ABORT, SWAP_DRAIN, SWAP_INFLIGHT, SWAP_MODES
 
-SWAP_DRAIN = "drain"
-SWAP_ABORT = "abort"
-SWAP_INFLIGHT = "inflight"
-SWAP_MODES = (SWAP_DRAIN, SWAP_ABORT, SWAP_INFLIGHT)
+from .sequence import RequestState, Sequence, SeqStatus
 
 
 # mlx-lm's KV caches grow their buffers by this many positions at a time (KVCache.step).

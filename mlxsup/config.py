@@ -12,7 +12,18 @@ from typing import Optional
 from mlxsup.files import write_atomic
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-SWAP_MODES = ("drain", "abort", "inflight")
+SWAP_DRAIN, SWAP_ABORT, SWAP_INFLIGHT = "drain", "abort", "inflight"
+SWAP_MODES = (SWAP_DRAIN, SWAP_ABORT, SWAP_INFLIGHT)
+MAX_N = 1024  # samples per request, for the API and the engine alike
+RUN_DIR_ENV = "MLXSUP_RUN_DIR"  # set by the supervisor on the engine and the API workers
+# The supervisor kills an engine whose heartbeat is older than this; API workers stop sending
+# to it as soon as it is.
+ENGINE_HEARTBEAT_TIMEOUT_S = 10.0
+# Exit codes of `mlxsup start` and of the supervisor.
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_BOOT_ERROR = 3  # the engine or the API never came up; restarting would only spin
+EXIT_IN_USE = 4  # the port or the run directory is taken
 PIPELINE_MODES = ("auto", "on", "off")
 # Where a swap's time went, as the engine's swap_done and /load_adapter's answer report it:
 # reading the files (another thread), receipt to ready (read + MLX arrays), waiting for the

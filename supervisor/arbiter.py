@@ -25,7 +25,7 @@ import orjson
 import psutil
 
 from mlxsup.blas import engine_env
-from mlxsup.config import ServerConfig
+from mlxsup.config import ENGINE_HEARTBEAT_TIMEOUT_S, EXIT_BOOT_ERROR, EXIT_ERROR, EXIT_OK, ServerConfig
 from mlxsup.supervisor import ipc_glue, protocol
 from mlxsup.supervisor.backoff import Backoff
 from mlxsup.supervisor.children import (
@@ -48,14 +48,9 @@ from mlxsup.supervisor.swaps import SwapCoordinator, error_reply
 
 log = logging.getLogger("mlxsup.supervisor")
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_BOOT_ERROR = 3  # the engine or the API never came up; restarting would only spin
-
 TICK_S = 0.25
 ENGINE_BOOT_TIMEOUT_S = 1800.0  # a first start may download the model (a Hugging Face repo id)
 ENGINE_RESTART_TIMEOUT_S = 600.0  # a restart loads from the local cache
-ENGINE_HEARTBEAT_TIMEOUT_S = 10.0
 ENGINE_STOP_TIMEOUT_S = 60.0
 MAX_ENGINE_BOOT_FAILURES = 5  # consecutive restarts that never became ready
 API_BOOT_TIMEOUT_S = 120.0

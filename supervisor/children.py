@@ -20,10 +20,10 @@ from typing import Optional, Sequence
 
 import psutil
 
+from mlxsup.config import RUN_DIR_ENV
 from mlxsup.files import write_json_atomic
 
 CHILDREN_NAME = "children.json"
-RUN_DIR_ENV = "MLXSUP_RUN_DIR"  # read by the engine and the API workers
 # Set only by the supervisor on its children, to find their leftovers; a user's shell may
 # well export MLXSUP_RUN_DIR, and must never be taken for a leftover.
 MARK_ENV = "MLXSUP_SUPERVISED_RUN_DIR"

@@ -24,7 +24,7 @@ import traceback
 from typing import Callable, Optional
 
 from mlxsup.blas import blas_warning
-from mlxsup.config import ServerConfig
+from mlxsup.config import EXIT_BOOT_ERROR, EXIT_ERROR, EXIT_IN_USE, EXIT_OK, ServerConfig
 from mlxsup.supervisor import protocol
 from mlxsup.supervisor.children import kill_all, orphans
 from mlxsup.supervisor.rundir import (
@@ -39,10 +39,6 @@ from mlxsup.supervisor.rundir import (
 
 log = logging.getLogger("mlxsup.supervisor")
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_BOOT_ERROR = 3
-EXIT_IN_USE = 4
 START_WAIT_S = 2000.0  # the supervisor itself gives up on an engine not ready after 1800 s
 STOP_WAIT_S = 120.0
 

@@ -55,8 +55,6 @@ from bench_lib.loadgen import Item, MlxsupGenerate, OpenAICompletions, closed_lo
 from bench_lib.monitor import TreeMonitor, cpu_delta, wait_idle  # noqa: E402
 from bench_lib.systems import MlxLmServer, MlxsupServer, mlxsup_import_env  # noqa: E402
 
-from mlxsup.files import write_json_atomic  # noqa: E402
-
 ALL_SYSTEMS = ("mlxsup", "mlxsup-tuned", "mlx_lm", "mlx_lm-tuned", "raw")
 DEFAULT_SYSTEMS = "mlxsup,mlxsup-tuned,mlx_lm,raw"
 GPU_SYSTEMS = "mlxsup-tuned,mlx_lm,raw"  # max-batch 5 on a GPU is a long wait with little to learn
@@ -261,6 +259,8 @@ class Results:
         data = {"meta": self.meta, "systems": self.systems, "cells": self.cells}
         if extra:
             data.update(extra)
+        from mlxsup.files import write_json_atomic  # after the import shim (system_env)
+
         write_json_atomic(path, data, default=str)
         return path
 

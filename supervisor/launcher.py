@@ -107,6 +107,14 @@ def check_port(host: str, port: int) -> None:
             raise StartError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on at `host` now (for the tests, scripts and examples that
+    start servers of their own)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
 def is_loopback_host(host: str) -> bool:
     """Whether listening on `host` (a name or address from --host) stays on this machine."""
     if host in ("localhost",):

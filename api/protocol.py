@@ -34,7 +34,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from mlxsup.config import MAX_N, SWAP_MODES  # noqa: F401 - MAX_N: also for openai_protocol
+from mlxsup.config import MAX_N, SWAP_MODES
 
 MAX_PROMPT_CHARS = 4 << 20
 MAX_STOP = 16

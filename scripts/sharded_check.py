@@ -36,12 +36,12 @@ def main(model_dir: str, out: str) -> int:
     pending = {1: 1, 2: 4, 3: 1}
     for r in reqs:
         engine.submit(r)
-    swaps = {3: "inflight", 9: "drain", 14: "abort"}
+    swaps = [(3, "inflight"), (9, "drain"), (14, "abort")]  # (not before step, mode)
     step = 0
-    while any(pending.values()) or engine.has_work():
-        if step in swaps:
-            engine.request_swap(engine.prepare_adapter(None), swaps[step])
-        if step == 16:
+    while any(pending.values()) or engine.has_work() or swaps:
+        if swaps and step >= swaps[0][0] and engine.pending_swap is None:
+            engine.request_swap(engine.prepare_adapter(None), swaps.pop(0)[1])
+        if engine.policy_version == 3 and 4 not in pending:  # after the abort swap
             engine.submit(GenerateRequest(4, [11, 12, 13], P(max_tokens=6, temperature=0.0)))
             pending[4] = 1
         for ev in engine.step():

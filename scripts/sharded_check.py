@@ -38,7 +38,7 @@ def main(model_dir: str, out: str) -> int:
         engine.submit(r)
     swaps = [(3, "inflight"), (9, "drain"), (14, "abort")]  # (not before step, mode)
     step = 0
-    while any(pending.values()) or engine.has_work() or swaps:
+    while any(pending.values()) or engine.has_work() or swaps or 4 not in pending:
         if swaps and step >= swaps[0][0] and engine.pending_swap is None:
             engine.request_swap(engine.prepare_adapter(None), swaps.pop(0)[1])
         if engine.policy_version == 3 and 4 not in pending:  # after the abort swap

@@ -17,7 +17,8 @@ from mlxsup.ipc.messages import (ErrorEvent, GenerateRequest, SamplingParams, Sc
 
 def main(model_dir: str, out: str) -> int:
     group = distributed.group_from_env()
-    cfg = distributed.sharded_config(EngineConfig(model=model_dir, max_batch=3, seed=0))
+    cfg = distributed.sharded_config(EngineConfig(model=model_dir, max_batch=3, seed=0,
+                                                     flush_interval_ms=0))
     if group is None:
         engine = Engine(cfg)
     else:

@@ -63,7 +63,7 @@ def broadcast(group, payload: Optional[bytes]) -> bytes:
         buf = mx.zeros((n,), dtype=mx.uint8)
     out = mx.distributed.all_sum(buf, group=group, stream=mx.cpu)
     mx.eval(out)
-    return payload if lead else bytes(np.array(out, copy=False))
+    return payload if lead else np.array(out).tobytes()
 
 
 def load_sharded(config):
@@ -76,8 +76,12 @@ def load_sharded(config):
 
 
 def sharded_config(config):
-    """`config` as every rank must run it: a fixed step mode (see the module docstring)."""
-    return dataclasses.replace(config, pipeline=bool(config.pipeline))
+    """`config` as every rank must run it: a fixed step mode (see the module docstring);
+    unset, pipelined on a GPU (as one rank does there) and stepwise on the CPU."""
+    pipeline = config.pipeline
+    if pipeline is None:
+        pipeline = mx.default_device() != mx.cpu
+    return dataclasses.replace(config, pipeline=pipeline)
 
 
 class ShardedAdapterError(ValueError):

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import pickle
 from typing import Optional
 
@@ -170,7 +169,3 @@ def follow(engine, group) -> int:
         else:
             raise RuntimeError(f"unknown plan op from rank 0: {op!r}")
 
-
-def rank_label() -> str:
-    """`rank R/N` for logs, from the variables `mlx.launch` sets."""
-    return f"rank {os.environ.get('MLX_RANK', '0')}/{os.environ.get('MLX_WORLD_SIZE', '1')}"

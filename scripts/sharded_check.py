@@ -29,10 +29,12 @@ def main(model_dir: str, out: str) -> int:
             return 0
         leader = distributed.lead(engine, group)
     P = SamplingParams
-    reqs = [GenerateRequest(1, [5, 6, 7, 8], P(max_tokens=12, temperature=0.0)),
-            GenerateRequest(2, [9, 10], P(max_tokens=10, temperature=1.0, seed=7), n=4),
+    reqs = [GenerateRequest(1, [5, 6, 7, 8], P(max_tokens=12, temperature=0.0,
+                                               logprobs_mode="raw")),
+            GenerateRequest(2, [9, 10], P(max_tokens=10, temperature=1.0, seed=7,
+                                            logprobs_mode="raw"), n=4),
             GenerateRequest(3, list(range(3, 30)), P(max_tokens=8, temperature=0.7, top_p=0.9,
-                                                     seed=3))]
+                                                     seed=3, logprobs_mode="processed"))]
     results = {"done": {}, "scores": {}, "versions": []}
     pending = {1: 1, 2: 4, 3: 1}
     for r in reqs:
@@ -43,7 +45,8 @@ def main(model_dir: str, out: str) -> int:
         if swaps and step >= swaps[0][0] and engine.pending_swap is None:
             engine.request_swap(engine.prepare_adapter(None), swaps.pop(0)[1])
         if engine.policy_version == 3 and 4 not in pending:  # after the abort swap
-            engine.submit(GenerateRequest(4, [11, 12, 13], P(max_tokens=6, temperature=0.0)))
+            engine.submit(GenerateRequest(4, [11, 12, 13], P(max_tokens=6, temperature=0.0,
+                                                              logprobs_mode="raw")))
             pending[4] = 1
         for ev in engine.step():
             if isinstance(ev, SequenceDone):

@@ -51,6 +51,7 @@ def test_two_ranks_equal_one(tiny_model_dir, tmp_path):
             continue
         assert x["tokens"] == y["tokens"], key
         assert x["reason"] == y["reason"], key
+        assert len(x["logprobs"]) == len(x["tokens"]) == len(y["logprobs"]), key
         assert max(abs(p - q) for p, q in zip(x["logprobs"], y["logprobs"])) <= 1e-4, key
     assert sorted(a["scores"]) == sorted(b["scores"]) == ["100", "101"]
     for key, x in a["scores"].items():

@@ -23,6 +23,8 @@ too for its prompts.
 What differs from one rank, on purpose:
 - The runner's step mode is fixed (never chosen by measured step times: two ranks timing
   differently would run different passes).
+- The prefix cache is off (`prefix_cache=False`): its lookups, stores and evictions would
+  have to be part of the plan. Finished rows' KV is not kept.
 - Prompt states are not kept for samples admitted in a later step (`save_prefix`): each rank
   would have to name its own cache objects in the plan. Those samples prefill again; the
   results are the same.
@@ -75,12 +77,13 @@ def load_sharded(config):
 
 
 def sharded_config(config):
-    """`config` as every rank must run it: a fixed step mode (see the module docstring);
+    """`config` as every rank must run it: a fixed step mode and no prefix cache (see the
+    module docstring);
     unset, pipelined on a GPU (as one rank does there) and stepwise on the CPU."""
     pipeline = config.pipeline
     if pipeline is None:
         pipeline = mx.default_device() != mx.cpu
-    return dataclasses.replace(config, pipeline=pipeline)
+    return dataclasses.replace(config, pipeline=pipeline, prefix_cache=False)
 
 
 class ShardedAdapterError(ValueError):
@@ -127,9 +130,10 @@ class LeaderRunner:
                             version, prefill)))
         return self._runner.step(admissions, version, prefill)
 
-    def remove(self, seq_ids):
+    def remove(self, seq_ids, store=None, version=-1):
+        # (no prefix cache on a sharded engine, so `store` has nowhere to go: not sent)
         self.send(("remove", (list(seq_ids),)))
-        return self._runner.remove(seq_ids)
+        return self._runner.remove(seq_ids, store, version)
 
     def reset(self):
         self.send(("reset", ()))

@@ -7,8 +7,8 @@ only when the swap commits. Auth (admin key, or loopback only) is the middleware
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
-import json
 import logging
 import os
 from typing import Optional
@@ -23,11 +23,11 @@ from mlxsup.api.protocol import LoadAdapterRequest
 from mlxsup.config import SWAP_TIMINGS
 from mlxsup.api.uploads import CONFIG_NAME, WEIGHTS_NAME, UploadStore, check_adapter_config, check_safetensors
 from mlxsup.config import SWAP_MODES
+from mlxsup.supervisor.state import read_state
 
 log = logging.getLogger("mlxsup.api")
 
 _CHUNK = 1 << 20
-_STATE_FILE = "adapter_state.json"
 
 
 class SupervisorAdapters:
@@ -56,13 +56,12 @@ class SupervisorAdapters:
             raise ApiError(503, "supervisor_unavailable", str(e), retry_after=2) from None
 
     def committed(self) -> dict:
-        """The committed-adapter state file (written by the supervisor), or {}."""
+        """The committed-adapter state file (written by the supervisor) as a dict, or {}."""
         try:
-            with open(os.path.join(self.run_dir, _STATE_FILE)) as f:
-                data = json.load(f)
-        except (OSError, ValueError):
+            state = read_state(self.run_dir)
+        except ValueError:
             return {}
-        return data if isinstance(data, dict) else {}
+        return {} if state is None else dataclasses.asdict(state)
 
 
 def swap_answer(reply: dict, field: str = "adapter_path") -> dict:

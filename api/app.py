@@ -35,9 +35,7 @@ from mlxsup.api.status import HealthResource, MetricsResource
 from mlxsup.api.textcodec import TextCodec
 from mlxsup.api.uploads import UploadStore
 from mlxsup.api import vllm
-from mlxsup.config import ServerConfig
-
-RUN_DIR_ENV = "MLXSUP_RUN_DIR"
+from mlxsup.config import RUN_DIR_ENV, ServerConfig
 
 
 def config_from_env(environ: Mapping[str, str] = os.environ) -> ServerConfig:

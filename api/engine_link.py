@@ -22,7 +22,6 @@ Errors reach the resources as `ApiError`s: the engine's error codes map to HTTP 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import time
@@ -39,6 +38,8 @@ from mlxsup.api.errors import (
     overloaded,
     unavailable,
 )
+from mlxsup.config import ENGINE_HEARTBEAT_TIMEOUT_S
+from mlxsup.ipc.control import TokenRate
 from mlxsup.ipc.messages import (
     ERR_INTERNAL,
     ERR_INVALID,
@@ -59,7 +60,6 @@ from mlxsup.ipc.messages import (
 log = logging.getLogger("mlxsup.api")
 
 READY_STATES = ("ready", "draining", "paused")  # (paused: requests queue until /resume)
-HEARTBEAT_STALE_S = 10.0  # the supervisor kills an engine silent this long
 TICK_BUSY_S = 0.05
 TICK_IDLE_S = 0.25
 RATE_WINDOW_S = 10.0
@@ -105,7 +105,7 @@ class EngineStatus:
             return False
         if self.supervisor_state in ("restarting", "stopping"):
             return False
-        return self.heartbeat_age_s is None or self.heartbeat_age_s < HEARTBEAT_STALE_S
+        return self.heartbeat_age_s is None or self.heartbeat_age_s < ENGINE_HEARTBEAT_TIMEOUT_S
 
     def why_not_ready(self) -> str:
         if not self.link_open:
@@ -213,9 +213,7 @@ class IpcEngineLink:
         self._tasks: set[asyncio.Task] = set()
         self._opener: Optional[asyncio.Task] = None
         self._watcher: Optional[asyncio.Task] = None
-        self._rate = collections.deque()  # (monotonic, epoch, tokens_generated)
-        self._tokens_per_s = 0.0
-        self._last_status: Optional[EngineStatus] = None
+        self._rate = TokenRate(RATE_WINDOW_S)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -283,7 +281,7 @@ class IpcEngineLink:
             num_requests=snap.num_requests,
             **{k: getattr(snap, k) for k in PREFIX_CACHE_FIELDS},
             engine_restarts=snap.engine_restarts,
-            tokens_per_s=self._tokens_per_s,
+            tokens_per_s=self._rate.tokens_per_s,
             num_inflight=len(self._flights),
             vocab_size=snap.vocab_size or None,
             context_length=snap.context_length or None,
@@ -487,7 +485,7 @@ class IpcEngineLink:
             return
         status = self.status()
         now = time.monotonic()
-        self._sample_rate(now, status)
+        self._rate.sample(now, status.engine_epoch, status.tokens_generated)
         for flight in list(self._flights):
             if (flight.epoch is not None and flight.epoch != status.engine_epoch
                     and not flight.is_orphan_signalled and flight.queue is not None):
@@ -501,19 +499,6 @@ class IpcEngineLink:
                     at = posted.get(tag_key(flight.tag))
                     if at is not None and at >= flight.sent_at - 1.0:
                         self._abort_flight(flight)
-
-    def _sample_rate(self, now: float, status: EngineStatus) -> None:
-        rate = self._rate
-        rate.append((now, status.engine_epoch, status.tokens_generated))
-        while rate and now - rate[0][0] > RATE_WINDOW_S:
-            rate.popleft()
-        then, epoch, tokens = rate[0]
-        if epoch == status.engine_epoch and now - then > 0.5:
-            self._tokens_per_s = max(0.0, (status.tokens_generated - tokens) / (now - then))
-        elif epoch != status.engine_epoch:
-            rate.clear()
-            rate.append((now, status.engine_epoch, status.tokens_generated))
-            self._tokens_per_s = 0.0
 
 
 async def _open_worker_channel(run_dir: str):

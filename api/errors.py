@@ -1,6 +1,6 @@
 """Every error the API answers, as one exception type and the handlers that render it.
 
-The body is always `{"error": {"type", "message", "field"}}` (DESIGN.md "Errors"); the OpenAI
+The body is always `{"error": {"type", "message", "field"}}` (docs/api.md, Errors); the OpenAI
 routes add `param` (= field) and `code` so the official SDK shows the message. Resources raise
 `ApiError`; falcon's own errors (unknown route, wrong method) and anything unexpected are
 rendered by the handlers below into the same shape.

@@ -1,6 +1,6 @@
 """Middleware: start-up/shutdown of the worker's dependencies, and authentication.
 
-Auth rules (DESIGN.md, issue 8):
+Auth rules (docs/api.md, Authentication):
 - `--api-key`: every route but /health needs `Authorization: Bearer <key>` (or `X-API-Key`);
 - `--admin-key`: /load_adapter, /upload_adapter and vLLM's control routes need it (Bearer or `X-Admin-Key`); the admin
   key is accepted wherever the API key is;
@@ -48,7 +48,9 @@ class LifespanMiddleware:
         await self.link.close()
 
 
-def is_loopback(address: Optional[str]) -> bool:
+def is_loopback_peer(address: Optional[str]) -> bool:
+    """Whether a request's peer address (`req.remote_addr`) is this machine (IPv4-mapped
+    IPv6 included; no address is a Unix-socket peer)."""
     if not address:
         return True  # a Unix socket: its file permissions are the access control
     try:
@@ -100,7 +102,7 @@ class AuthMiddleware:
                     raise ApiError(403, "forbidden", "the API key does not open adapter routes; send the admin key")
                 self._require(presented, self.admin_key, what="the admin key")
                 return
-            if not is_loopback(req.remote_addr):
+            if not is_loopback_peer(req.remote_addr):
                 raise ApiError(403, "forbidden", "adapter routes accept loopback clients only when the "
                                "server has no --admin-key")
         if self.api_key is not None:

@@ -34,10 +34,9 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from mlxsup.config import SWAP_MODES
+from mlxsup.config import MAX_N, SWAP_MODES
 
 MAX_PROMPT_CHARS = 4 << 20
-MAX_N = 1024
 MAX_STOP = 16
 MAX_STOP_CHARS = 1024
 MAX_MAX_TOKENS = 1 << 20

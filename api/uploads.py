@@ -15,61 +15,26 @@ import fcntl
 import os
 import secrets
 import shutil
-import struct
 import time
 from typing import Optional
 
 from mlxsup.api.errors import ApiError, invalid
 from mlxsup.api.media import loads
+from mlxsup.safetensors_header import CONFIG_NAME, WEIGHTS_NAME, HeaderError, read_header  # noqa: F401 - names for api/adapters.py
 
-WEIGHTS_NAME = "adapters.safetensors"
-CONFIG_NAME = "adapter_config.json"
 MAX_CONFIG_BYTES = 1 << 20
-MAX_HEADER_BYTES = 100 << 20
 STALE_TMP_S = 3600.0
 LOCK_WAIT_S = 600.0
-
-SAFETENSORS_DTYPES = {"BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32",
-                      "U32", "F32", "F64", "I64", "U64"}
 
 
 def check_safetensors(path: str, field: str = "adapter_weights") -> int:
     """Validate the framing of a safetensors file; return its number of tensors."""
-    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise invalid(field, f"{field} is too short to be a safetensors file")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len == 0 or header_len > MAX_HEADER_BYTES or header_len > size - 8:
-            if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05"):
-                raise invalid(field, f"{field} is a pickle/zip checkpoint; only safetensors is accepted")
-            raise invalid(field, f"{field} is not a safetensors file (bad header length)")
-        header_bytes = f.read(header_len)
-    try:
-        header = loads(header_bytes, what=f"{field} header")
-    except ApiError:
-        raise invalid(field, f"{field} is not a safetensors file (header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise invalid(field, f"{field} is not a safetensors file (header is not an object)")
-    data_len = size - 8 - header_len
-    num = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if not (isinstance(info, dict) and info.get("dtype") in SAFETENSORS_DTYPES
-                and isinstance(info.get("shape"), list)
-                and all(type(d) is int and d >= 0 for d in info["shape"])
-                and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
-                and all(type(o) is int for o in info["data_offsets"])):
-            raise invalid(field, f"{field}: tensor entry {name[:80]!r} is malformed")
-        begin, end = info["data_offsets"]
-        if not (0 <= begin <= end <= data_len):
-            raise invalid(field, f"{field}: tensor {name[:80]!r} lies outside the file (truncated?)")
-        num += 1
-    if num == 0:
-        raise invalid(field, f"{field} holds no tensors")
-    return num
+        try:
+            entries, _ = read_header(f, os.fstat(f.fileno()).st_size)
+        except HeaderError as e:
+            raise invalid(field, f"{field} {e}") from None
+    return len(entries)
 
 
 def check_adapter_config(path: str, field: str = "adapter_config") -> None:

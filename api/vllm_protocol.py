@@ -32,9 +32,8 @@ from mlxsup.api.protocol import (
     _check_vocab,
 )
 from mlxsup.api.openai_protocol import PromptLogprobs, Usage
+from mlxsup.config import MAX_N
 from mlxsup.ipc.messages import LOGPROBS_PROCESSED, LOGPROBS_RAW, MAX_TOP_LOGPROBS
-
-MAX_N = 1024
 
 
 class _Body(RequestBody):

@@ -2,14 +2,15 @@
 
 `adapter_config.json` + `adapters.safetensors`, LoRA or DoRA. This module never imports mlx,
 so the engine process runs it in a background thread while the model keeps generating. The
-safetensors parser is our own (8-byte little-endian header length, a JSON header, then raw
-little-endian data); nothing is unpickled. Every tensor's name, dtype, shape, byte range and
+safetensors header parser is mlxsup.safetensors_header (shared with the API's upload check);
+nothing is unpickled. Every tensor's name, dtype, shape, byte range and
 values are checked against the model's layer table, and the first offending tensor (in file
 order) is named in one `AdapterError`.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -19,13 +20,12 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapters.safetensors"
+from mlxsup.safetensors_header import CONFIG_NAME, WEIGHTS_NAME, HeaderError, read_header
+
 LEAVES = ("lora_a", "lora_b", "m")
 
 # safetensors dtype -> (numpy dtype of the stored bytes, bytes per element)
 _DTYPES = {"F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2)}
-_MAX_HEADER = 100 * 2**20
 
 
 class AdapterError(Exception):
@@ -101,38 +101,6 @@ def _read_config(path: str) -> tuple[str, int, float]:
     return ftype, rank, float(scale)
 
 
-def read_safetensors_header(data: bytes, name: str = WEIGHTS_NAME) -> tuple[list, int]:
-    """Parse the header of a safetensors file held in `data`. Returns the tensor entries
-    `(name, dtype, shape, begin, end)` sorted by their data offset, and where data starts."""
-    if len(data) < 8:
-        _fail(f"{name} is truncated: {len(data)} bytes, not even a header length")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > _MAX_HEADER or 8 + header_len > len(data):
-        _fail(f"{name} is corrupt or truncated: header of {header_len} bytes "
-              f"in a file of {len(data)} bytes")
-    try:
-        header = json.loads(data[8 : 8 + header_len])
-    except ValueError as e:
-        _fail(f"{name} is corrupt: its header is not JSON ({e})")
-    if not isinstance(header, dict):
-        _fail(f"{name} is corrupt: its header is not a JSON object")
-    entries = []
-    for tname, info in header.items():
-        if tname == "__metadata__":
-            continue
-        if not isinstance(info, dict):
-            _fail(f"{name} is corrupt: entry for tensor {tname!r} is not an object")
-        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
-                or not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) and o >= 0 for o in offsets)
-                or offsets[0] > offsets[1]):
-            _fail(f"{name} is corrupt: tensor {tname!r} has a malformed shape or data_offsets")
-        entries.append((tname, dtype, tuple(shape), offsets[0], offsets[1]))
-    entries.sort(key=lambda e: (e[3], e[0]))
-    return entries, 8 + header_len
-
-
 def _to_float32(arr: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "BF16":
         return (arr.astype(np.uint32) << 16).view(np.float32)
@@ -152,10 +120,10 @@ def read_adapter(path: str, layers: Mapping[str, LinearSpec]) -> AdapterFiles:
         _fail(f"{WEIGHTS_NAME} is missing in {path}")
     with open(weights_path, "rb") as f:
         data = f.read()
-    entries, data_start = read_safetensors_header(data)
-    if not entries:
-        _fail(f"{WEIGHTS_NAME} holds no tensors")
-    data_len = len(data) - data_start
+    try:
+        entries, data_start = read_header(io.BytesIO(data), len(data))
+    except HeaderError as e:
+        _fail(f"{WEIGHTS_NAME} {e}")
 
     out = AdapterFiles(path=path, fine_tune_type=ftype, rank=rank, scale=scale)
     found: dict[str, dict[str, np.ndarray]] = {}
@@ -183,9 +151,6 @@ def read_adapter(path: str, layers: Mapping[str, LinearSpec]) -> AdapterFiles:
                   f"{expected} (layer {spec.output_dims}x{spec.input_dims}, rank {rank} "
                   f"from {CONFIG_NAME})")
         np_dtype, itemsize = _DTYPES[dtype]
-        if end > data_len:
-            _fail(f"tensor {tname!r}: its data runs past the end of {WEIGHTS_NAME} "
-                  f"(the file is truncated)")
         if end - begin != math.prod(shape) * itemsize:
             _fail(f"tensor {tname!r}: {end - begin} bytes of data for shape {shape} {dtype}")
         arr = np.frombuffer(data, dtype=np_dtype, count=math.prod(shape),

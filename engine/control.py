@@ -4,34 +4,19 @@ thread). Neither touches MLX."""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import queue
 import socket
 import threading
 import time
-from typing import Optional
+
+from mlxsup.ipc import jsonlines
 
 log = logging.getLogger("mlxsup.engine")
 
 HEARTBEAT_S = 0.1
 STALL_S = 60.0  # the publisher stops the heartbeat when the main loop made no progress this long
-ADAPTER_STATE = "adapter_state.json"
 RECEIVED_AT = "_received_at"  # added to each command: time.perf_counter() when the line was read
-
-
-def read_adapter_state(run_dir: str) -> tuple[Optional[str], Optional[int]]:
-    """(adapter_path, policy_version) committed in the run dir, or (None, None) without one."""
-    try:
-        with open(os.path.join(run_dir, ADAPTER_STATE)) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        return None, None
-    path, version = data.get("adapter_path"), data.get("policy_version", 0)
-    if (path is not None and not isinstance(path, str)) or not isinstance(version, int):
-        raise ValueError(f"{ADAPTER_STATE} has fields of the wrong type")
-    return path, version
 
 
 class Publisher(threading.Thread):
@@ -97,26 +82,16 @@ class ControlLink:
         self._thread.start()
 
     def _read(self) -> None:
-        buf = b""
         try:
-            while True:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    if not line.strip():
-                        continue
-                    try:
-                        msg = json.loads(line)
-                    except ValueError:
-                        log.warning("unreadable control line: %r", line[:200])
-                        continue
-                    if isinstance(msg, dict):
-                        msg[RECEIVED_AT] = time.perf_counter()
-                        self.inbox.put(msg)
-                        self._wake()
+            for line in jsonlines.iter_lines(self.sock):
+                try:
+                    msg = jsonlines.decode(line)
+                except ValueError:
+                    log.warning("unreadable control line: %r", line[:200])
+                    continue
+                msg[RECEIVED_AT] = time.perf_counter()
+                self.inbox.put(msg)
+                self._wake()
         except OSError:
             pass
         self.closed.set()
@@ -124,6 +99,6 @@ class ControlLink:
 
     def send(self, msg: dict) -> None:
         try:
-            self.sock.sendall(json.dumps(msg).encode() + b"\n")
+            self.sock.sendall(jsonlines.encode(msg))
         except OSError as e:
             log.warning("control socket: %s", e)

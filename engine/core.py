@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Optional, Sequence as Seq, Union
 import mlx.core as mx
 import numpy as np
 
+from mlxsup.config import MAX_N, SWAP_MODES
 from mlxsup.ipc.messages import (
     ERR_INTERNAL,
     ERR_TIMEOUT,
@@ -43,13 +44,12 @@ from .postprocess import Postprocessor, decoder_for
 from .prefix_cache import PrefixCache, default_budget_bytes
 from .runner import Admission, ModelRunner, ScoreItem, StepOutput, context_length
 from .sampling import mix_seed
-from .scheduler import SWAP_MODES, QueueFull, Scheduler
+from .scheduler import QueueFull, Scheduler
 from .sequence import RequestState, Sequence, SeqStatus
 
 log = logging.getLogger("mlxsup.engine")
 
 
-MAX_N = 4096  # samples per request; the API allows fewer
 # Cached prefixes shorter than this are not reused (PrefixCache.min_tokens).
 MIN_REUSE_TOKENS = 16
 # A step longer than this is logged (INFO) with its rows, admissions and sampler traces: on a

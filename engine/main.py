@@ -47,7 +47,7 @@ from mlxsup.ipc.messages import (
     SequenceDone,
 )
 
-from .control import RECEIVED_AT, ControlLink, Publisher, read_adapter_state
+from .control import RECEIVED_AT, ControlLink, Publisher
 
 log = logging.getLogger("mlxsup.engine")
 
@@ -382,8 +382,11 @@ def main(argv=None) -> int:
     from .config import EngineConfig
     from .core import Engine
 
-    state_path, state_version = read_adapter_state(args.run_dir)
-    adapter = state_path if state_version is not None else cfg.adapter_path
+    from mlxsup.supervisor.state import read_state
+
+    state = read_state(args.run_dir)
+    state_version = state.policy_version if state is not None else None
+    adapter = state.adapter_path if state is not None else cfg.adapter_path
     model = cfg.model
     if model is None:
         from mlxsup.demo import ensure_demo_model

@@ -41,10 +41,6 @@ class HeapTrimmer:
         self._last = float("-inf")
         self.num_trims = 0
 
-    @property
-    def available(self) -> bool:
-        return self._fn is not None
-
     def trim(self) -> bool:
         """Trim now unless the last trim was less than `min_interval_s` ago; True if trimmed."""
         if self._fn is None:

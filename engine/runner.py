@@ -52,10 +52,8 @@ from . import sampling
 log = logging.getLogger("mlxsup.engine")
 
 # Adaptive step mode (the CPU's default): a run of decode steps longer than SLOW_STEP_S from
-# step to step goes stepwise, one shorter than FAST_STEP_S pipelined. In-process on the 2-core
-# CPU (scripts/bench_pipeline.py) stepwise was 0.81x pipelined on the tiny model at batch 8
-# (steps of ~3 ms) and 0.82x on the demo model at batch 1 (7 ms), about level at 11-25 ms, and
-# 1.01-1.14x on bench75m (40-200 ms). docs/engine.md has the table.
+# step to step goes stepwise, one shorter than FAST_STEP_S pipelined: on the CPU the overlap
+# pays for short steps only (docs/engine.md, step modes, has the measured table).
 SLOW_STEP_S = 0.025
 FAST_STEP_S = 0.015
 
@@ -73,10 +71,9 @@ _SOLO_CACHES = (BatchKVCache,)
 
 # On the CPU, prompts prefilled in one padded pass differ in length by at most this factor (or
 # by _PREFILL_GAP tokens): a 1,000-token prompt admitted with thirty short ones would otherwise
-# pad all of them to 1,000 tokens, and the CPU computes every padded token (mixed lengths
-# 16-1024 on bench75m: 42 -> 83 tokens/s). On a GPU one padded pass stays: padding is nearly
-# free there, while every extra pass costs launches and each new shape a kernel compile (the
-# H100, mixed lengths on a 1B model: 2,384 tokens/s in one pass, 1,317 in groups).
+# pad all of them to 1,000 tokens, and the CPU computes every padded token. On a GPU one padded
+# pass stays: padding is nearly free there, while every extra pass costs launches and each new
+# shape a kernel compile (docs/engine.md has the figures of both).
 _PREFILL_SLACK = 1.25
 _PREFILL_GAP = 32
 

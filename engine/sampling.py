@@ -283,9 +283,9 @@ def _compile_default(on_gpu: bool) -> bool:
 
 # The mixes whose compiled samplers an engine builds when it starts (on a GPU), at one row and
 # at two: greedy and plain sampling. On CUDA a sampler JIT-compiles its kernels on first use, for
-# seconds (about 80 s for three samplers on a fresh H200; MLX keeps them on disk afterwards, in
-# MLX_PTX_CACHE_DIR), and a batch of one row uses other kernels than a batch of two or more. The
-# samplers of top-k and top-p mixes are built when a batch first uses them.
+# seconds (MLX keeps them on disk afterwards, in MLX_PTX_CACHE_DIR; docs/engine.md, "Built at
+# start", has the figures), and a batch of one row uses other kernels than a batch of two or
+# more. The samplers of top-k and top-p mixes are built when a batch first uses them.
 WARM_MIXES = (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0))
 WARM_BATCHES = (1, 2)
 

@@ -8,12 +8,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .sequence import RequestState, Sequence, SeqStatus
+from mlxsup.config import SWAP_ABORT, SWAP_DRAIN, SWAP_INFLIGHT, SWAP_MODES
 
-SWAP_DRAIN = "drain"
-SWAP_ABORT = "abort"
-SWAP_INFLIGHT = "inflight"
-SWAP_MODES = (SWAP_DRAIN, SWAP_ABORT, SWAP_INFLIGHT)
+from .sequence import RequestState, Sequence, SeqStatus
 
 
 # mlx-lm's KV caches grow their buffers by this many positions at a time (KVCache.step).
@@ -135,9 +132,6 @@ class Scheduler:
             raise RuntimeError("a swap is already pending; the supervisor serialises swaps")
         self.pending_swap = PendingSwap(mode, version)
 
-    def cancel_swap(self) -> None:
-        self.pending_swap = None
-
     def _swap_can_commit(self) -> bool:
         swap = self.pending_swap
         if swap is None:
@@ -194,8 +188,8 @@ class Scheduler:
             if inflight and self.running:
                 # The committing step decodes the running rows alone, so the new weights'
                 # first tokens come one decode step after the commit instead of after the
-                # prefill of prompts admitted with it (one 100-token prompt: about 200 ms on
-                # the 2-core CPU against a 32 ms decode step). Those start a step later.
+                # prefill of prompts admitted with it (on the CPU a prompt's prefill can take
+                # several decode steps: docs/benchmarks.md). Those start a step later.
                 return plan
         draining = self.pending_swap is not None or hold  # (only a drain can still be pending)
 

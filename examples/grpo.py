@@ -54,7 +54,6 @@ import json
 import math
 import random
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -71,6 +70,7 @@ from mlx_lm import load as mlx_load
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from mlxsup.client import InferenceClient, as_results
+from mlxsup.supervisor.launcher import free_port
 
 PROMPTS = [
     "What is 12 + 7?",
@@ -692,12 +692,6 @@ def write_reports(cfg: GRPOConfig, records: list, extra: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------- server for --start
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class StartedServer:

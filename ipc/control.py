@@ -13,6 +13,7 @@ dead or stopped); the next writer (a restarted engine) completes the word and ca
 
 from __future__ import annotations
 
+import collections
 import struct
 import time
 from dataclasses import dataclass
@@ -269,3 +270,29 @@ def _pack_region(st: struct.Struct, names: tuple, values: dict) -> bytes:
         return st.pack(*ordered[:-1], len(data), data)
     except struct.error as e:
         raise ValueError(f"control field out of range: {e}") from None
+
+
+class TokenRate:
+    """Generated tokens per second from the control block's `tokens_generated` counter, over
+    the samples of the last `window_s` seconds (the sample at or just before the window's start
+    is the anchor). 0 after an engine restart: the new engine's counter starts again."""
+
+    def __init__(self, window_s: float, min_span_s: float = 0.5):
+        self.window_s = window_s
+        self.min_span_s = min_span_s
+        self.tokens_per_s = 0.0
+        self._samples: "collections.deque[tuple[float, int, int]]" = collections.deque()
+
+    def sample(self, now: float, epoch: int, tokens: int) -> float:
+        """Add a reading at `now` (time.monotonic()); return the current rate."""
+        samples = self._samples
+        if samples and samples[-1][1] != epoch:
+            samples.clear()
+            self.tokens_per_s = 0.0
+        samples.append((now, epoch, tokens))
+        while len(samples) > 2 and now - samples[1][0] >= self.window_s:
+            samples.popleft()
+        then, _, before = samples[0]
+        if now > then and now - then >= self.min_span_s:
+            self.tokens_per_s = max(0.0, (tokens - before) / (now - then))
+        return self.tokens_per_s

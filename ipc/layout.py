@@ -12,6 +12,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 
+from mlxsup.files import write_json_atomic
 from mlxsup.ipc.ring import HEADER_BYTES as RING_HEADER_BYTES
 
 LAYOUT_FILE = "ipc.json"
@@ -119,7 +120,7 @@ class IpcLayout:
         """Write `<run_dir>/ipc.json` atomically (os.replace) so other processes can attach."""
         data = asdict(self)
         del data["run_dir"]  # the directory itself is where the file lives; it may be moved
-        _write_json_atomic(self.layout_path, data)
+        write_json_atomic(self.layout_path, data)
 
     @classmethod
     def load(cls, run_dir: str) -> "IpcLayout":
@@ -136,11 +137,3 @@ class IpcLayout:
             raise ValueError(f"slot {slot} out of range [0, {self.num_slots})")
         return slot
 
-
-def _write_json_atomic(path: str, data) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

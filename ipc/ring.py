@@ -159,9 +159,6 @@ class Ring:
         self._head += size
         return True
 
-    def has_unpublished(self) -> bool:
-        return self._head != self._published
-
     def publish(self) -> bool:
         """Make every frame written so far visible to the consumer. True if anything was new."""
         if self._head == self._published:

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 from mlxsup.ipc.control import ControlBlock
 from mlxsup.ipc.doorbell import make_fifo
-from mlxsup.ipc.layout import IpcLayout, _write_json_atomic
+from mlxsup.files import write_json_atomic
+from mlxsup.ipc.layout import IpcLayout
 from mlxsup.ipc.ring import Ring
 from mlxsup.ipc.shm import close_shm, create_shm, shm_exists, unlink_name, unlink_shm
 
@@ -132,7 +133,7 @@ def shm_free_bytes(shm_dir: str = SHM_DIR) -> int:
 
 
 def _write_manifest(layout: IpcLayout) -> None:
-    _write_json_atomic(
+    write_json_atomic(
         layout.manifest_path,
         {
             "pid": os.getpid(),

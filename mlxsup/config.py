@@ -9,8 +9,21 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+from mlxsup.files import write_atomic
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-SWAP_MODES = ("drain", "abort", "inflight")
+SWAP_DRAIN, SWAP_ABORT, SWAP_INFLIGHT = "drain", "abort", "inflight"
+SWAP_MODES = (SWAP_DRAIN, SWAP_ABORT, SWAP_INFLIGHT)
+MAX_N = 1024  # samples per request, for the API and the engine alike
+RUN_DIR_ENV = "MLXSUP_RUN_DIR"  # set by the supervisor on the engine and the API workers
+# The supervisor kills an engine whose heartbeat is older than this; API workers stop sending
+# to it as soon as it is.
+ENGINE_HEARTBEAT_TIMEOUT_S = 10.0
+# Exit codes of `mlxsup start` and of the supervisor.
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_BOOT_ERROR = 3  # the engine or the API never came up; restarting would only spin
+EXIT_IN_USE = 4  # the port or the run directory is taken
 PIPELINE_MODES = ("auto", "on", "off")
 # Where a swap's time went, as the engine's swap_done and /load_adapter's answer report it:
 # reading the files (another thread), receipt to ready (read + MLX arrays), waiting for the
@@ -111,14 +124,9 @@ class ServerConfig:
         """Write config.json into the run directory atomically; return its path."""
         os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
         path = os.path.join(self.run_dir, "config.json")
-        tmp = path + ".tmp"
         # Owner-only: the file holds --api-key and --admin-key, and a run directory made
         # beforehand (or by an older version) may be readable by other local users.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(self.to_json())
-        os.replace(tmp, path)
+        write_atomic(path, self.to_json(), private=True)
         return path
 
     @classmethod

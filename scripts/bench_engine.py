@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""In-process benchmark of the engine (issue 4), one run, same model and prompts:
+"""In-process benchmark of the engine (docs/engine.md, Benchmark), one run, same model and prompts:
 
   batch     engine tokens/s against a plain mlx-lm BatchGenerator loop at batch 1, 8, 32
             (T=1, every token's log-prob returned by both; prefill included)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The engine's step modes side by side, in one process, on one model (issue 7):
+"""The engine's step modes side by side, in one process, on one model (docs/benchmarks.md):
 
   pipelined  each step queues the next decode step before reading the last one's tokens
              (`--pipeline on`, a GPU's default)

@@ -63,7 +63,7 @@ ALL_WORKLOADS = ("single", "grpo", "mixed", "swap", "multiturn", "shared-prefix"
 DEFAULT_WORKLOADS = "single,grpo,mixed,swap"
 
 PROFILES = {
-    # CPU, the ~75M model: the figures of issue 7.
+    # CPU, the ~75M model: the figures of docs/benchmarks.md.
     "cpu": dict(preset="bench75m", concurrency="1,8,32,128", duration=300.0, grace=120.0,
                 swap_interval=3.0, swap_duration=30.0, mixed_concurrency=32, mixed_requests=64),
     # The lent H100: ~1B bfloat16 model, 128-token completions.
@@ -259,10 +259,9 @@ class Results:
         data = {"meta": self.meta, "systems": self.systems, "cells": self.cells}
         if extra:
             data.update(extra)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1, default=str)
-        os.replace(tmp, path)
+        from mlxsup.files import write_json_atomic  # after the import shim (system_env)
+
+        write_json_atomic(path, data, default=str)
         return path
 
 
@@ -776,7 +775,7 @@ def finish(args, results: Results, meta: dict, gpu: bool) -> int:
     for k, v in failed.items():
         print(f"# {k} FAILED: {v.splitlines()[0] if v else v}")
     if checks:
-        print("# targets (issue 7):")
+        print("# targets (docs/benchmarks.md):")
         for line in checks:
             print(f"#   {line}")
     print()

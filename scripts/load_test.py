@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Load test (issue 8): a burst of requests at high concurrency through several API workers,
+"""Load test (docs/reliability.md, Load test): a burst of requests at high concurrency through several API workers,
 on loopback, against servers this script starts and stops itself.
 
 Two phases, each on its own fresh server (`mlxsup start`, 127.0.0.1, a free port, a temporary
@@ -34,7 +34,6 @@ import contextlib
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,13 +44,9 @@ from typing import Optional
 
 import httpx
 
+from mlxsup.supervisor.launcher import free_port
+
 # ---------------------------------------------------------------------- servers (shared with soak.py)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def mlxsup(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Why does one sequence decode slower in the server's engine process than the same `Engine`
-in-process? (issue 7: concurrency 1 on the GPU against mlx-lm's `generate_step`.)
+in-process? (docs/benchmarks-gpu.md: concurrency 1 on the GPU against mlx-lm's `generate_step`.)
 
 On one host, one model and one prompt, per-token decode time at batch 1 of:
 

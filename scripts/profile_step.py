@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Where a decode step's time goes at small batches (issue 7: concurrency 1 against mlx-lm's
+"""Where a decode step's time goes at small batches (docs/benchmarks.md: concurrency 1 against mlx-lm's
 single-stream `generate_step`).
 
 One process, one model, the same prompt; per-token decode time (first token excluded) of:

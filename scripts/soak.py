@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Soak test (issue 8): N minutes of mixed load with an adapter swap every 10 s, on loopback,
+"""Soak test (docs/reliability.md, Soak): N minutes of mixed load with an adapter swap every 10 s, on loopback,
 against a server this script starts and stops itself. It watches every process of the server
 and fails if any of them grows.
 

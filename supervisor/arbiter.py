@@ -25,7 +25,7 @@ import orjson
 import psutil
 
 from mlxsup.blas import engine_env
-from mlxsup.config import ServerConfig
+from mlxsup.config import ENGINE_HEARTBEAT_TIMEOUT_S, EXIT_BOOT_ERROR, EXIT_ERROR, EXIT_OK, ServerConfig
 from mlxsup.supervisor import ipc_glue, protocol
 from mlxsup.supervisor.backoff import Backoff
 from mlxsup.supervisor.children import (
@@ -39,7 +39,7 @@ from mlxsup.supervisor.children import (
 )
 from mlxsup.supervisor.commands import GUNICORN_GRACEFUL_S, describe_exit, engine_argv, gunicorn_argv
 from mlxsup.supervisor.control_server import ControlServer
-from mlxsup.supervisor.engine_link import EngineGone, EngineLink
+from mlxsup.supervisor.engine_link import EngineControlLink, EngineGone
 from mlxsup.supervisor.health import get_health, is_healthy
 from mlxsup.supervisor.rundir import PID_NAME, log_size, log_tail, write_pid
 from mlxsup.supervisor.state import AdapterState, initial_state, read_state, write_state
@@ -48,14 +48,9 @@ from mlxsup.supervisor.swaps import SwapCoordinator, error_reply
 
 log = logging.getLogger("mlxsup.supervisor")
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_BOOT_ERROR = 3  # the engine or the API never came up; restarting would only spin
-
 TICK_S = 0.25
 ENGINE_BOOT_TIMEOUT_S = 1800.0  # a first start may download the model (a Hugging Face repo id)
 ENGINE_RESTART_TIMEOUT_S = 600.0  # a restart loads from the local cache
-ENGINE_HEARTBEAT_TIMEOUT_S = 10.0
 ENGINE_STOP_TIMEOUT_S = 60.0
 MAX_ENGINE_BOOT_FAILURES = 5  # consecutive restarts that never became ready
 API_BOOT_TIMEOUT_S = 120.0
@@ -90,7 +85,7 @@ class Arbiter:
 
         self.engine: Optional[Child] = None
         self.gunicorn: Optional[Child] = None
-        self.link: Optional[EngineLink] = None
+        self.link: Optional[EngineControlLink] = None
         self.epoch = 0
         self.engine_restarts = 0
         self.is_engine_ready = False
@@ -270,7 +265,7 @@ class Arbiter:
         self.is_engine_ready = False
         self.engine_ready_event.clear()
         self.engine_restart_at = None
-        self.link = EngineLink(ours, self.epoch, self.on_engine_ready,
+        self.link = EngineControlLink(ours, self.epoch, self.on_engine_ready,
                                lambda msg: self.swaps.note_first_token(msg))
         self._spawn_task(self.link.start())
         self._record_children()
@@ -526,7 +521,7 @@ class Arbiter:
             return {"ok": True}
         return error_reply("bad_request", f"unknown op {op!r}; expected reload_adapter, reset_prefix_cache, status or stop")
 
-    async def _ready_link(self) -> Optional[EngineLink]:
+    async def _ready_link(self) -> Optional[EngineControlLink]:
         """The link of a ready engine, waiting for a restarting one; None when stopping."""
         deadline = time.monotonic() + SWAP_ENGINE_WAIT_S
         while self.is_running and not self.is_stopping and time.monotonic() < deadline:

@@ -20,8 +20,10 @@ from typing import Optional, Sequence
 
 import psutil
 
+from mlxsup.config import RUN_DIR_ENV
+from mlxsup.files import write_json_atomic
+
 CHILDREN_NAME = "children.json"
-RUN_DIR_ENV = "MLXSUP_RUN_DIR"  # read by the engine and the API workers
 # Set only by the supervisor on its children, to find their leftovers; a user's shell may
 # well export MLXSUP_RUN_DIR, and must never be taken for a leftover.
 MARK_ENV = "MLXSUP_SUPERVISED_RUN_DIR"
@@ -110,11 +112,7 @@ def write_children(run_dir: str, children: Sequence[Child]) -> None:
         except psutil.Error:
             continue
         records.append({"role": child.role, "pid": child.pid, "create_time": create_time})
-    path = os.path.join(run_dir, CHILDREN_NAME)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(records, f)
-    os.replace(tmp, path)
+    write_json_atomic(os.path.join(run_dir, CHILDREN_NAME), records, indent=None)
 
 
 def orphans(run_dir: str) -> list[psutil.Process]:

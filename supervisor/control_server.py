@@ -9,9 +9,7 @@ import logging
 import os
 from typing import Awaitable, Callable, Optional
 
-import orjson
-
-from mlxsup.supervisor.protocol import MAX_LINE
+from mlxsup.ipc import jsonlines
 from mlxsup.supervisor.swaps import error_reply
 
 log = logging.getLogger("mlxsup.supervisor")
@@ -28,7 +26,7 @@ class ControlServer:
     async def start(self) -> None:
         if os.path.lexists(self.path):
             os.unlink(self.path)
-        self._server = await asyncio.start_unix_server(self._serve, path=self.path, limit=MAX_LINE)
+        self._server = await asyncio.start_unix_server(self._serve, path=self.path, limit=jsonlines.MAX_LINE)
         os.chmod(self.path, 0o600)
 
     def close(self) -> None:
@@ -40,14 +38,12 @@ class ControlServer:
         try:
             line = await reader.readline()
             try:
-                request = orjson.loads(line)
-                if not isinstance(request, dict):
-                    raise ValueError("not an object")
-            except (ValueError, orjson.JSONDecodeError) as e:
+                request = jsonlines.decode(line)
+            except ValueError as e:
                 reply = error_reply("bad_request", f"one JSON object per line expected: {e}")
             else:
                 reply = await self._handle(request)
-            writer.write(orjson.dumps(reply) + b"\n")
+            writer.write(jsonlines.encode(reply))
             await writer.drain()
         except (OSError, ValueError, asyncio.LimitOverrunError):
             pass  # the client went away or sent a line too long to read

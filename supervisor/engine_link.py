@@ -10,22 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import socket
 from typing import Callable, Optional
 
-log = logging.getLogger("mlxsup.supervisor")
+from mlxsup.ipc import jsonlines
 
-MAX_LINE = 1 << 20
+log = logging.getLogger("mlxsup.supervisor")
 
 
 class EngineGone(Exception):
     """The engine's end of the channel closed (it exited or was killed)."""
 
 
-class EngineLink:
-    """Reads the engine's lines in a task; `swap` and `stop` write commands to it."""
+class EngineControlLink:
+    """The supervisor's end of one engine's control socket (not the API workers' `EngineLink`,
+    which carries requests over shared memory). Reads the engine's lines in a task; `swap`
+    and `stop` write commands to it."""
 
     def __init__(self, sock: socket.socket, epoch: int, on_ready: Callable[[dict], None],
                  on_first_token: Optional[Callable[[dict], None]] = None):
@@ -40,28 +41,22 @@ class EngineLink:
         self.closed = False
 
     async def start(self) -> None:
-        reader, self._writer = await asyncio.open_connection(sock=self.sock, limit=MAX_LINE)
+        reader, self._writer = await asyncio.open_connection(sock=self.sock, limit=jsonlines.MAX_LINE)
         self._task = asyncio.create_task(self._read(reader), name=f"engine-link-{self.epoch}")
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
                 try:
-                    line = await reader.readline()
-                except (ValueError, asyncio.LimitOverrunError):
-                    log.error("engine (epoch %d) sent a line longer than %d bytes", self.epoch, MAX_LINE)
+                    msg = await jsonlines.read_message(reader)
+                except ValueError as e:
+                    log.warning("engine (epoch %d) sent an unreadable line: %s", self.epoch, e)
                     continue
                 except OSError:
                     break
-                if not line:
+                if msg is None:
                     break
-                try:
-                    msg = json.loads(line)
-                except ValueError:
-                    log.warning("engine (epoch %d) sent an unreadable line: %r", self.epoch, line[:200])
-                    continue
-                if isinstance(msg, dict):
-                    self._dispatch(msg)
+                self._dispatch(msg)
         finally:
             self._fail_pending()
 
@@ -90,7 +85,7 @@ class EngineLink:
     def _send(self, msg: dict) -> None:
         if self.closed or self._writer is None or self._writer.is_closing():
             raise EngineGone(f"engine epoch {self.epoch} is not connected")
-        self._writer.write(json.dumps(msg).encode() + b"\n")
+        self._writer.write(jsonlines.encode(msg))
 
     async def swap(self, path: Optional[str], mode: str, version: int) -> dict:
         """Ask the engine to commit `path` as `version`; return its swap_done message."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-from mlxsup.ipc.control import ControlBlock, ControlSnapshot, prefix_cache_json
+from mlxsup.ipc.control import ControlBlock, TokenRate, prefix_cache_json
 from mlxsup.ipc.layout import IpcLayout
 from mlxsup.ipc.segments import create_ipc
 
@@ -17,14 +17,10 @@ class SupervisorIpc:
         self.layout = layout
         self.resources = create_ipc(layout)
         self.control: ControlBlock = self.resources.control
-        self._tokens_at: Optional[tuple[float, int, int]] = None  # (time, epoch, tokens)
-        self.tokens_per_s = 0.0
+        self._rate = TokenRate(window_s=0.0, min_span_s=0.0)  # from one sample to the next
 
     def write_supervisor(self, pid: int, state: str, engine_restarts: int) -> None:
         self.control.write(supervisor_pid=pid, supervisor_state=state, engine_restarts=engine_restarts)
-
-    def snapshot(self) -> ControlSnapshot:
-        return self.control.read()
 
     def heartbeat_age_s(self) -> Optional[float]:
         """Seconds since the engine last wrote the control block (None if it never did)."""
@@ -36,14 +32,11 @@ class SupervisorIpc:
     def sample_throughput(self) -> None:
         """Update `tokens_per_s` from the engine's generated-token counter."""
         snap = self.control.read()
-        now = time.monotonic()
-        if self._tokens_at is not None:
-            then, epoch, tokens = self._tokens_at
-            if epoch == snap.engine_epoch and now > then:
-                self.tokens_per_s = max(0.0, (snap.tokens_generated - tokens) / (now - then))
-            else:
-                self.tokens_per_s = 0.0
-        self._tokens_at = (now, snap.engine_epoch, snap.tokens_generated)
+        self._rate.sample(time.monotonic(), snap.engine_epoch, snap.tokens_generated)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self._rate.tokens_per_s
 
     def engine_stats(self) -> dict:
         snap = self.control.read()

@@ -24,7 +24,7 @@ import traceback
 from typing import Callable, Optional
 
 from mlxsup.blas import blas_warning
-from mlxsup.config import ServerConfig
+from mlxsup.config import EXIT_BOOT_ERROR, EXIT_ERROR, EXIT_IN_USE, EXIT_OK, ServerConfig
 from mlxsup.supervisor import protocol
 from mlxsup.supervisor.children import kill_all, orphans
 from mlxsup.supervisor.rundir import (
@@ -39,10 +39,6 @@ from mlxsup.supervisor.rundir import (
 
 log = logging.getLogger("mlxsup.supervisor")
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_BOOT_ERROR = 3
-EXIT_IN_USE = 4
 START_WAIT_S = 2000.0  # the supervisor itself gives up on an engine not ready after 1800 s
 STOP_WAIT_S = 120.0
 
@@ -111,7 +107,16 @@ def check_port(host: str, port: int) -> None:
             raise StartError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
 
 
-def is_loopback(host: str) -> bool:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on at `host` now (for the tests, scripts and examples that
+    start servers of their own)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether listening on `host` (a name or address from --host) stays on this machine."""
     if host in ("localhost",):
         return True
     try:
@@ -123,7 +128,7 @@ def is_loopback(host: str) -> bool:
 def exposure_warning(config: ServerConfig) -> Optional[str]:
     """What anyone who can reach the port may do, when the server listens beyond loopback
     without keys; None when nothing is exposed."""
-    if is_loopback(config.host):
+    if is_loopback_host(config.host):
         return None
     open_routes = []
     if config.api_key is None:

@@ -11,10 +11,9 @@ import asyncio
 import os
 import socket
 
-import orjson
+from mlxsup.ipc import jsonlines
 
 SOCKET_NAME = "control.sock"
-MAX_LINE = 1 << 20
 
 
 class ControlError(Exception):
@@ -32,22 +31,18 @@ def call(run_dir: str, request: dict, timeout: float = 30.0) -> dict:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(path)
-            sock.sendall(orjson.dumps(request) + b"\n")
-            buf = bytearray()
-            while not buf.endswith(b"\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-                if len(buf) > MAX_LINE:
-                    raise ControlError("reply from the supervisor is too long")
+            sock.sendall(jsonlines.encode(request))
+            try:
+                line = next(jsonlines.iter_lines(sock, jsonlines.MAX_LINE), b"")
+            except ValueError as e:
+                raise ControlError(f"reply from the supervisor is too long: {e}") from None
     except (FileNotFoundError, ConnectionRefusedError) as e:
         raise ControlError(f"no supervisor is listening at {path}: {e}") from e
     except socket.timeout as e:
         raise ControlError(f"the supervisor did not answer within {timeout:.0f} s") from e
     except OSError as e:
         raise ControlError(f"control socket {path}: {e}") from e
-    return _parse(buf)
+    return _parse(line)
 
 
 async def acall(run_dir: str, request: dict, timeout: float = 30.0) -> dict:
@@ -55,14 +50,14 @@ async def acall(run_dir: str, request: dict, timeout: float = 30.0) -> dict:
     path = socket_path(run_dir)
     try:
         reader, writer = await asyncio.wait_for(
-            asyncio.open_unix_connection(path, limit=MAX_LINE), timeout
+            asyncio.open_unix_connection(path, limit=jsonlines.MAX_LINE), timeout
         )
     except (FileNotFoundError, ConnectionRefusedError) as e:
         raise ControlError(f"no supervisor is listening at {path}: {e}") from e
     except (asyncio.TimeoutError, OSError) as e:
         raise ControlError(f"control socket {path}: {e!r}") from e
     try:
-        writer.write(orjson.dumps(request) + b"\n")
+        writer.write(jsonlines.encode(request))
         await writer.drain()
         line = await asyncio.wait_for(reader.readline(), timeout)
     except asyncio.TimeoutError as e:
@@ -76,9 +71,6 @@ async def acall(run_dir: str, request: dict, timeout: float = 30.0) -> dict:
 
 def _parse(line: bytes) -> dict:
     try:
-        reply = orjson.loads(line)
-    except orjson.JSONDecodeError as e:
-        raise ControlError(f"unreadable reply from the supervisor: {bytes(line[:200])!r}") from e
-    if not isinstance(reply, dict):
-        raise ControlError("reply from the supervisor is not an object")
-    return reply
+        return jsonlines.decode(line)
+    except ValueError as e:
+        raise ControlError(f"unreadable reply from the supervisor ({e}): {bytes(line[:200])!r}") from None

@@ -13,6 +13,7 @@ import logging
 import os
 from typing import Optional
 
+from mlxsup.files import write_atomic
 from mlxsup.supervisor import protocol
 from mlxsup.supervisor.children import CHILDREN_NAME, kill_all, orphans
 
@@ -57,11 +58,7 @@ def read_pid(run_dir: str) -> Optional[int]:
 
 
 def write_pid(run_dir: str) -> None:
-    path = os.path.join(run_dir, PID_NAME)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(tmp, path)
+    write_atomic(os.path.join(run_dir, PID_NAME), f"{os.getpid()}\n")
 
 
 def cleanup_stale(run_dir: str) -> list[str]:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
+
+from mlxsup.files import write_json_atomic
 
 STATE_NAME = "adapter_state.json"
 
@@ -27,6 +29,7 @@ class AdapterState:
     adapter_path: Optional[str] = None
     policy_version: int = 0
     max_issued_version: int = 0
+    committed_at: Optional[float] = field(default=None, compare=False)  # time.time() of the write
 
     def __post_init__(self):
         if self.policy_version < 0:
@@ -44,7 +47,9 @@ def state_path(run_dir: str) -> str:
 
 
 def read_state(run_dir: str) -> Optional[AdapterState]:
-    """The committed state, or None when the run dir has none (a first start)."""
+    """The committed state, or None when the run dir has none (a first start); ValueError
+    for a file that is unreadable or has fields of the wrong type. The one reader of the file:
+    the supervisor, the engine (at start) and the API's GET /adapter use it."""
     try:
         with open(state_path(run_dir)) as f:
             data = json.load(f)
@@ -61,24 +66,23 @@ def read_state(run_dir: str) -> Optional[AdapterState]:
     issued = data.get("max_issued_version", version)
     if not isinstance(issued, int) or isinstance(issued, bool):
         issued = version
-    return AdapterState(adapter_path=path, policy_version=version, max_issued_version=issued)
+    committed_at = data.get("committed_at")
+    if not isinstance(committed_at, (int, float)) or isinstance(committed_at, bool):
+        committed_at = None
+    return AdapterState(adapter_path=path, policy_version=version, max_issued_version=issued,
+                        committed_at=committed_at)
 
 
 def write_state(run_dir: str, state: AdapterState) -> None:
     """Replace the state file atomically (write a temporary file, fsync, os.replace)."""
     path = state_path(run_dir)
-    tmp = f"{path}.{os.getpid()}.tmp"
     body = {
         "adapter_path": state.adapter_path,
         "policy_version": state.policy_version,
         "max_issued_version": state.max_issued_version,
         "committed_at": time.time(),
     }
-    with open(tmp, "w") as f:
-        json.dump(body, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(path, body, indent=2)
 
 
 def initial_state(previous: Optional[AdapterState], adapter_path: Optional[str]) -> AdapterState:

@@ -15,7 +15,7 @@ import os
 from typing import Awaitable, Callable, Optional
 
 from mlxsup.config import FIRST_TOKEN_FIELDS, SWAP_MODES, SWAP_TIMINGS
-from mlxsup.supervisor.engine_link import EngineGone, EngineLink
+from mlxsup.supervisor.engine_link import EngineControlLink, EngineGone
 from mlxsup.supervisor.state import AdapterState, write_state
 
 log = logging.getLogger("mlxsup.supervisor")
@@ -78,7 +78,7 @@ class SwapCoordinator:
         self,
         path,
         mode,
-        ready_link: Callable[[], Awaitable[Optional[EngineLink]]],
+        ready_link: Callable[[], Awaitable[Optional[EngineControlLink]]],
     ) -> dict:
         """Swap to the adapter at `path` (None: the base model) in `mode`; the reply is the
         control socket's (`ok`, `policy_version`, ... or `ok: false` with `error`).

@@ -33,7 +33,7 @@ def _lse(z):
 
 def reference_logprob(row, token, params, history, mode):
     """(log-prob of `token`, distance of this row to a truncation border) for one position,
-    in float64, following DESIGN.md / docs/engine.md."""
+    in float64, following docs/engine.md (Sampling and log-probabilities)."""
     row = np.array(row, dtype=np.float64)
     if mode == "raw":
         return row[token] - _lse(row), np.inf

@@ -18,15 +18,10 @@ import numpy as np
 
 from mlxsup.supervisor import protocol
 from mlxsup.supervisor.children import orphans
+from mlxsup.supervisor.launcher import free_port  # noqa: F401 - the tests import it from here
 from mlxsup.supervisor.rundir import is_owned
 
 SHM = "/dev/shm"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def mlxsup(*args, timeout=120, check=False, env=None) -> subprocess.CompletedProcess:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ import httpx
 import pytest
 
 from mlxsup.config import ServerConfig
+from mlxsup.supervisor.launcher import free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -68,12 +68,6 @@ def test_asgi_entry_point_needs_the_run_dir(tmp_path):
 
 
 # ---------------------------------------------------------------------- under gunicorn
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class HandEngine(threading.Thread):

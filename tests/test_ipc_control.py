@@ -133,3 +133,20 @@ def test_writer_killed_mid_write_reads_as_down_then_recovers(block, monkeypatch)
     block.write(engine_state="starting", engine_epoch=2)  # the next engine completes the word
     snap = block.read()
     assert (snap.engine_state, snap.engine_epoch, snap.policy_version) == ("starting", 2, 4)
+
+
+def test_token_rate_over_a_window_and_after_a_restart():
+    from mlxsup.ipc.control import TokenRate
+
+    rate = TokenRate(window_s=10.0)
+    assert rate.sample(100.0, 1, 0) == 0.0
+    assert rate.sample(100.2, 1, 50) == 0.0  # under min_span_s: no figure yet
+    assert rate.sample(102.0, 1, 500) == pytest.approx(250.0)
+    for t in range(3, 30):
+        rate.sample(100.0 + t, 1, 500 + 100 * (t - 2))  # 100 tokens/s from here on
+    assert rate.tokens_per_s == pytest.approx(100.0)  # the early 250 tokens/s left the window
+    assert rate.sample(130.0, 2, 10) == 0.0  # a new engine: its counter starts again
+    step = TokenRate(window_s=0.0, min_span_s=0.0)  # the supervisor's: sample to sample
+    step.sample(0.0, 1, 0)
+    step.sample(2.0, 1, 100)
+    assert step.sample(4.0, 1, 500) == pytest.approx(200.0)

@@ -1,4 +1,4 @@
-"""Adapters over real HTTP, real processes (issue 8, Faults):
+"""Adapters over real HTTP, real processes (docs/reliability.md):
 
 - broken adapters (truncated or corrupt safetensors, wrong shapes, another model's adapter,
   missing or broken config, a path that is a file, an empty directory, a pickle, NaN weights):

@@ -1,4 +1,4 @@
-"""Faults over real HTTP and real processes (issue 8), complementing tests/test_e2e_faults.py
+"""Faults over real HTTP and real processes (docs/reliability.md), complementing tests/test_e2e_faults.py
 (engine SIGKILL under load, API worker SIGKILL) and tests/test_e2e_lifecycle.py (supervisor
 SIGKILL with no load):
 

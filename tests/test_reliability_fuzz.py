@@ -1,4 +1,4 @@
-"""Bad input over real HTTP against a running server (issue 8, Bad input): hypothesis-driven
+"""Bad input over real HTTP against a running server (docs/reliability.md): hypothesis-driven
 bodies for /generate, /score, /load_adapter, /upload_adapter and the OpenAI routes (wrong
 types, missing and unknown fields, huge and negative numbers, NaN and Infinity, invalid UTF-8,
 lone surrogates, deep JSON, empty and enormous prompts, prompts longer than the context, token

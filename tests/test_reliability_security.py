@@ -1,4 +1,4 @@
-"""Security over real HTTP, real processes (issue 8, Security), complementing
+"""Security over real HTTP, real processes (docs/reliability.md), complementing
 tests/test_api_security.py (the app through falcon's TestClient, with a simulated peer address)
 and tests/test_e2e_lifecycle.py (the 0.0.0.0 warning without keys):
 

@@ -63,6 +63,7 @@ def test_state_roundtrip_and_atomic_write(tmp_path):
     assert sorted(os.listdir(run_dir)) == ["adapter_state.json"]  # no temporary file left
     data = json.loads((tmp_path / "adapter_state.json").read_text())
     assert data["adapter_path"] is None and data["policy_version"] == 4
+    assert state.committed_at == data["committed_at"]  # what GET /adapter reports as loaded_at
 
 
 def test_state_file_unreadable_is_an_error(tmp_path):

@@ -17,17 +17,12 @@ import pytest
 
 from mlxsup.supervisor import protocol
 from mlxsup.supervisor.children import orphans
+from mlxsup.supervisor.launcher import free_port
 from mlxsup.supervisor.rundir import is_owned
 
 pytestmark = pytest.mark.timeout(120)
 
 FAKES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "supervisor_fakes.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(run_dir, port, env=None, foreground=False, **kw):

@@ -1,4 +1,4 @@
-"""Figures from request records, the summary table, the targets of issue 7, and the plot."""
+"""Figures from request records, the summary table, the targets of docs/benchmarks.md, and the plot."""
 
 from __future__ import annotations
 

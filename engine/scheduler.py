@@ -132,6 +132,10 @@ class Scheduler:
             raise RuntimeError("a swap is already pending; the supervisor serialises swaps")
         self.pending_swap = PendingSwap(mode, version)
 
+    def cancel_swap(self) -> None:
+        """Drop the pending swap (a keep pause commits it at once: nothing runs to wait for)."""
+        self.pending_swap = None
+
     def _swap_can_commit(self) -> bool:
         swap = self.pending_swap
         if swap is None:

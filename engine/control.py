@@ -34,6 +34,20 @@ def read_adapter_state(run_dir: str) -> tuple[Optional[str], Optional[int]]:
     return path, version
 
 
+def read_weight_dirs(run_dir: str) -> tuple:
+    """The committed weight updates' directories, oldest first (replayed at start)."""
+    try:
+        with open(os.path.join(run_dir, ADAPTER_STATE)) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return ()
+    entries = data.get("weights") or []
+    if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("path"), str) for e in entries):
+        raise ValueError(f"{ADAPTER_STATE}: weights must be a list of {{path, tensors}}")
+    return tuple(e["path"] for e in entries)
+
+
 class Publisher(threading.Thread):
     """Writes the engine's fields into the control block (its only writer)."""
 

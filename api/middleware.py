@@ -2,7 +2,8 @@
 
 Auth rules (DESIGN.md, issue 8):
 - `--api-key`: every route but /health needs `Authorization: Bearer <key>` (or `X-API-Key`);
-- `--admin-key`: /load_adapter and /upload_adapter need it (Bearer or `X-Admin-Key`); the admin
+- `--admin-key`: the adapter and weight routes (/load_adapter, /upload_adapter, /update_weights,
+  /upload_weights) need it (Bearer or `X-Admin-Key`); the admin
   key is accepted wherever the API key is;
 - without an admin key the adapter routes accept loopback clients only (the TCP peer address,
   never a forwarded header);
@@ -24,7 +25,7 @@ from mlxsup.api.errors import ApiError
 log = logging.getLogger("mlxsup.api")
 
 OPEN_ROUTES = frozenset({"/health"})
-ADMIN_ROUTES = frozenset({"/load_adapter", "/upload_adapter"})
+ADMIN_ROUTES = frozenset({"/load_adapter", "/upload_adapter", "/update_weights", "/upload_weights"})
 
 
 class LifespanMiddleware:

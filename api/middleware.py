@@ -2,7 +2,8 @@
 
 Auth rules (docs/api.md, Authentication):
 - `--api-key`: every route but /health needs `Authorization: Bearer <key>` (or `X-API-Key`);
-- `--admin-key`: /load_adapter and /upload_adapter need it (Bearer or `X-Admin-Key`); the admin
+- `--admin-key`: the adapter, prefix-cache and weight routes (/load_adapter, /upload_adapter,
+  /reset_prefix_cache, /update_weights, /upload_weights) need it (Bearer or `X-Admin-Key`); the admin
   key is accepted wherever the API key is;
 - without an admin key the adapter routes accept loopback clients only (the TCP peer address,
   never a forwarded header);
@@ -24,7 +25,8 @@ from mlxsup.api.errors import ApiError
 log = logging.getLogger("mlxsup.api")
 
 OPEN_ROUTES = frozenset({"/health"})
-ADMIN_ROUTES = frozenset({"/load_adapter", "/upload_adapter", "/reset_prefix_cache"})
+ADMIN_ROUTES = frozenset({"/load_adapter", "/upload_adapter", "/reset_prefix_cache", "/update_weights",
+                          "/upload_weights"})
 
 
 class LifespanMiddleware:

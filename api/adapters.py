@@ -38,11 +38,16 @@ class SupervisorAdapters:
         self.timeout_s = timeout_s
 
     async def reload(self, path: Optional[str], mode: str) -> dict:
+        return await self.call({"op": "reload_adapter", "path": path, "mode": mode})
+
+    async def update_weights(self, path: str, mode: str, move: bool = False) -> dict:
+        return await self.call({"op": "update_weights", "path": path, "mode": mode, "move": move})
+
+    async def call(self, request: dict) -> dict:
         from mlxsup.supervisor.protocol import ControlError, acall
 
         try:
-            return await acall(self.run_dir, {"op": "reload_adapter", "path": path, "mode": mode},
-                               timeout=self.timeout_s)
+            return await acall(self.run_dir, request, timeout=self.timeout_s)
         except ControlError as e:
             raise ApiError(503, "supervisor_unavailable", str(e), retry_after=2) from None
 
@@ -90,22 +95,24 @@ def swap_answer(reply: dict, field: str = "adapter_path") -> dict:
     raise return_error
 
 
-def resolve_adapter_path(path: str, adapter_root: Optional[str]) -> str:
-    """The real path of `path` (symlinks resolved), which must lie inside `adapter_root`."""
+def resolve_adapter_path(path: str, adapter_root: Optional[str], field: str = "adapter_path") -> str:
+    """The real path of `path` (symlinks resolved), which must lie inside `adapter_root`.
+    `field` names the request field in errors (weight_dir for /update_weights)."""
     if "\x00" in path:
-        raise invalid("adapter_path", "adapter_path contains a NUL character")
+        raise invalid(field, f"{field} contains a NUL character")
+    what = "adapter path" if field == "adapter_path" else field
     expanded = os.path.expanduser(path)
     if adapter_root is not None:
         root = os.path.realpath(adapter_root)
         real = os.path.realpath(os.path.join(root, expanded))
         if os.path.commonpath([real, root]) != root:
-            raise ApiError(403, "forbidden", "adapter_path resolves outside --adapter-root", "adapter_path")
+            raise ApiError(403, "forbidden", f"{field} resolves outside --adapter-root", field)
     else:
         real = os.path.realpath(expanded)
     if not os.path.exists(real):
-        raise not_found(f"adapter path {path} does not exist", "adapter_path")
+        raise not_found(f"{what} {path} does not exist", field)
     if not os.path.isdir(real):
-        raise invalid("adapter_path", f"adapter path {path} is not a directory")
+        raise invalid(field, f"{what} {path} is not a directory")
     return real
 
 

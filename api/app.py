@@ -35,6 +35,7 @@ from mlxsup.api.status import HealthResource, MetricsResource
 from mlxsup.api.textcodec import TextCodec
 from mlxsup.api.uploads import UploadStore
 from mlxsup.api import vllm
+from mlxsup.api.weights import UpdateWeightsResource, UploadWeightsResource
 from mlxsup.config import RUN_DIR_ENV, ServerConfig
 
 
@@ -87,6 +88,9 @@ def create_app(
                                                            config.max_upload_mb << 20))
     app.add_route("/adapter", AdapterResource(adapters, link))
     app.add_route("/reset_prefix_cache", ResetPrefixCacheResource(adapters))
+    app.add_route("/update_weights", UpdateWeightsResource(adapters, config.adapter_root))
+    app.add_route("/upload_weights", UploadWeightsResource(adapters, UploadStore(config.run_dir),
+                                                           config.max_upload_mb << 20))
     app.add_route("/health", HealthResource(link, codecs))
     app.add_route("/metrics", MetricsResource(link, config))
     app.add_route("/openapi.json", OpenApiResource(config))

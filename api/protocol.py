@@ -317,6 +317,13 @@ class LoadAdapterRequest(RequestBody):
     mode: Literal[SWAP_MODES] = "drain"  # type: ignore[valid-type]
 
 
+class UpdateWeightsRequest(RequestBody):
+    weight_dir: Text(4096, 1) = Field(  # type: ignore[valid-type]
+        description="directory of safetensors files holding any subset of the model's parameters "
+                    "(vLLM's and prime-rl's field)")
+    mode: Literal[SWAP_MODES] = "drain"  # type: ignore[valid-type]
+
+
 class AbortRequest(RequestBody):
     request_id: Text(MAX_ID_CHARS, 1)
 
@@ -393,6 +400,20 @@ class SwapResult(ResponseBody):
     read_ms: Optional[float] = Field(description="reading and validating the adapter files")
     prepare_ms: Optional[float] = Field(description="from the engine's receipt of the swap until it could "
                                                     "commit (read included)")
+    wait_ms: Optional[float] = Field(description="waiting for the step boundary (drain: for in-flight sequences)")
+    commit_ms: Optional[float] = Field(description="the commit itself")
+
+
+class WeightsResult(ResponseBody):
+    status: Literal["success"]
+    policy_version: int
+    message: str
+    weight_dir: Optional[str] = Field(description="the directory given (upload: the server's copy)")
+    num_tensors: int = Field(description="parameters replaced")
+    mode: Optional[str]
+    read_ms: Optional[float] = Field(description="reading and checking the files (framing, finite values)")
+    prepare_ms: Optional[float] = Field(description="from the engine's receipt of the update until it could "
+                                                    "commit (read, name/shape/dtype checks, MLX arrays)")
     wait_ms: Optional[float] = Field(description="waiting for the step boundary (drain: for in-flight sequences)")
     commit_ms: Optional[float] = Field(description="the commit itself")
 

@@ -38,7 +38,7 @@ STATUS_TEXT = {
     404: "not found (error.field names what)",
     413: "the body is too large",
     415: "not multipart/form-data",
-    409: "aborted (POST /abort) while the engine restarted",
+    409: "aborted (POST /abort) while the engine restarted; weight routes: an adapter is loaded",
     422: "the request is invalid (error.field names the field by its path), or the engine died twice "
          "with it in flight (request_refused)",
     503: "overloaded, the engine (re)starting, or the supervisor busy: retry after Retry-After seconds",
@@ -111,6 +111,28 @@ def _routes() -> list[Route]:
               }),
         Route("/reset_prefix_cache", "post", "Drop every prefix-cache entry (running sequences keep their KV)",
               _json(_ref(p.ResetPrefixCacheResult)), (401, 403, 503), security="admin", ok_text="dropped"),
+        Route("/update_weights", "post",
+              "Replace model weights (all or any subset) from safetensors files on the server's disk",
+              _json(_ref(p.WeightsResult)), (*API, 403, 404, 409, 503), body=p.UpdateWeightsRequest,
+              security="admin", ok_text="committed"),
+        Route("/upload_weights", "post",
+              "Upload safetensors files (all of the model's parameters or any subset) and commit them",
+              _json(_ref(p.WeightsResult)), (400, 401, 403, 409, 413, 415, 422, 503), security="admin",
+              ok_text="committed",
+              extra={
+                  "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                      "type": "object",
+                      "properties": {
+                          "weights": {"type": "array", "items": {"type": "string", "format": "binary"},
+                                      "description": "one or more safetensors files"},
+                          "mode": {"enum": list(SWAP_MODES), "default": "drain"},
+                      },
+                      "required": ["weights"],
+                      "additionalProperties": False,
+                  }}}},
+                  "parameters": [{"name": "mode", "in": "query", "required": False,
+                                  "schema": {"enum": list(SWAP_MODES)}}],
+              }),
         Route("/adapter", "get", "The adapter being served", _json(_ref(p.AdapterState)), (401,)),
         Route("/health", "get", "Health (no key needed)", _json(_ref(p.Health)), (503,), security="none",
               ok_text="engine ready"),
@@ -163,7 +185,7 @@ def _routes() -> list[Route]:
 
 
 RESPONSE_MODELS = (
-    p.GenerateResult, p.GenerateResults, p.ScoreResult, p.AbortResult, p.SwapResult, p.AdapterState,
+    p.GenerateResult, p.GenerateResults, p.ScoreResult, p.AbortResult, p.SwapResult, p.WeightsResult, p.AdapterState,
     p.ResetPrefixCacheResult,
     p.Health, p.Unhealthy, p.Metrics, p.ErrorBody, oa.ModelList, oa.CompletionResponse, oa.CompletionChunk,
     oa.ChatCompletionResponse, oa.ChatCompletionChunk, vp.GenerateTokensResponse, vp.GenerateTokensChunk,

@@ -14,6 +14,8 @@ class EngineConfig:
 
     model: a local directory or a Hugging Face hub id (anything `mlx_lm.load` accepts).
     adapter_path: adapter committed at start (LoRA/DoRA in mlx-lm's format), or None.
+    weight_dirs: weight updates committed at start, in order, before the adapter (directories
+        of safetensors files; the run directory's copies of the committed updates).
     max_batch: sequences decoding at once; each of a request's `n` samples counts.
     flush_interval_ms: how long an idle engine waits for more arrivals before it starts.
     max_queue: requests waiting for admission (generate and score); beyond it `QueueFull`.
@@ -44,6 +46,7 @@ class EngineConfig:
 
     model: str
     adapter_path: Optional[str] = None
+    weight_dirs: tuple = ()
     trust_remote_code: bool = False
     max_batch: int = 5
     flush_interval_ms: float = 10.0

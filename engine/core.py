@@ -46,6 +46,7 @@ from .runner import Admission, ModelRunner, ScoreItem, StepOutput, context_lengt
 from .sampling import mix_seed
 from .scheduler import QueueFull, Scheduler
 from .sequence import RequestState, Sequence, SeqStatus
+from .weights import PreparedWeights, WeightError, WeightFiles, WeightManager
 
 log = logging.getLogger("mlxsup.engine")
 
@@ -87,7 +88,7 @@ class SwapTicket:
     `time.perf_counter()` stamps and `running_at_commit` the rows decoding at the commit (0:
     the first token waited for a request to arrive)."""
 
-    prepared: PreparedAdapter
+    prepared: Union[PreparedAdapter, PreparedWeights]
     mode: str
     version: int
     on_done: Optional[Callable[["SwapTicket"], None]] = None
@@ -133,6 +134,9 @@ class Engine:
         if config.cache_limit_mb is not None:
             mx.set_cache_limit(config.cache_limit_mb * 2**20)
         self.adapters = AdapterManager(model)  # before the runner's probe forward
+        self.weights = WeightManager(model)  # the base model's parameter names
+        for weight_dir in config.weight_dirs:  # committed updates, in order, before adapters
+            self.weights.commit(self.weights.prepare(weight_dir))
         self.context_length = context_length(model)
         pipeline = config.pipeline
         if pipeline is None and mx.default_device() != mx.cpu:
@@ -338,6 +342,19 @@ class Engine:
         self._swap = SwapTicket(prepared, mode, version, on_done, on_first_token)
         return self._swap
 
+    def prepare_weights(self, source: Union[str, WeightFiles]) -> PreparedWeights:
+        """Read, validate and load a weight update (a directory of safetensors files, or the
+        result of `self.weights.read(path)` made in another thread). Refused while an adapter
+        is loaded: it was trained on the weights it would no longer sit on. Raises WeightError;
+        nothing changes on failure."""
+        if self.adapter_path is not None or (self._swap is not None
+                                             and isinstance(self._swap.prepared, PreparedAdapter)
+                                             and self._swap.prepared.path is not None):
+            raise WeightError(f"an adapter is loaded ({self.adapter_path}): go back to the base "
+                              f"model first (load_adapter with adapter_path null), then update "
+                              f"the weights and load an adapter trained on them")
+        return self.weights.prepare(source)
+
     @property
     def pending_swap(self) -> Optional[SwapTicket]:
         """The swap requested and not committed yet, if any."""
@@ -346,13 +363,17 @@ class Engine:
     def _commit_swap(self) -> None:
         ticket, self._swap = self._swap, None
         t0 = time.perf_counter()
-        self.adapters.commit(ticket.prepared)
+        if isinstance(ticket.prepared, PreparedWeights):
+            self.weights.commit(ticket.prepared)
+        else:
+            self.adapters.commit(ticket.prepared)
+            self.adapter_path = ticket.prepared.path
         ticket.committed_at = time.perf_counter()
         ticket.commit_ms = (ticket.committed_at - t0) * 1e3
         ticket.running_at_commit = self.runner.num_rows
         self._first_token_of = ticket
         self.policy_version = ticket.policy_version = ticket.version
-        self.adapter_path = ticket.adapter_path = ticket.prepared.path
+        ticket.adapter_path = self.adapter_path
         self.counters["num_swaps"] += 1
         ticket.done = True
         if self.runner.prefix_cache is not None:

@@ -83,7 +83,12 @@ def sharded_config(config):
     pipeline = config.pipeline
     if pipeline is None:
         pipeline = mx.default_device() != mx.cpu
+    if config.weight_dirs:  # each rank holds a shard: a full tensor fits none of them
+        raise ShardedWeightsError(WEIGHTS_REFUSED)
     return dataclasses.replace(config, pipeline=pipeline, prefix_cache=False)
+
+
+WEIGHTS_REFUSED = "full-weight updates are not supported on a sharded engine yet"
 
 
 class ShardedAdapterError(ValueError):
@@ -108,6 +113,26 @@ class _Adapters:
     def commit(self, prepared):
         self._send(("commit", (None,)))
         self._inner.commit(prepared)
+
+
+class _Weights:
+    """The engine's `WeightManager`, refusing updates: rank 0 would commit full tensors on its
+    shard alone (the other ranks' layers would keep the old weights)."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def prepare(self, source):
+        from .weights import WeightError
+
+        raise WeightError(WEIGHTS_REFUSED)
+
+
+class ShardedWeightsError(ValueError):
+    pass
 
 
 class LeaderRunner:
@@ -153,6 +178,7 @@ def lead(engine, group) -> LeaderRunner:
     leader = LeaderRunner(engine.runner, group)
     engine.runner = leader
     engine.adapters = _Adapters(engine.adapters, leader.send)
+    engine.weights = _Weights(engine.weights)
     return leader
 
 

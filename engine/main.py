@@ -278,13 +278,15 @@ class EngineProcess:
             msg.get("version")
         self._swap_busy = True
         started = time.perf_counter()
-        if path is None:
+        is_weights = msg.get("kind") == "weights"
+        if path is None and not is_weights:
             self._prepared.put((msg, None, started, 0.0))
             return
+        reader_of = self.engine.weights.read if is_weights else self.engine.adapters.read
 
         def read():
             try:
-                files = self.engine.adapters.read(path)  # numpy only: safe off the engine thread
+                files = reader_of(path)  # numpy only: safe off the engine thread
             except Exception as e:  # AdapterError or anything unexpected
                 files = e
             self._prepared.put((msg, files, started, (time.perf_counter() - started) * 1e3))
@@ -304,7 +306,11 @@ class EngineProcess:
             try:
                 if isinstance(files, Exception):
                     raise files
-                prepared = self.engine.prepare_adapter(files)
+                if msg.get("kind") == "weights":
+                    prepared = self.engine.prepare_weights(files)
+                    names = prepared.names
+                else:
+                    prepared, names = self.engine.prepare_adapter(files), None
                 ready = time.perf_counter()
                 prepare_ms = (ready - started) * 1e3
                 version = msg.get("version")
@@ -312,7 +318,7 @@ class EngineProcess:
                     raise ValueError("swap version must be an integer")
 
                 def done(ticket, swap_id=swap_id, prepare_ms=prepare_ms, read_ms=read_ms,
-                         ready=ready):
+                         ready=ready, names=names):
                     self._swap_busy = False
                     wait_ms = (time.perf_counter() - ready) * 1e3 - ticket.commit_ms
                     # The control block shows the new version before anyone learns of the swap.
@@ -323,7 +329,8 @@ class EngineProcess:
                                        "read_ms": round(read_ms, 3),
                                        "prepare_ms": round(prepare_ms, 3),
                                        "wait_ms": round(wait_ms, 3),
-                                       "commit_ms": round(ticket.commit_ms, 3)})
+                                       "commit_ms": round(ticket.commit_ms, 3),
+                                       **({"tensors": names} if names is not None else {})})
                     log.info("swap %s committed: version %d, %s (read %.1f ms, prepare %.1f ms, "
                              "wait %.1f ms, commit %.2f ms)", swap_id, ticket.policy_version,
                              ticket.adapter_path or "base model", read_ms, prepare_ms, wait_ms,
@@ -346,9 +353,10 @@ class EngineProcess:
 
                 self.engine.request_swap(prepared, msg.get("mode", "drain"), version, on_done=done,
                                          on_first_token=first_token)
-            except AdapterError as e:
-                self._swap_failed(swap_id, "not_found" if e.kind == "not_found" else
-                                  "invalid_adapter", str(e))
+            except AdapterError as e:  # WeightError too
+                invalid = "invalid_weights" if msg.get("kind") == "weights" else "invalid_adapter"
+                self._swap_failed(swap_id, "not_found" if e.kind == "not_found" else invalid,
+                                  str(e))
             except (ValueError, RuntimeError) as e:
                 self._swap_failed(swap_id, "bad_request", str(e))
             except Exception as e:
@@ -387,19 +395,20 @@ def main(argv=None) -> int:
     state = read_state(args.run_dir)
     state_version = state.policy_version if state is not None else None
     adapter = state.adapter_path if state is not None else cfg.adapter_path
+    weight_dirs = tuple(p for p, _ in state.weights) if state is not None else ()
     model = cfg.model
     if model is None:
         from mlxsup.demo import ensure_demo_model
 
         model = ensure_demo_model()
     ecfg = dataclasses.replace(EngineConfig.from_server_config(cfg, model=model),
-                               adapter_path=adapter)
+                               adapter_path=adapter, weight_dirs=weight_dirs)
 
     channel = EngineChannel(IpcLayout.load(args.run_dir))
     channel.control.write(engine_epoch=args.epoch, engine_pid=os.getpid(),
                           engine_state="starting")
-    log.info("epoch %d: loading %s (adapter %s, version %d)", args.epoch, model,
-             adapter or "none", state_version or 0)
+    log.info("epoch %d: loading %s (%d weight update(s), adapter %s, version %d)", args.epoch,
+             model, len(weight_dirs), adapter or "none", state_version or 0)
     t0 = time.perf_counter()
     engine = Engine(ecfg, policy_version=state_version or 0)
     log.info("loaded in %.1f s", time.perf_counter() - t0)

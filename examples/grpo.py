@@ -112,6 +112,7 @@ class GRPOConfig:
     lora_rank: int = 8
     lora_scale: float = 20.0
     lora_layers: int = 0  # 0: every layer
+    full_layers: int = 0  # > 0: train these last layers' full weights (no LoRA), pushed each step
     max_staleness: int = 1  # rollouts older than this many versions are dropped
     upload: bool = False  # send adapters over HTTP instead of passing a path
     swap_mode: str = "drain"
@@ -377,6 +378,16 @@ class Policy:
         mx.random.seed(cfg.seed)
         self.model, self.tokenizer = mlx_load(model_path)
         self.model.freeze()
+        if cfg.full_layers:  # full weights of the last layers, pushed with /update_weights
+            for layer in self.model.layers[-cfg.full_layers:]:
+                layer.unfreeze()
+            self.lora_config = None
+        else:
+            self._add_lora(cfg)
+        self.model.eval()
+        self._init_optimizer(cfg)
+
+    def _add_lora(self, cfg: GRPOConfig) -> None:
         num_layers = cfg.lora_layers or len(self.model.layers)
         self.lora_config = {
             "fine_tune_type": "lora",
@@ -385,7 +396,8 @@ class Policy:
             "lora_parameters": {"rank": cfg.lora_rank, "scale": cfg.lora_scale, "dropout": 0.0},
         }
         linear_to_lora_layers(self.model, num_layers, self.lora_config["lora_parameters"])
-        self.model.eval()
+
+    def _init_optimizer(self, cfg: GRPOConfig) -> None:
         # Warm-up: Adam's first steps move every weight by about lr whatever the gradient's
         # size, which on the random demo model shifted log-probs by ~1.4 nats per token, far
         # outside the clip range of the next (one-step-stale) batch.
@@ -440,8 +452,12 @@ class Policy:
         }
 
     def save_adapter(self, path: str) -> str:
-        """Write the adapter in mlx-lm's format (loads with `mlx_lm.load(model, adapter_path=)`)."""
+        """Write the adapter in mlx-lm's format (loads with `mlx_lm.load(model, adapter_path=)`),
+        or with --full the trained layers' weights as model.safetensors (mlx-lm's names)."""
         os.makedirs(path, exist_ok=True)
+        if self.lora_config is None:
+            mx.save_safetensors(os.path.join(path, "model.safetensors"), self.weights())
+            return path
         mx.save_safetensors(os.path.join(path, "adapters.safetensors"), self.weights())
         with open(os.path.join(path, "adapter_config.json"), "w") as f:
             json.dump({**self.lora_config, "model": self.model_path}, f, indent=2)
@@ -497,7 +513,11 @@ class Trainer:
         path = os.path.join(os.path.abspath(self.cfg.out), "adapters", tag)
         await self.on_mlx(self.policy.save_adapter, path)
         t0 = time.perf_counter()
-        if self.cfg.upload:
+        if self.cfg.full_layers and self.cfg.upload:
+            answer = await self.client.upload_weights(path, mode=self.cfg.swap_mode)
+        elif self.cfg.full_layers:
+            answer = await self.client.update_weights(path, mode=self.cfg.swap_mode)
+        elif self.cfg.upload:
             answer = await self.client.upload_adapter(path, mode=self.cfg.swap_mode)
         else:
             answer = await self.client.load_adapter(path, mode=self.cfg.swap_mode)
@@ -756,6 +776,9 @@ def parse_args(argv=None) -> GRPOConfig:
     p.add_argument("--lora-rank", type=int, default=GRPOConfig.lora_rank)
     p.add_argument("--lora-scale", type=float, default=GRPOConfig.lora_scale)
     p.add_argument("--lora-layers", type=int, default=GRPOConfig.lora_layers, help="0: every layer")
+    p.add_argument("--full", type=int, default=0, metavar="LAYERS", dest="full_layers",
+                   help="train the full weights of the last LAYERS layers instead of a LoRA adapter, "
+                        "pushed each step with /update_weights (/upload_weights with --upload)")
     p.add_argument("--max-staleness", type=int, default=GRPOConfig.max_staleness)
     p.add_argument("--upload", action="store_true", help="send adapters over HTTP (/upload_adapter)")
     p.add_argument("--swap-mode", default=GRPOConfig.swap_mode, choices=("drain", "abort", "inflight"))
@@ -770,7 +793,7 @@ def parse_args(argv=None) -> GRPOConfig:
         url=a.url, start=a.start, model=a.model, out=a.out, steps=a.steps, group_size=a.group_size,
         prompts_per_step=a.prompts_per_step, lr=a.lr, max_tokens=a.max_tokens, temperature=a.temperature,
         clip_eps=a.clip_eps, warmup_steps=a.warmup_steps, max_grad_norm=a.max_grad_norm, lora_rank=a.lora_rank, lora_scale=a.lora_scale, lora_layers=a.lora_layers,
-        max_staleness=a.max_staleness, upload=a.upload, swap_mode=a.swap_mode, seed=a.seed,
+        full_layers=a.full_layers, max_staleness=a.max_staleness, upload=a.upload, swap_mode=a.swap_mode, seed=a.seed,
         server_max_batch=a.server_max_batch, server_run_dir=a.server_run_dir, quiet=a.quiet,
     )
 

@@ -384,6 +384,60 @@ class InferenceClient:
             "POST", "/upload_adapter", files=files, data=data or None, timeout=timeout, admin=True
         )
 
+    async def update_weights(
+        self,
+        weight_dir: str,
+        *,
+        mode: Optional[str] = None,
+        timeout: Optional[float] = None,
+        **fields: Any,
+    ) -> dict:
+        """POST /update_weights: replace the model's parameters held in the safetensors files of
+        `weight_dir` (on the server's file system; all of them or any subset, under the names
+        mlx_lm.load accepts). Answers `{status, policy_version, num_tensors, ...}`; the version
+        moves only when the update commits (on the adapters' counter)."""
+        body = {"weight_dir": weight_dir, **_drop_none(mode=mode), **fields}
+        return await self._request("POST", "/update_weights", json=body, timeout=timeout, admin=True)
+
+    async def upload_weights(
+        self,
+        weights: Union[str, bytes, Iterable[Union[str, bytes]]],
+        *,
+        mode: Optional[str] = None,
+        timeout: Optional[float] = None,
+    ) -> dict:
+        """POST /upload_weights (multipart): send safetensors files from this machine and
+        commit them. `weights` is a directory (its *.safetensors files, in name order), a file
+        path, bytes, or a list of paths and bytes. Files are streamed from disk, not read
+        into memory."""
+        if isinstance(weights, (str, bytes, bytearray)):
+            weights = [weights]
+        sources: list = []
+        for w in weights:
+            if isinstance(w, str) and os.path.isdir(w):
+                sources += [os.path.join(w, f) for f in sorted(os.listdir(w))
+                            if f.endswith(".safetensors") and not f.startswith(".")]
+            else:
+                sources.append(w)
+        if not sources:
+            raise ValueError("no safetensors files to upload")
+        opened = []
+        try:
+            files = []
+            for i, src in enumerate(sources):
+                if isinstance(src, (bytes, bytearray)):
+                    body: Any = bytes(src)
+                else:
+                    body = open(src, "rb")
+                    opened.append(body)
+                files.append(("weights", (f"{i:05d}.safetensors", body, "application/octet-stream")))
+            data = {"mode": mode} if mode is not None else None
+            return await self._request("POST", "/upload_weights", files=files, data=data,
+                                       timeout=timeout, admin=True)
+        finally:
+            for f in opened:
+                f.close()
+
     async def health(self, *, timeout: Optional[float] = None) -> dict:
         """GET /health. Raises (OverloadedError after retries) while the server is not ready."""
         return await self._request("GET", "/health", timeout=timeout)

@@ -26,7 +26,7 @@ import psutil
 
 from mlxsup.blas import engine_env
 from mlxsup.config import ENGINE_HEARTBEAT_TIMEOUT_S, EXIT_BOOT_ERROR, EXIT_ERROR, EXIT_OK, ServerConfig
-from mlxsup.supervisor import ipc_glue, protocol
+from mlxsup.supervisor import ipc_glue, protocol, weight_store
 from mlxsup.supervisor.backoff import Backoff
 from mlxsup.supervisor.children import (
     MARK_ENV,
@@ -158,6 +158,7 @@ class Arbiter:
         config.save()
         state = initial_state(read_state(self.run_dir), config.adapter_path)
         write_state(self.run_dir, state)
+        weight_store.remove_unlisted(self.run_dir, [p for p, _ in state.weights])
         self.swaps = SwapCoordinator(self.run_dir, state)
         self.ipc = ipc_glue.create(self.run_dir, self.instance_id, config.num_slots)
         self.publish_state()
@@ -506,6 +507,9 @@ class Arbiter:
         op = request.get("op")
         if op == "reload_adapter":
             return await self.swaps.reload(request.get("path"), request.get("mode", "drain"), self._ready_link)
+        if op == "update_weights":
+            return await self.swaps.update_weights(request.get("path"), request.get("mode", "drain"),
+                                                   self._ready_link, move=request.get("move") is True)
         if op == "status":
             return self.status()
         if op == "reset_prefix_cache":
@@ -519,7 +523,8 @@ class Arbiter:
         if op == "stop":
             self.sig_queue.put_nowait("stop")
             return {"ok": True}
-        return error_reply("bad_request", f"unknown op {op!r}; expected reload_adapter, reset_prefix_cache, status or stop")
+        return error_reply("bad_request", f"unknown op {op!r}; expected reload_adapter, update_weights, "
+                           "reset_prefix_cache, status or stop")
 
     async def _ready_link(self) -> Optional[EngineControlLink]:
         """The link of a ready engine, waiting for a restarting one; None when stopping."""
@@ -596,6 +601,7 @@ class Arbiter:
             "uptime_s": round(time.time() - self.started_at, 1),
             "policy_version": self.swaps.state.policy_version,
             "adapter": self.swaps.state.adapter_path,
+            "weight_updates": [p for p, _ in self.swaps.state.weights],
             "num_swaps": self.swaps.num_swaps,
             "last_swap": self.swaps.last_swap(),
             "api_restarts": self.num_gunicorn_restarts,

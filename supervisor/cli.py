@@ -1,4 +1,4 @@
-"""`mlxsup start | stop | status | reload-adapter`: argparse at the edge, converted at once
+"""`mlxsup start | stop | status | reload-adapter | update-weights`: argparse at the edge, converted at once
 into `ServerConfig` (start) or a run directory (the others). Flags are documented in
 docs/cli.md; the seed's flags keep the seed's names and defaults."""
 
@@ -52,6 +52,24 @@ def add_subcommands(sub) -> None:
     _add_instance_arguments(reload)
     reload.add_argument("--json", action="store_true", help="print the supervisor's reply as JSON")
     reload.set_defaults(func=_reload, parser=reload)
+
+    update = sub.add_parser(
+        "update-weights",
+        help="replace model weights (all or any subset) of a running server; prints the new policy version",
+        description="Commit the parameters held in the safetensors files of DIR (any subset of the "
+        "model's, named as mlx_lm.load accepts them) on the adapters' version counter.",
+    )
+    update.add_argument("dir", help="directory of .safetensors files")
+    update.add_argument(
+        "--mode",
+        choices=SWAP_MODES,
+        default="drain",
+        help="drain (default): finish in-flight sequences first; abort: end them; "
+        "inflight: swap between two decode steps",
+    )
+    _add_instance_arguments(update)
+    update.add_argument("--json", action="store_true", help="print the supervisor's reply as JSON")
+    update.set_defaults(func=_update_weights)
 
 
 def add_start_arguments(p: argparse.ArgumentParser) -> None:
@@ -194,25 +212,33 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _reload(args: argparse.Namespace) -> int:
-    from mlxsup.supervisor import protocol
-
     if args.base == (args.path is not None):
         args.parser.error("give an adapter PATH or --base")
     path = None if args.base else os.path.abspath(os.path.expanduser(args.path))
+    return _swap_command("reload-adapter", {"op": "reload_adapter", "path": path, "mode": args.mode}, args)
+
+
+def _update_weights(args: argparse.Namespace) -> int:
+    path = os.path.abspath(os.path.expanduser(args.dir))
+    return _swap_command("update-weights", {"op": "update_weights", "path": path, "mode": args.mode}, args)
+
+
+def _swap_command(name: str, request: dict, args: argparse.Namespace) -> int:
+    """Send a swap request to the supervisor; print the new version (stdout) and a line."""
+    from mlxsup.supervisor import protocol
+
     run_dir = run_dir_of(args)
     try:
-        reply = protocol.call(
-            run_dir, {"op": "reload_adapter", "path": path, "mode": args.mode}, timeout=RELOAD_TIMEOUT_S
-        )
+        reply = protocol.call(run_dir, request, timeout=RELOAD_TIMEOUT_S)
     except protocol.ControlError as e:
-        print(f"mlxsup reload-adapter: {e}", file=sys.stderr)
+        print(f"mlxsup {name}: {e}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(reply, indent=2))
         return 0 if reply.get("ok") else 1
     if not reply.get("ok"):
         err = reply.get("error") or {}
-        print(f"mlxsup reload-adapter: {err.get('type')}: {err.get('message')}", file=sys.stderr)
+        print(f"mlxsup {name}: {err.get('type')}: {err.get('message')}", file=sys.stderr)
         return 1
     print(reply["policy_version"])
     print(f"mlxsup: {reply.get('message')} as policy version {reply['policy_version']}", file=sys.stderr)

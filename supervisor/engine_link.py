@@ -87,13 +87,15 @@ class EngineControlLink:
             raise EngineGone(f"engine epoch {self.epoch} is not connected")
         self._writer.write(jsonlines.encode(msg))
 
-    async def swap(self, path: Optional[str], mode: str, version: int) -> dict:
-        """Ask the engine to commit `path` as `version`; return its swap_done message."""
+    async def swap(self, path: Optional[str], mode: str, version: int, kind: str = "adapter") -> dict:
+        """Ask the engine to commit `path` (an adapter, or with kind "weights" a weight
+        directory) as `version`; return its swap_done message."""
         swap_id = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._pending[swap_id] = fut
         try:
-            self._send({"op": "swap", "id": swap_id, "path": path, "mode": mode, "version": version})
+            self._send({"op": "swap", "id": swap_id, "path": path, "mode": mode, "version": version,
+                        **({"kind": kind} if kind != "adapter" else {})})
             await self._writer.drain()
         except (OSError, EngineGone) as e:
             self._pending.pop(swap_id, None)

@@ -24,12 +24,17 @@ class AdapterState:
 
     `max_issued_version` is the highest version ever sent to an engine to commit as. It is
     above `policy_version` only when an engine died in the middle of a swap, so nobody knows
-    whether tokens went out under that number; the next swap skips past it."""
+    whether tokens went out under that number; the next swap skips past it.
+
+    `weights` are the committed weight updates the engine replays at start, oldest first, before
+    the adapter: `(directory in the run dir, tensor names)` pairs. An update whose tensors later
+    ones all replace is dropped from the list (and its files deleted)."""
 
     adapter_path: Optional[str] = None
     policy_version: int = 0
     max_issued_version: int = 0
     committed_at: Optional[float] = field(default=None, compare=False)  # time.time() of the write
+    weights: tuple = ()  # ((dir, tensor names), ...) of the committed weight updates, oldest first
 
     def __post_init__(self):
         if self.policy_version < 0:
@@ -69,8 +74,14 @@ def read_state(run_dir: str) -> Optional[AdapterState]:
     committed_at = data.get("committed_at")
     if not isinstance(committed_at, (int, float)) or isinstance(committed_at, bool):
         committed_at = None
+    weights = data.get("weights") or []
+    if not isinstance(weights, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("tensors"), list)
+            for e in weights):
+        raise ValueError(f"{state_path(run_dir)}: weights must be a list of {{path, tensors}}")
     return AdapterState(adapter_path=path, policy_version=version, max_issued_version=issued,
-                        committed_at=committed_at)
+                        committed_at=committed_at,
+                        weights=tuple((e["path"], tuple(e["tensors"])) for e in weights))
 
 
 def write_state(run_dir: str, state: AdapterState) -> None:
@@ -80,6 +91,7 @@ def write_state(run_dir: str, state: AdapterState) -> None:
         "adapter_path": state.adapter_path,
         "policy_version": state.policy_version,
         "max_issued_version": state.max_issued_version,
+        "weights": [{"path": p, "tensors": list(t)} for p, t in state.weights],
         "committed_at": time.time(),
     }
     write_json_atomic(path, body, indent=2)
@@ -90,10 +102,13 @@ def initial_state(previous: Optional[AdapterState], adapter_path: Optional[str])
 
     Without a state file this is version 0. With one, versions continue from it: the same
     adapter keeps its version; a different one is committed as the next version, so a version
-    number never names two different sets of weights within one run directory."""
+    number never names two different sets of weights within one run directory. A new run starts
+    on the model of its command line: weight updates of the last run are not carried over (an
+    engine restarted within a run replays them)."""
     if previous is None:
         return AdapterState(adapter_path=adapter_path, policy_version=0)
-    if previous.adapter_path == adapter_path and previous.max_issued_version == previous.policy_version:
+    if (previous.adapter_path == adapter_path and previous.max_issued_version == previous.policy_version
+            and not previous.weights):
         return previous
     version = previous.next_version
     return AdapterState(adapter_path=adapter_path, policy_version=version, max_issued_version=version)

@@ -15,6 +15,7 @@ import os
 from typing import Awaitable, Callable, Optional
 
 from mlxsup.config import FIRST_TOKEN_FIELDS, SWAP_MODES, SWAP_TIMINGS
+from mlxsup.supervisor import weight_store
 from mlxsup.supervisor.engine_link import EngineControlLink, EngineGone
 from mlxsup.supervisor.state import AdapterState, write_state
 
@@ -116,7 +117,8 @@ class SwapCoordinator:
                 )
             if reply.get("policy_version", version) != version:
                 log.warning("engine committed as %s, asked for %d", reply.get("policy_version"), version)
-            self._commit(AdapterState(adapter_path=path, policy_version=version, max_issued_version=version))
+            self._commit(dataclasses.replace(self.state, adapter_path=path, policy_version=version,
+                                             max_issued_version=version))
             self.num_swaps += 1
             log.info(
                 "committed version %d: %s (prepare %.1f ms, commit %.1f ms)",
@@ -128,6 +130,87 @@ class SwapCoordinator:
                 "adapter": path,
                 "mode": mode,
                 "message": f"Loaded adapter from {path}" if path else "Back to the base model",
+                **{k: reply.get(k) for k in SWAP_TIMINGS},
+            }
+            self._last = {k: v for k, v in result.items() if k not in ("ok", "message")}
+            return result
+
+    async def update_weights(
+        self,
+        path,
+        mode,
+        ready_link: Callable[[], Awaitable[Optional[EngineControlLink]]],
+        move: bool = False,
+    ) -> dict:
+        """Commit the weights in the directory `path` (safetensors files, any subset of the
+        model's parameters) in `mode`, on the adapters' version counter. The files are copied
+        into the run dir first (moved with `move`, for uploads already there), so a restarted
+        engine replays them; a refused update leaves no copy and changes nothing."""
+        if mode not in SWAP_MODES:
+            return error_reply("bad_request", f"mode must be one of {', '.join(SWAP_MODES)}", field="mode")
+        if not isinstance(path, str) or not path:
+            return error_reply("bad_request", "weight_dir must be a non-empty string", field="weight_dir")
+        path = os.path.abspath(os.path.expanduser(path))
+        if not os.path.exists(path):
+            return error_reply("not_found", f"weight directory {path} does not exist", field="weight_dir")
+        if not os.path.isdir(path):
+            return error_reply("invalid_weights", f"{path} is not a directory", field="weight_dir")
+        if move and os.path.commonpath([path, os.path.join(self.run_dir, "uploads")]) != os.path.join(
+                self.run_dir, "uploads"):
+            return error_reply("bad_request", "only uploads in the run directory can be moved", field="weight_dir")
+        async with self._lock:
+            if self.state.adapter_path is not None:
+                return error_reply(
+                    "adapter_loaded",
+                    f"an adapter is loaded ({self.state.adapter_path}): go back to the base model first "
+                    "(load_adapter with adapter_path null), then update the weights and load an adapter "
+                    "trained on them",
+                    field="weight_dir", policy_version=self.state.policy_version)
+            if not weight_store.safetensors_in(path):
+                return error_reply("invalid_weights", f"{path} holds no .safetensors files", field="weight_dir")
+            link = await ready_link()
+            if link is None:
+                return error_reply("engine_unavailable", "no engine is ready (restarting or stopping); try again")
+            version = self.state.next_version
+            try:
+                copy = await asyncio.to_thread(weight_store.take, self.run_dir, path, version, move)
+            except OSError as e:
+                return error_reply("internal", f"could not keep a copy of the weights in the run dir: {e}")
+            log.info("weight update from %s as version %d (%s)", path, version, mode)
+            try:
+                reply = await link.swap(copy, mode, version, kind="weights")
+            except EngineGone:
+                self._commit(dataclasses.replace(self.state, max_issued_version=version))
+                weight_store.remove([copy])
+                return error_reply(
+                    "engine_restarted",
+                    f"the engine died during the update; it restarts on version {self.state.policy_version}",
+                    policy_version=self.state.policy_version,
+                )
+            if not reply.get("ok"):
+                weight_store.remove([copy])
+                err = reply.get("error") if isinstance(reply.get("error"), dict) else {}
+                log.warning("weight update from %s refused: %s", path, err.get("message"))
+                return error_reply(
+                    err.get("type") or "invalid_weights",
+                    err.get("message") or "the engine refused the weights",
+                    field="weight_dir", policy_version=self.state.policy_version,
+                )
+            tensors = [t for t in reply.get("tensors") or [] if isinstance(t, str)]
+            entries, dropped = weight_store.superseded(self.state.weights + ((copy, tuple(tensors)),))
+            self._commit(dataclasses.replace(self.state, policy_version=version, max_issued_version=version,
+                                             weights=entries))
+            weight_store.remove(dropped)
+            self.num_swaps += 1
+            log.info("committed version %d: %d tensor(s) from %s (prepare %.1f ms, commit %.1f ms)",
+                     version, len(tensors), path, reply.get("prepare_ms") or 0.0, reply.get("commit_ms") or 0.0)
+            result = {
+                "ok": True,
+                "policy_version": version,
+                "weight_dir": path,
+                "num_tensors": len(tensors),
+                "mode": mode,
+                "message": f"Updated {len(tensors)} tensor(s) from {path}",
                 **{k: reply.get(k) for k in SWAP_TIMINGS},
             }
             self._last = {k: v for k, v in result.items() if k not in ("ok", "message")}

@@ -18,6 +18,11 @@ Workloads (--workloads):
   multiturn      (e) 8 conversations x 4 turns at once, a 300-word system prompt shared by all,
                  32 tokens a turn; each turn resends the conversation so far (bench_lib/multiturn)
   shared-prefix  (f) 32 requests of that system prompt + a question of their own, concurrency 8
+  burst   (g) issue 17: each --burst-shapes shape's requests released together, --burst-rounds
+              rounds (fresh prompts each), round 0 reported apart from the warm rounds; with
+              log-probs; runs first, right after the server is ready (bench_lib/burst.py)
+
+Systems for (g): raw-static, one BatchGenerator with the whole round inserted at once (the limit).
 
 Examples (see docs/benchmarks.md for the recorded runs):
   python scripts/bench_server.py                      # CPU, bench75m, everything
@@ -25,6 +30,7 @@ Examples (see docs/benchmarks.md for the recorded runs):
   python scripts/bench_server.py --gpu                # H100: bench1b bf16, c=1,32,128,256
   python scripts/bench_server.py --systems raw,mlx_lm --workloads single --concurrency 1,8
   python scripts/bench_server.py --systems mlxsup-tuned,mlx_lm --workloads multiturn,shared-prefix
+  python scripts/bench_server.py --gpu --systems mlxsup-tuned,raw-static --workloads burst
 
 Writes OUT/results.json (meta, one cell per system x workload x concurrency), OUT/records.jsonl
 (every request), OUT/bench.png (if matplotlib is installed) and prints the summary table last.
@@ -55,25 +61,28 @@ from bench_lib.loadgen import Item, MlxsupGenerate, OpenAICompletions, closed_lo
 from bench_lib.monitor import TreeMonitor, cpu_delta, wait_idle  # noqa: E402
 from bench_lib.systems import MlxLmServer, MlxsupServer, mlxsup_import_env  # noqa: E402
 
-ALL_SYSTEMS = ("mlxsup", "mlxsup-tuned", "mlx_lm", "mlx_lm-tuned", "raw")
+ALL_SYSTEMS = ("mlxsup", "mlxsup-tuned", "mlx_lm", "mlx_lm-tuned", "raw", "raw-static")
 DEFAULT_SYSTEMS = "mlxsup,mlxsup-tuned,mlx_lm,raw"
 GPU_SYSTEMS = "mlxsup-tuned,mlx_lm,raw"  # max-batch 5 on a GPU is a long wait with little to learn
-ALL_WORKLOADS = ("single", "grpo", "mixed", "swap", "multiturn", "shared-prefix")
+ALL_WORKLOADS = ("single", "grpo", "mixed", "swap", "multiturn", "shared-prefix", "burst")
 # Default set: the prefix-cache workloads (e), (f) run when asked for.
 DEFAULT_WORKLOADS = "single,grpo,mixed,swap"
 
 PROFILES = {
     # CPU, the ~75M model: the figures of docs/benchmarks.md.
     "cpu": dict(preset="bench75m", concurrency="1,8,32,128", duration=300.0, grace=120.0,
-                swap_interval=3.0, swap_duration=30.0, mixed_concurrency=32, mixed_requests=64),
+                swap_interval=3.0, swap_duration=30.0, mixed_concurrency=32, mixed_requests=64,
+                burst_shapes="32"),
     # The lent H100: ~1B bfloat16 model, 128-token completions.
     "gpu": dict(preset="bench1b", concurrency="1,32,128,256", duration=60.0, grace=30.0,
-                swap_interval=2.0, swap_duration=20.0, mixed_concurrency=128, mixed_requests=256),
+                swap_interval=2.0, swap_duration=20.0, mixed_concurrency=128, mixed_requests=256,
+                burst_shapes="128,256,16x8"),
     # Smoke test: tiny model, a few seconds per system.
     "quick": dict(preset="tiny", concurrency="1,4", duration=20.0, grace=10.0, max_tokens=16,
                   min_requests=4, grpo_prompts=4, grpo_n=2, grpo_rounds=1, mixed_concurrency=4,
                   mixed_requests=6, mixed_max=128, swap_interval=0.7, swap_duration=3.0,
-                  swap_concurrency=2, prompt_tokens=24, request_timeout=60.0),
+                  swap_concurrency=2, prompt_tokens=24, request_timeout=60.0, burst_shapes="4,2x2",
+                  burst_rounds=2),
 }
 
 
@@ -98,6 +107,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--turn-tokens", type=int, default=32, help="(e), (f) completion tokens per request (default 32)")
     p.add_argument("--shared-requests", type=int, default=32, help="(f) requests (default 32)")
     p.add_argument("--shared-concurrency", type=int, default=8, help="(f) concurrency (default 8)")
+    p.add_argument("--burst-shapes", help="(g) shapes: R (R one-sample requests) or RxN (R requests "
+                   "of n=N), comma list (default 32; --gpu 128,256,16x8; --quick 4,2x2)")
+    p.add_argument("--burst-rounds", type=int, help="(g) rounds per shape, the first reported apart (default 3)")
     p.add_argument("--concurrency", help="concurrencies of (a) (default 1,8,32,128; --gpu 1,32,128,256)")
     p.add_argument("--requests", type=int, help="requests per concurrency level (default max(8, 2 x concurrency); --quick max(4, 2 x c))")
     p.add_argument("--duration", type=float, help="seconds a level may keep sending (default 300; --gpu 90)")
@@ -151,7 +163,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     profile = "quick" if args.quick else "gpu" if args.gpu else "cpu"
     defaults = dict(min_requests=8, max_tokens=128, prompt_tokens=100, grpo_prompts=16, grpo_n=8, grpo_rounds=2,
-                    mixed_max=1024, swap_concurrency=8, request_timeout=600.0)
+                    mixed_max=1024, swap_concurrency=8, request_timeout=600.0,
+                    burst_rounds=3)
     defaults.update(PROFILES[profile])
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
@@ -171,8 +184,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     for w in args.workloads:
         if w not in ALL_WORKLOADS:
             p.error(f"unknown workload {w!r}; choose from {ALL_WORKLOADS}")
+    from bench_lib.burst import parse_shapes
+
+    try:
+        args.burst_shapes = parse_shapes(args.burst_shapes)
+    except ValueError as e:
+        p.error(str(e))
     if args.tuned_max_batch is None:
-        args.tuned_max_batch = max(args.concurrency + [args.grpo_prompts * args.grpo_n])
+        bursts = [r * n for r, n in args.burst_shapes] if "burst" in args.workloads else []
+        args.tuned_max_batch = max(args.concurrency + [args.grpo_prompts * args.grpo_n] + bursts)
     if args.out is None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         args.out = os.path.join(REPO, "bench-out", f"{stamp}-{profile}")
@@ -297,6 +317,10 @@ class Workloads:
         self.shared = shared_prefix_items(shared, args.shared_requests, args.seed + 8001, args.turn_tokens)
         self.shared_warm = shared_prefix_items(make_conversations(args.seed + 8500, 1, 1, args.system_words),
                                                args.shared_concurrency, args.seed + 8501, args.turn_tokens)
+        # (g): fresh prompts for every shape and round (no prompt cache serves a repeat).
+        self.burst = {shape: [fixed_prompts(tok, args.seed + 9000 + 97 * i + rnd, shape[0], args.prompt_tokens)
+                              for rnd in range(args.burst_rounds)]
+                      for i, shape in enumerate(args.burst_shapes)}
         self.warm_mixed = mixed_prompts(tok, args.seed + 6000,
                                         args.mixed_requests if args.warm_full else args.mixed_concurrency,
                                         args.mixed_min, args.mixed_max)
@@ -376,6 +400,11 @@ def run_server_system(name, args, model, env, work: Workloads, monitor: TreeMoni
         return
     try:
         main, native = protocols(server, args, eos_ids)
+        if "burst" in args.workloads:  # first: its round 0 is the first round after ready
+            for shape in args.burst_shapes:
+                cell, recs = run_burst_server(server, args, work, eos_ids, shape, monitor, name)
+                results.add(cell, recs)
+                settle(server, args)
         # Warm up: the first requests of a process load kernels and grow caches.
         warm = work.items(work.warm, max_tokens=min(16, args.max_tokens))
         asyncio.run(closed_loop(server.base_url, main, warm, min(4, len(warm)), len(warm), 120, 60,
@@ -491,6 +520,38 @@ def run_server_system(name, args, model, env, work: Workloads, monitor: TreeMoni
         results.save()
 
 
+def run_burst_server(server, args, work: Workloads, eos_ids, shape, monitor: TreeMonitor, name: str):
+    """(g) on a server: each round's requests released together; a server without `n` gets
+    one request per sample. Log-probs on, as an RL trainer asks (issue 17)."""
+    from bench_lib import burst
+
+    common = dict(max_tokens=args.max_tokens, temperature=args.temperature, eos_ids=eos_ids,
+                  ignore_eos=args.ignore_eos, logprobs=True)
+    proto = (MlxsupGenerate(**common) if server.kind == "mlxsup"
+             else OpenAICompletions(stream=False, is_mlx_lm=server.kind == "mlx_lm", **common))
+    reqs, n = shape
+    section = f"{name}/burst/{burst.label(shape)}"
+    cpu0 = monitor.cpu_seconds(name)
+    monitor.begin(section)
+    rounds, all_recs = [], []
+    for rnd, prompts in enumerate(work.burst[shape]):
+        items = (work.items(prompts, n=n) if server.supports_n or n == 1
+                 else [it for it in work.items(prompts) for _ in range(n)])
+        records, elapsed = asyncio.run(closed_loop(server.base_url, proto, items, len(items), len(items),
+                                                   args.request_timeout, 0, args.request_timeout))
+        recs = [dict(r.as_dict(), round=rnd) for r in records]
+        rounds.append({"records": recs, "elapsed_s": elapsed})
+        all_recs += recs
+        log(f"{name}: burst {burst.label(shape)} round {rnd}: {elapsed:.2f} s, "
+            f"{sum(r['tokens'] for r in recs) / elapsed if elapsed else 0:.1f} tok/s")
+        settle(server, args)
+    monitor.end()
+    cell = burst.make_cell(name, shape, rounds, report.summarize, args.max_tokens, route=proto.path,
+                           requests_in_flight=len(items), peak_rss_mb=monitor.peaks(section),
+                           cpu_s=cpu_delta(monitor.cpu_seconds(name), cpu0))
+    return cell, all_recs
+
+
 def prefix_cache_figures(base_url: str) -> Optional[dict]:
     """mlxsup's prefix-cache figures from /metrics (hits, hit rate, entries, bytes)."""
     import httpx
@@ -546,8 +607,8 @@ def merge_rounds(cells: list[dict], workload: str, args) -> dict:
 # ---------------------------------------------------------------------------- raw loop
 
 
-def run_raw(args, model, env, work: Workloads, monitor: TreeMonitor, results: Results, eos_ids) -> None:
-    name = "raw"
+def run_raw(args, model, env, work: Workloads, monitor: TreeMonitor, results: Results, eos_ids,
+            name: str = "raw") -> None:
     info = {"kind": "raw", "error": None}
     results.systems[name] = info
     stop_ids = [] if args.ignore_eos else list(eos_ids)
@@ -592,6 +653,12 @@ def run_raw(args, model, env, work: Workloads, monitor: TreeMonitor, results: Re
         jobs.append({"name": f"mixed/{args.mixed_concurrency}", "requests": reqs(work.mixed),
                      "concurrency": args.mixed_concurrency, "num_requests": args.mixed_requests,
                      "duration_s": args.duration, "grace_s": args.grace})
+    if name == "raw-static":  # (g) only, no warm-up: round 0 is the first after the model loads
+        from bench_lib.burst import label
+
+        jobs = [{"name": f"burst-r{rnd}/{label(shape)}", "kind": "static", "requests": reqs(prompts, shape[1]),
+                 "duration_s": args.request_timeout, "grace_s": 0}
+                for shape in args.burst_shapes for rnd, prompts in enumerate(work.burst[shape])]
     spec = {"model": model, "max_tokens": args.max_tokens, "temperature": args.temperature,
             "stop_ids": stop_ids, "prefill_batch": args.raw_prefill_batch, "jobs": jobs}
     spec_path = os.path.join(args.out, "raw-spec.json")
@@ -646,9 +713,17 @@ def run_raw(args, model, env, work: Workloads, monitor: TreeMonitor, results: Re
     info["load_s"] = raw["load_s"]
     info["device"] = raw["device"]
     grpo_cells, grpo_records = [], []
+    burst_rounds: dict = {}
     for job in raw["jobs"]:
         workload, conc = job["name"].split("/")
         if workload == "warmup":
+            continue
+        if workload.startswith("burst-r"):
+            burst_rounds.setdefault(conc, []).append({"records": [dict(r, round=int(workload[7:]),
+                                                                      ttft_source="in-process")
+                                                                 for r in job["records"]],
+                                                     "elapsed_s": job["elapsed_s"],
+                                                     "mlx_peak_memory_mb": job["mlx_peak_memory_bytes"] / 2**20})
             continue
         system = "generate_step" if workload == "generate_step" else "raw"
         if workload == "generate_step":
@@ -668,6 +743,16 @@ def run_raw(args, model, env, work: Workloads, monitor: TreeMonitor, results: Re
             results.add(cell, job["records"])
     if grpo_cells:
         results.add(merge_rounds(grpo_cells, "grpo", args), grpo_records)
+    for mode, rounds in burst_rounds.items():
+        from bench_lib.burst import make_cell
+
+        reqs_, n = (int(x) for x in mode.split("x"))
+        results.add(make_cell(name, (reqs_, n), rounds, report.summarize, args.max_tokens,
+                              route="in-process BatchGenerator, all inserted at once",
+                              prefill_batch=min(reqs_ * n, args.raw_prefill_batch),
+                              peak_rss_mb=monitor.peaks(f"raw/burst-r0/{mode}"),
+                              mlx_peak_memory_mb=max(r["mlx_peak_memory_mb"] for r in rounds)),
+                    [r for rnd in rounds for r in rnd["records"]])
 
 
 # ---------------------------------------------------------------------------- main
@@ -759,7 +844,9 @@ def finish(args, results: Results, meta: dict, gpu: bool) -> int:
     wl = {w: i for i, w in enumerate(ALL_WORKLOADS)}
     results.cells.sort(key=lambda c: (wl.get(c["workload"], 9), c.get("concurrency") or 0,
                                       order.get(c["system"], 99), c.get("mode") or ""))
-    checks = report.targets(results.cells, gpu=gpu)
+    from bench_lib import burst
+
+    checks = report.targets(results.cells, gpu=gpu) + burst.targets(results.cells, gpu=gpu)
     info = meta["model_info"]
     title = (f"{info['parameters'] / 1e6:.3g}M params {'/'.join(info['dtypes'])}, "
              f"{meta['args']['max_tokens']} tokens, {meta['cpu']} x{meta['cpu_count']}, {meta['date']}")
@@ -779,7 +866,11 @@ def finish(args, results: Results, meta: dict, gpu: bool) -> int:
         for line in checks:
             print(f"#   {line}")
     print()
-    print(report.table(results.cells))
+    if any(c["workload"] != "burst" for c in results.cells) or not results.cells:
+        print(report.table(results.cells))
+    if any(c["workload"] == "burst" for c in results.cells):
+        print()
+        print(burst.table(results.cells))
     return 1 if failed and len(failed) == len(results.systems) else 0
 
 
@@ -812,8 +903,10 @@ def main(argv=None) -> int:
         for name in args.systems:
             if name == "raw" and not {"single", "grpo", "mixed"} & set(args.workloads):
                 log("raw: skipped (it runs single, grpo and mixed only)")
-            elif name == "raw":
-                run_raw(args, model, env, work, monitor, results, eos_ids)
+            elif name == "raw-static" and "burst" not in args.workloads:
+                log("raw-static: skipped (it runs burst only)")
+            elif name in ("raw", "raw-static"):
+                run_raw(args, model, env, work, monitor, results, eos_ids, name)
             else:
                 run_server_system(name, args, model, env, work, monitor, results, eos_ids)
     finally:

@@ -81,3 +81,37 @@ def test_the_prefix_cache_workloads_build_their_conversations():
     items = shared_prefix_items(conv, 32, 2, 32)
     assert len(items) == 32 and all(it.text.startswith(conv.system) for it in items)
     assert len({it.text for it in items}) == 32
+
+
+def test_burst_shapes_and_verdicts():
+    """Issue 17's `burst`: shapes parse, the tuned server fits the largest round, round 0 is
+    reported apart from the warm rounds, and the targets' verdicts follow the figures."""
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    try:
+        import bench_server
+        from bench_lib import burst, report
+    finally:
+        sys.path.pop(0)
+    args = bench_server.parse_args(["--gpu", "--workloads", "burst", "--systems", "raw-static,mlxsup-tuned",
+                                    "--out", "/tmp/x"])
+    assert args.burst_shapes == [(128, 1), (256, 1), (16, 8)] and args.burst_rounds == 3
+    big = bench_server.parse_args(["--workloads", "burst", "--burst-shapes", "64x8", "--out", "/tmp/x"])
+    assert big.tuned_max_batch == 512
+    with pytest.raises(SystemExit):
+        bench_server.parse_args(["--workloads", "burst", "--burst-shapes", "0x8", "--out", "/tmp/x"])
+
+    def rounds(seconds, reqs=4, tokens=32):
+        return [{"elapsed_s": s, "records": [{"ok": True, "tokens": tokens, "t_start": 0.0, "t_first": 0.1,
+                                              "t_end": s, "n": 1} for _ in range(reqs)]} for s in seconds]
+
+    cells = [burst.make_cell("raw-static", (128, 1), rounds([1.0, 1.0, 1.0]), report.summarize, 32),
+             burst.make_cell("raw-static", (256, 1), rounds([1.0, 1.0]), report.summarize, 32),
+             burst.make_cell("mlxsup-tuned", (128, 1), rounds([4.0, 1.0, 1.0]), report.summarize, 32),
+             burst.make_cell("mlxsup-tuned", (256, 1), rounds([1.0, 2.0]), report.summarize, 32)]
+    first = cells[2]
+    assert first["first"]["tokens_per_s"] == 32.0 and first["stats"]["tokens_per_s"] == 128.0
+    lines = "\n".join(burst.targets(cells, gpu=True))
+    assert "128x1: 1.00, 256x1: 0.50  [target >= 0.9 at 128+ sequences: MISSED]" in lines
+    assert "[target no drop with size: MISSED]" in lines
+    assert "first round / warm 128x1: 0.25, 256x1: 2.00  [target >= 0.8 (within 20%): MISSED]" in lines
+    assert "| 128x1 | mlxsup-tuned | 32.0 | 128 | 0.25 | 1.00 | 0.25 |" in burst.table(cells)

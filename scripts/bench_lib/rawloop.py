@@ -11,7 +11,9 @@ SPEC: {"model", "max_tokens", "temperature", "stop_ids", "prefill_batch", "jobs"
 in flight, a new one inserted as soon as one finishes, until `num_requests` were issued or
 `duration_s` passed; whatever is unfinished at `duration_s + grace_s` is cut. A request with
 n > 1 inserts its prompt n times (BatchGenerator has no shared prefill). Prints `@start NAME`
-and `@end NAME` around each job so the parent can attribute memory samples.
+and `@end NAME` around each job so the parent can attribute memory samples. A job of kind
+"static" inserts all of its requests at once (run_static); "generate_step" runs mlx-lm's
+single-stream path.
 """
 
 from __future__ import annotations
@@ -133,6 +135,17 @@ def run_generate_step(model, job: dict, spec: dict) -> dict:
             "mlx_peak_memory_bytes": int(mx.get_peak_memory())}
 
 
+def run_static(model, job: dict, spec: dict) -> dict:
+    """Every request of the job inserted at once into one BatchGenerator (no arrivals, no
+    closed loop): the all-at-once limit of a rollout round (issue 17's `raw-static`).
+    `completion_batch_size` holds the whole round; prefill goes `prefill_batch` rows a pass."""
+    total = sum(int(r.get("n", 1)) for r in job["requests"])
+    job = dict(job, concurrency=len(job["requests"]), num_requests=len(job["requests"]),
+               duration_s=float(job.get("duration_s", 3600.0)), grace_s=float(job.get("grace_s", 0.0)))
+    spec = dict(spec, prefill_batch=min(total, int(spec.get("prefill_batch", 8))))
+    return run_job(model, job, spec)
+
+
 def main(argv) -> int:
     spec_path, out_path = argv[1], argv[2]
     with open(spec_path) as f:
@@ -147,7 +160,7 @@ def main(argv) -> int:
     results = []
     for job in spec["jobs"]:
         print(f"@start {job['name']}", flush=True)
-        run = run_generate_step if job.get("kind") == "generate_step" else run_job
+        run = {"generate_step": run_generate_step, "static": run_static}.get(job.get("kind"), run_job)
         results.append(run(model, job, spec))
         print(f"@end {job['name']}", flush=True)
     with open(out_path, "w") as f:

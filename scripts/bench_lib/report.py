@@ -83,7 +83,7 @@ def table(cells: list[dict]) -> str:
             "| ok/err/tmo/cut | short | peak RSS MB |")
     lines = [head, "|" + "---|" * 12]
     for c in cells:
-        if c["workload"] == "swap":
+        if c["workload"] in ("swap", "burst"):  # their own tables (below; bench_lib/burst.py)
             continue
         s = c["stats"]
         tps = s["tokens_per_s"]

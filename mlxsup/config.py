@@ -40,40 +40,98 @@ def default_run_dir(port: int) -> str:
     return os.path.join(base, "mlxsup", f"run-{port}")
 
 
+def flag(default, help: str, *, group: str, name: str = "", **argparse_kwargs):
+    """A ServerConfig field that `mlxsup start` accepts as a flag (supervisor/cli.py builds the
+    parser from these): `--<field-name>` unless `name` is given; `help` may say `{default}`
+    (formatted with the field's default, e.g. `{default:g}`); `group` is the --help section.
+    `argparse_kwargs` go to `add_argument` (choices, type, metavar); `env` names an environment
+    variable that supplies the default; `path=True` makes a given value an absolute path. A bool
+    field is a store_true switch, an int or float field parses as one."""
+    meta = {"flag": name, "help": help, "group": group, **argparse_kwargs}
+    return dataclasses.field(default=default, metadata={"cli": meta})
+
+
+def no_flag(default, why: str):
+    """A ServerConfig field with no `mlxsup start` flag (yet); `why` says so where it is declared."""
+    return dataclasses.field(default=default, metadata={"cli": None, "why": why})
+
+
+SEED, SERVER, SECURITY = "the seed's flags", "server", "security"
+
+
 @dataclass(frozen=True)
 class ServerConfig:
-    """Everything `mlxsup start` accepts. Defaults of the seed's flags are the seed's."""
+    """Everything `mlxsup start` accepts, one field per flag (in --help's order). Defaults of the
+    seed's flags are the seed's. Adding a flag is adding a field here: the parser and the
+    conversion from its namespace are derived from these fields."""
 
-    model: Optional[str] = None  # None: the built-in demo model
-    adapter_path: Optional[str] = None
-    host: str = "0.0.0.0"
-    port: int = 8000
-    max_batch: int = 5
-    flush_interval_ms: float = 10.0
-    max_tokens: int = 128
-    trust_remote_code: bool = False
-    log_level: str = "INFO"
-    workers: int = 2
-    run_dir: str = ""  # "" means default_run_dir(port)
-    max_queue: int = 256
-    api_key: Optional[str] = None
-    admin_key: Optional[str] = None
-    adapter_root: Optional[str] = None
-    max_upload_mb: int = 512
-    blas: str = "auto"  # "auto": preload an optimized BLAS into the engine on Linux; "off"
-    request_timeout_s: float = 600.0
-    min_policy_wait_s: float = 60.0  # longest a request may wait for min_policy_version
-    header_timeout_s: float = 15.0  # longest a new connection may take to send its request head
+    model: Optional[str] = flag(
+        None, "MLX model directory or Hugging Face repo id (default: the built-in demo model)", group=SEED)
+    adapter_path: Optional[str] = flag(
+        None, "LoRA adapter to serve from the start (policy version 0)", group=SEED)
+    host: str = flag("0.0.0.0", "address to listen on (default: {default})", group=SEED)
+    port: int = flag(8000, "port to listen on (default: {default})", group=SEED)
+    max_batch: int = flag(5, "most sequences decoding at once (default: {default})", group=SEED)
+    flush_interval_ms: float = flag(
+        10.0, "how long an idle engine waits to gather arrivals (default: {default:g})", group=SEED)
+    max_tokens: int = flag(128, "default max_tokens of a request (default: {default})", group=SEED)
+    trust_remote_code: bool = flag(False, "let the tokenizer run code shipped with the model", group=SEED)
+    log_level: str = flag(
+        "INFO", "logging level (default: {default})", group=SEED, type=str.upper, choices=LOG_LEVELS)
+    workers: int = flag(2, "API worker processes (default: {default})", group=SERVER)
+    # "" means default_run_dir(port); a given directory is made absolute.
+    run_dir: str = flag("", "run directory (default: ~/.cache/mlxsup/run-<port>)", group=SERVER, path=True)
+    max_queue: int = flag(256, "requests waiting in the engine before 503 (default: {default})", group=SERVER)
+    blas: str = flag(
+        "auto", "preload an optimized BLAS into the engine on Linux (default: {default})",
+        group=SERVER, choices=("auto", "off"))
     # "on": queue each decode step before reading the last (the host's work overlaps the
     # device's); "off": each step runs to its end first (a swap reaches new tokens one step
     # sooner); "auto": on for a GPU, by step length on the CPU (see EngineConfig.pipeline).
-    pipeline: str = "auto"
+    pipeline: str = flag(
+        "auto",
+        "on: queue each decode step before reading the last (host and device overlap); off: "
+        "finish each step first (an adapter swap reaches new tokens one step sooner); "
+        "auto (default): on for a GPU; on the CPU off while decode steps take over 25 ms, "
+        "on while they take under 15 ms",
+        group=SERVER, choices=PIPELINE_MODES)
     # Prompt tokens prefilled per engine step at most, the rest in later steps (0: no limit).
-    prefill_chunk: int = 0
+    prefill_chunk: int = flag(
+        0,
+        "prefill at most this many prompt tokens per engine step and the rest in the next "
+        "steps, while running sequences keep decoding: bounds how long one step (and the "
+        "wait for a swap's step boundary) can take (default: 0, whole prompts at once)",
+        group=SERVER, metavar="TOKENS")
     # One KV budget (GiB) for the running batch and the prefix cache (0: the engine's default,
     # half the memory the weights leave); no_prefix_cache: no KV reuse across requests.
-    kv_cache_gb: float = 0.0
-    no_prefix_cache: bool = False
+    kv_cache_gb: float = flag(
+        0.0,
+        "one KV memory budget (GiB) for the running batch and the prefix cache: admission "
+        "waits while it is full, a request that can never fit is refused (default: 0, half "
+        "of the memory the weights leave: Metal's recommended working set on a Mac)",
+        group=SERVER, metavar="GB")
+    no_prefix_cache: bool = flag(
+        False, "keep no prompt KV for later requests (every prompt is prefilled whole)", group=SERVER)
+    # The environment variables keep keys out of the command line, which any local user can
+    # read with ps.
+    api_key: Optional[str] = flag(
+        None, "required as a Bearer token on every route but /health (or env MLXSUP_API_KEY)",
+        group=SECURITY, env="MLXSUP_API_KEY")
+    admin_key: Optional[str] = flag(
+        None, "required on adapter routes (default: loopback clients only; or env MLXSUP_ADMIN_KEY)",
+        group=SECURITY, env="MLXSUP_ADMIN_KEY")
+    adapter_root: Optional[str] = flag(
+        None, "/load_adapter paths must resolve inside this directory", group=SECURITY)
+    # Longest a new connection may take to send its request head.
+    header_timeout_s: float = flag(
+        15.0,
+        "seconds a new connection may take to send its request line and headers "
+        "before it is closed (default: {default:g})",
+        group=SECURITY, name="--header-timeout")
+    max_upload_mb: int = flag(512, "largest /upload_adapter body (default: {default})", group=SECURITY)
+    request_timeout_s: float = no_flag(600.0, "not exposed yet: an API worker's wait for the engine")
+    min_policy_wait_s: float = no_flag(
+        60.0, "not exposed yet: longest a request may wait for min_policy_version")
 
     def __post_init__(self):
         if not self.run_dir:

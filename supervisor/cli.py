@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from mlxsup.config import LOG_LEVELS, PIPELINE_MODES, SWAP_MODES, ServerConfig, default_run_dir
+from mlxsup.config import SWAP_MODES, ServerConfig, default_run_dir
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
 RELOAD_TIMEOUT_S = 3600.0  # a drain swap waits for the longest sequence in flight
@@ -72,90 +72,53 @@ def add_subcommands(sub) -> None:
     update.set_defaults(func=_update_weights)
 
 
+def config_flags(cls=ServerConfig) -> list[tuple[dataclasses.Field, dict]]:
+    """The fields of `cls` that are `mlxsup start` flags, with their `flag(...)` metadata, in
+    --help's order. Every field must say whether it is a flag (mlxsup.config.flag / no_flag)."""
+    out = []
+    for f in dataclasses.fields(cls):
+        if "cli" not in f.metadata:
+            raise TypeError(f"{cls.__name__}.{f.name} must be declared with flag(...) or no_flag(...)")
+        if f.metadata["cli"] is not None:
+            out.append((f, f.metadata["cli"]))
+    return out
+
+
+def flag_name(f: dataclasses.Field, meta: dict) -> str:
+    return meta["flag"] or "--" + f.name.replace("_", "-")
+
+
+def _abs_path(text: str) -> str:
+    return os.path.abspath(os.path.expanduser(text)) if text else ""
+
+
 def add_start_arguments(p: argparse.ArgumentParser) -> None:
-    d = _DEFAULTS
-    seed = p.add_argument_group("the seed's flags")
-    seed.add_argument("--model", default=None, help="MLX model directory or Hugging Face repo id (default: the built-in demo model)")
-    seed.add_argument("--adapter-path", default=None, help="LoRA adapter to serve from the start (policy version 0)")
-    seed.add_argument("--host", default=d["host"], help=f"address to listen on (default: {d['host']})")
-    seed.add_argument("--port", type=int, default=d["port"], help=f"port to listen on (default: {d['port']})")
-    seed.add_argument("--max-batch", type=int, default=d["max_batch"], help=f"most sequences decoding at once (default: {d['max_batch']})")
-    seed.add_argument(
-        "--flush-interval-ms", type=float, default=d["flush_interval_ms"],
-        help=f"how long an idle engine waits to gather arrivals (default: {d['flush_interval_ms']:g})",
-    )  # fmt: skip
-    seed.add_argument("--max-tokens", type=int, default=d["max_tokens"], help=f"default max_tokens of a request (default: {d['max_tokens']})")
-    seed.add_argument("--trust-remote-code", action="store_true", help="let the tokenizer run code shipped with the model")
-    seed.add_argument(
-        "--log-level", type=str.upper, choices=LOG_LEVELS, default=d["log_level"],
-        help=f"logging level (default: {d['log_level']})",
-    )  # fmt: skip
-    more = p.add_argument_group("server")
-    more.add_argument("--workers", type=int, default=d["workers"], help=f"API worker processes (default: {d['workers']})")
-    more.add_argument("--run-dir", default="", help="run directory (default: ~/.cache/mlxsup/run-<port>)")
-    more.add_argument("--max-queue", type=int, default=d["max_queue"], help=f"requests waiting in the engine before 503 (default: {d['max_queue']})")
-    more.add_argument("--foreground", action="store_true", help="run in this terminal instead of as a daemon")
-    more.add_argument("--blas", choices=("auto", "off"), default=d["blas"], help="preload an optimized BLAS into the engine on Linux (default: auto)")
-    more.add_argument(
-        "--pipeline", choices=PIPELINE_MODES, default=d["pipeline"],
-        help="on: queue each decode step before reading the last (host and device overlap); off: "
-             "finish each step first (an adapter swap reaches new tokens one step sooner); "
-             "auto (default): on for a GPU; on the CPU off while decode steps take over 25 ms, "
-             "on while they take under 15 ms",
-    )  # fmt: skip
-    more.add_argument(
-        "--prefill-chunk", type=int, default=d["prefill_chunk"], metavar="TOKENS",
-        help="prefill at most this many prompt tokens per engine step and the rest in the next "
-             "steps, while running sequences keep decoding: bounds how long one step (and the "
-             "wait for a swap's step boundary) can take (default: 0, whole prompts at once)",
-    )  # fmt: skip
-    more.add_argument(
-        "--kv-cache-gb", type=float, default=d["kv_cache_gb"], metavar="GB",
-        help="one KV memory budget (GiB) for the running batch and the prefix cache: admission "
-             "waits while it is full, a request that can never fit is refused (default: 0, half "
-             "of the memory the weights leave: Metal's recommended working set on a Mac)",
-    )  # fmt: skip
-    more.add_argument("--no-prefix-cache", action="store_true",
-                      help="keep no prompt KV for later requests (every prompt is prefilled whole)")
-    sec = p.add_argument_group("security")
-    # The environment variables keep keys out of the command line, which any local user can read with ps.
-    sec.add_argument("--api-key", default=os.environ.get("MLXSUP_API_KEY") or None,
-                     help="required as a Bearer token on every route but /health (or env MLXSUP_API_KEY)")
-    sec.add_argument("--admin-key", default=os.environ.get("MLXSUP_ADMIN_KEY") or None,
-                     help="required on adapter routes (default: loopback clients only; or env MLXSUP_ADMIN_KEY)")
-    sec.add_argument("--adapter-root", default=None, help="/load_adapter paths must resolve inside this directory")
-    sec.add_argument("--header-timeout", type=float, default=d["header_timeout_s"],
-                     help=f"seconds a new connection may take to send its request line and headers "
-                          f"before it is closed (default: {d['header_timeout_s']:g})")
-    sec.add_argument("--max-upload-mb", type=int, default=d["max_upload_mb"], help=f"largest /upload_adapter body (default: {d['max_upload_mb']})")
+    """The `start` flags, one per ServerConfig field declared with `flag(...)`, plus
+    --foreground (how to start, not what: no field)."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f, meta in config_flags():
+        group = groups.get(meta["group"]) or groups.setdefault(meta["group"], p.add_argument_group(meta["group"]))
+        kwargs = {k: v for k, v in meta.items() if k not in ("flag", "help", "group", "env", "path")}
+        name = flag_name(f, meta)
+        default = (os.environ.get(meta["env"]) or f.default) if meta.get("env") else f.default
+        kwargs.update(dest=f.name, default=default, help=meta["help"].format(default=f.default))
+        if f.type in (bool, "bool"):
+            kwargs["action"] = "store_true"
+        else:
+            if "choices" not in kwargs:  # argparse would name the value after the dest
+                kwargs.setdefault("metavar", name[2:].replace("-", "_").upper())
+            if meta.get("path"):
+                kwargs["type"] = _abs_path
+            elif "type" not in kwargs and f.type in (int, float, "int", "float"):
+                kwargs["type"] = {"int": int, "float": float}.get(f.type, f.type)
+        group.add_argument(name, **kwargs)
+        if f.name == "max_queue":  # where --help has always listed it
+            group.add_argument("--foreground", action="store_true", help="run in this terminal instead of as a daemon")
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """The `start` flags as a ServerConfig (raises ValueError on invalid values)."""
-    return ServerConfig(
-        model=args.model,
-        adapter_path=args.adapter_path,
-        host=args.host,
-        port=args.port,
-        max_batch=args.max_batch,
-        flush_interval_ms=args.flush_interval_ms,
-        max_tokens=args.max_tokens,
-        trust_remote_code=args.trust_remote_code,
-        log_level=args.log_level,
-        workers=args.workers,
-        run_dir=os.path.abspath(os.path.expanduser(args.run_dir)) if args.run_dir else "",
-        max_queue=args.max_queue,
-        api_key=args.api_key,
-        admin_key=args.admin_key,
-        adapter_root=args.adapter_root,
-        max_upload_mb=args.max_upload_mb,
-        blas=args.blas,
-        header_timeout_s=args.header_timeout,
-        pipeline=args.pipeline,
-        prefill_chunk=args.prefill_chunk,
-        kv_cache_gb=args.kv_cache_gb,
-        no_prefix_cache=args.no_prefix_cache,
-    )
+    return ServerConfig(**{f.name: getattr(args, f.name) for f, _ in config_flags()})
 
 
 def _add_instance_arguments(p: argparse.ArgumentParser) -> None:

@@ -336,6 +336,92 @@ def test_start_flags_map_to_the_config(tmp_path):
     assert c.pipeline == "on" and EngineConfig.from_server_config(c).pipeline is True
 
 
+# `mlxsup start --help` on main before the flags were derived from ServerConfig (issue 14):
+# the same flags, in the same order. A new flag is a new ServerConfig field and goes here.
+START_FLAGS = [
+    "--model", "--adapter-path", "--host", "--port", "--max-batch", "--flush-interval-ms",
+    "--max-tokens", "--trust-remote-code", "--log-level", "--workers", "--run-dir", "--max-queue",
+    "--foreground", "--blas", "--pipeline", "--prefill-chunk", "--kv-cache-gb", "--no-prefix-cache",
+    "--api-key", "--admin-key", "--adapter-root", "--header-timeout", "--max-upload-mb",
+]  # fmt: skip
+
+
+def _start_parser():
+    parser = _parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["start"]
+
+
+def test_start_help_lists_the_flags_it_always_had():
+    start = _start_parser()
+    flags = [s for a in start._actions for s in a.option_strings if s.startswith("--") and s != "--help"]
+    assert flags == START_FLAGS
+    text = start.format_help()
+    assert "(default: 10)" in text and "(default: 15)" in text  # floats read as the docs say
+    assert "--header-timeout HEADER_TIMEOUT" in text and "--prefill-chunk TOKENS" in text
+
+
+def _non_default(f, tmp_path):
+    """A value for field `f` other than its default, as a command-line word and as parsed."""
+    meta = f.metadata["cli"]
+    if meta.get("choices"):
+        value = next(c for c in meta["choices"] if c != f.default)
+        return value.lower(), value
+    if meta.get("path"):
+        return str(tmp_path), str(tmp_path)
+    if f.type == "int":
+        return str(f.default + 3), f.default + 3
+    if f.type == "float":
+        return str(f.default + 1.5), f.default + 1.5
+    return "v-" + f.name, "v-" + f.name
+
+
+def test_every_config_field_is_a_flag_that_round_trips(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLXSUP_API_KEY", raising=False)
+    monkeypatch.delenv("MLXSUP_ADMIN_KEY", raising=False)
+    import dataclasses
+
+    fields = dataclasses.fields(ServerConfig)
+    # Every field says whether it is a flag; the ones that are not are named here on purpose.
+    assert all("cli" in f.metadata for f in fields)
+    assert {f.name for f in fields if f.metadata["cli"] is None} == {"request_timeout_s", "min_policy_wait_s"}
+    argv, expected = ["start"], {}
+    for f, meta in sup_cli.config_flags():
+        flag = sup_cli.flag_name(f, meta)
+        assert flag in START_FLAGS
+        if f.type == "bool":
+            argv.append(flag)
+            expected[f.name] = True
+        else:
+            word, value = _non_default(f, tmp_path)
+            argv += [flag, word]
+            expected[f.name] = value
+    config = sup_cli.config_from_args(_parser().parse_args(argv))
+    assert {name: getattr(config, name) for name in expected} == expected
+    # ... and the defaults of no flag at all are the dataclass's (run_dir: derived from the port).
+    defaults = sup_cli.config_from_args(_parser().parse_args(["start"]))
+    assert dataclasses.replace(defaults, run_dir="") == dataclasses.replace(ServerConfig(), run_dir="")
+
+
+def test_key_flags_default_to_the_environment(monkeypatch):
+    monkeypatch.setenv("MLXSUP_API_KEY", "from-env")
+    monkeypatch.setenv("MLXSUP_ADMIN_KEY", "admin-env")
+    config = sup_cli.config_from_args(_parser().parse_args(["start"]))
+    assert (config.api_key, config.admin_key) == ("from-env", "admin-env")
+    assert sup_cli.config_from_args(_parser().parse_args(["start", "--api-key", "cli"])).api_key == "cli"
+
+
+def test_a_field_must_say_whether_it_is_a_flag():
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Undeclared:
+        x: int = 1
+
+    with pytest.raises(TypeError, match="flag"):
+        sup_cli.config_flags(Undeclared)
+
+
 def test_pipeline_flag_reaches_the_engine_config():
     auto = sup_cli.config_from_args(_parser().parse_args(["start"]))
     assert auto.pipeline == "auto" and EngineConfig.from_server_config(auto, model="m").pipeline is None

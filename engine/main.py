@@ -33,6 +33,7 @@ from mlxsup.ipc.messages import (
     ERR_INVALID,
     ERR_OVERLOADED,
     AbortRequest,
+    AbortTagged,
     ErrorEvent,
     GenerateRequest,
     Hello,
@@ -69,6 +70,7 @@ class EngineProcess:
         self.epoch = epoch
         self._bell = Doorbell(channel.layout.engine_bell_path)  # helpers ring it to wake us
         self._slot_of: dict[int, int] = {}  # request id -> slot
+        self._tag_of: dict[int, str] = {}  # request id -> the client's request_id, when it set one
         self._remaining: dict[int, int] = {}  # request id -> events still to come
         self._prepared: "queue.Queue[tuple]" = queue.Queue()
         self._swaps: list[dict] = []  # swap commands not yet handed to the engine
@@ -161,6 +163,10 @@ class EngineProcess:
             if self._slot_of.get(msg.request_id) == slot:
                 eng.abort(msg.request_id)
             return
+        if isinstance(msg, AbortTagged):  # any worker's requests: a scan of those in flight
+            for rid in [r for r, tag in self._tag_of.items() if tag == msg.tag]:
+                eng.abort(rid)
+            return
         if not isinstance(msg, (GenerateRequest, ScoreRequest)):
             return
         rid = msg.request_id
@@ -183,10 +189,13 @@ class EngineProcess:
             self.channel.send(slot, ErrorEvent(rid, ERR_INTERNAL, f"submit failed: {e}"))
             return
         self._slot_of[rid] = slot
+        if msg.tag:
+            self._tag_of[rid] = msg.tag
         self._remaining[rid] = msg.n if isinstance(msg, GenerateRequest) else 1
 
     def _forget(self, rid: int) -> None:
         self._slot_of.pop(rid, None)
+        self._tag_of.pop(rid, None)
         self._remaining.pop(rid, None)
 
     def _route(self, events) -> None:

@@ -19,6 +19,7 @@ from mlxsup.ipc.messages import (
     FINISH_REASONS,
     LOGPROBS_MODES,
     AbortRequest,
+    AbortTagged,
     ErrorEvent,
     GenerateRequest,
     Hello,
@@ -35,6 +36,7 @@ T_HELLO = 1
 T_GENERATE = 2
 T_SCORE = 3
 T_ABORT = 4
+T_ABORT_TAGGED = 5
 T_TOKEN_CHUNK = 16
 T_SEQUENCE_DONE = 17
 T_SCORE_RESULT = 18
@@ -83,6 +85,7 @@ def encode(msg) -> bytes:
             _put_params(out, msg.params)
             _put_array(out, "i", msg.prompt_ids)
             _put_str(out, msg.cache_salt)
+            _put_str(out, msg.tag)
         elif kind is ScoreRequest:
             out.append(_HEAD.pack(VERSION, T_SCORE))
             out.append(_SCORE.pack(msg.request_id, _index(LOGPROBS_MODES, msg.logprobs_mode)))
@@ -90,8 +93,12 @@ def encode(msg) -> bytes:
             _put_array(out, "i", msg.prompt_ids)
             _put_array(out, "i", msg.completion_ids)
             _put_str(out, msg.cache_salt)
+            _put_str(out, msg.tag)
         elif kind is AbortRequest:
             out.append(_HEAD.pack(VERSION, T_ABORT) + _ABORT.pack(msg.request_id))
+        elif kind is AbortTagged:
+            out.append(_HEAD.pack(VERSION, T_ABORT_TAGGED))
+            _put_str(out, msg.tag)
         elif kind is TokenChunk:
             out.append(_HEAD.pack(VERSION, T_TOKEN_CHUNK) + _CHUNK.pack(msg.request_id, msg.seq_index))
             _put_tokens(out, msg.token_ids, msg.logprobs, msg.versions)
@@ -285,6 +292,7 @@ def _get_generate(r: _Reader) -> GenerateRequest:
         min_policy_version=min_version,
         min_policy_wait_s=min_wait,
         cache_salt=r.str(),
+        tag=r.str(),
     )
 
 
@@ -299,12 +307,17 @@ def _get_score(r: _Reader) -> ScoreRequest:
         logprobs_mode=_choice(LOGPROBS_MODES, mode),
         params=params,
         cache_salt=r.str(),
+        tag=r.str(),
     )
 
 
 def _get_abort(r: _Reader) -> AbortRequest:
     (request_id,) = r.unpack(_ABORT)
     return AbortRequest(request_id=request_id)
+
+
+def _get_abort_tagged(r: _Reader) -> AbortTagged:
+    return AbortTagged(tag=r.str())
 
 
 def _get_token_chunk(r: _Reader) -> TokenChunk:
@@ -347,6 +360,7 @@ _DECODERS = {
     T_GENERATE: _get_generate,
     T_SCORE: _get_score,
     T_ABORT: _get_abort,
+    T_ABORT_TAGGED: _get_abort_tagged,
     T_TOKEN_CHUNK: _get_token_chunk,
     T_SEQUENCE_DONE: _get_sequence_done,
     T_SCORE_RESULT: _get_score_result,

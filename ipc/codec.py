@@ -30,7 +30,7 @@ from mlxsup.ipc.messages import (
     TokenChunk,
 )
 
-VERSION = 1
+VERSION = 2  # 2: requests carry their tag (the client's request_id); AbortTagged
 
 T_HELLO = 1
 T_GENERATE = 2

@@ -97,15 +97,15 @@ def test_token_ids_travel_packed_not_as_text():
 
 # Golden bytes: a change here breaks every worker/engine pair of mixed versions; bump VERSION.
 GOLDEN = {
-    "hello": (Hello(slot=1, generation=2, pid=3), "010101000000020000000000000003000000"),
-    "abort": (AbortRequest(request_id=258), "01040201000000000000"),
+    "hello": (Hello(slot=1, generation=2, pid=3), "020101000000020000000000000003000000"),
+    "abort": (AbortRequest(request_id=258), "02040201000000000000"),
     "chunk": (
         TokenChunk(request_id=1, seq_index=0, token_ids=[7], logprobs=[-0.5], versions=[2]),
-        "0110010000000000000000000000010000000700000001000000000000bf0100000002000000",
+        "0210010000000000000000000000010000000700000001000000000000bf0100000002000000",
     ),
     "error": (
         ErrorEvent(request_id=1, code="timeout", message="m", field=""),
-        "011301000000000000000700000074696d656f7574010000006d00000000",
+        "021301000000000000000700000074696d656f7574010000006d00000000",
     ),
 }
 
@@ -135,7 +135,7 @@ def test_unencodable_values_raise_codec_error(msg):
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"\x01", b"\x02\x01", b"\x01\x63", bytes.fromhex("0104020100000000000000"), "text", None],
+    [b"", b"\x01", b"\x02\x01", b"\x01\x63", bytes.fromhex("0204020100000000000000"), "text", None],
     ids=["empty", "short", "version", "type", "trailing", "str", "none"],
 )
 def test_malformed_bytes_raise_codec_error(data):

@@ -13,7 +13,10 @@ implements it on the shared-memory `WorkerChannel` of `mlxsup.ipc.channel`:
   has (a stream already under way) fails with a retryable 503; one orphaned a second time is
   refused (422) so that a request that kills the engine cannot loop;
 - a flight abandoned by its caller (client disconnect, timeout, `POST /abort`) sends an
-  `AbortRequest`, so its batch slot is freed.
+  `AbortRequest`, so its batch slot is freed;
+- `POST /abort` for a request_id this worker does not hold goes to the engine as `AbortTagged`
+  (every request carries its client's request_id as its tag): the engine ends the requests of
+  any worker with that tag, and their owners see the usual abort result.
 
 Errors reach the resources as `ApiError`s: the engine's error codes map to HTTP statuses
 (invalid -> 422, overloaded -> 503 + Retry-After, timeout -> 503, internal -> 500).
@@ -28,7 +31,6 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional, Protocol, Sequence, Union
 
-from mlxsup.api.aborts import AbortBoard, tag_key
 from mlxsup.ipc.control import PREFIX_CACHE_FIELDS
 from mlxsup.api.errors import (
     RETRY_AFTER_OVERLOADED,
@@ -48,6 +50,7 @@ from mlxsup.ipc.messages import (
     AbortRequest,
     ControlResult,
     EngineControl,
+    AbortTagged,
     ErrorEvent,
     GenerateRequest,
     SamplingParams,
@@ -149,7 +152,7 @@ class EngineLink(Protocol):
         ...
 
     async def abort(self, tag: str) -> int:
-        """Abort every request tagged `tag` (in this worker and, through the abort board, in the
+        """Abort every request tagged `tag` (in this worker and, through the engine, in the
         others); return how many were found in this worker."""
         ...
 
@@ -208,7 +211,6 @@ class IpcEngineLink:
         self.restart_wait_s = restart_wait_s
         self._open_channel = open_channel or _open_worker_channel
         self.channel = None
-        self.board = AbortBoard(run_dir)
         self._flights: set[_Flight] = set()
         self._tasks: set[asyncio.Task] = set()
         self._opener: Optional[asyncio.Task] = None
@@ -294,7 +296,7 @@ class IpcEngineLink:
             return GenerateRequest(rid, list(prompt_ids), params, n=n, stream=False,
                                    min_policy_version=min_policy_version,
                                    min_policy_wait_s=self.min_policy_wait_s if min_policy_version >= 0 else 0.0,
-                                   cache_salt=cache_salt)
+                                   cache_salt=cache_salt, tag=tag or "")
 
         done: dict[int, SequenceDone] = {}
         async with contextlib.aclosing(self._fly(make, tag, expect=n, stream=False)) as events:
@@ -308,7 +310,7 @@ class IpcEngineLink:
             return GenerateRequest(rid, list(prompt_ids), params, n=n, stream=True,
                                    min_policy_version=min_policy_version,
                                    min_policy_wait_s=self.min_policy_wait_s if min_policy_version >= 0 else 0.0,
-                                   cache_salt=cache_salt)
+                                   cache_salt=cache_salt, tag=tag or "")
 
         async with contextlib.aclosing(self._fly(make, tag, expect=n, stream=True)) as events:
             async for event in events:
@@ -318,7 +320,7 @@ class IpcEngineLink:
                     top_logprobs=0, cache_salt=""):
         def make(rid):
             return ScoreRequest(rid, list(prompt_ids), list(completion_ids), logprobs_mode, params,
-                                top_logprobs, cache_salt=cache_salt)
+                                top_logprobs, cache_salt=cache_salt, tag=tag or "")
 
         result = None
         async with contextlib.aclosing(self._fly(make, tag, expect=1, stream=False)) as events:
@@ -339,10 +341,11 @@ class IpcEngineLink:
         found = [f for f in self._flights if f.tag == tag and not f.is_finished]
         for flight in found:
             self._abort_flight(flight)
-        try:
-            self.board.post(tag)
-        except OSError as e:
-            log.warning("abort board: %s", e)
+        if tag and self.channel is not None:  # other workers may hold requests with this tag
+            try:
+                await self.channel.send(AbortTagged(tag))
+            except Exception as e:
+                log.warning("engine link: could not send the abort of %r: %s", tag, e)
         return len(found)
 
     # ---------------------------------------------------------------- flights
@@ -472,7 +475,7 @@ class IpcEngineLink:
     # ---------------------------------------------------------------- watcher
 
     async def _watch(self) -> None:
-        """Orphan flights of dead engines, apply posted aborts, sample the token rate."""
+        """Orphan flights of dead engines, sample the token rate."""
         while True:
             try:
                 self._tick()
@@ -491,15 +494,6 @@ class IpcEngineLink:
                     and not flight.is_orphan_signalled and flight.queue is not None):
                 flight.is_orphan_signalled = True
                 flight.queue.put_nowait(_ORPHANED)
-        tagged = [f for f in self._flights if f.tag is not None and not f.is_aborted]
-        if tagged:
-            posted = self.board.changed()
-            if posted:
-                for flight in tagged:
-                    at = posted.get(tag_key(flight.tag))
-                    if at is not None and at >= flight.sent_at - 1.0:
-                        self._abort_flight(flight)
-
 
 async def _open_worker_channel(run_dir: str):
     from mlxsup.ipc.channel import WorkerChannel

@@ -39,6 +39,7 @@ from mlxsup.ipc.messages import (
     AbortRequest,
     ControlResult,
     EngineControl,
+    AbortTagged,
     ErrorEvent,
     GenerateRequest,
     Hello,
@@ -75,6 +76,7 @@ class EngineProcess:
         self.epoch = epoch
         self._bell = Doorbell(channel.layout.engine_bell_path)  # helpers ring it to wake us
         self._slot_of: dict[int, int] = {}  # request id -> slot
+        self._tag_of: dict[int, str] = {}  # request id -> the client's request_id, when it set one
         self._remaining: dict[int, int] = {}  # request id -> events still to come
         self._prepared: "queue.Queue[tuple]" = queue.Queue()
         self._swaps: list[dict] = []  # swap commands not yet handed to the engine
@@ -174,6 +176,10 @@ class EngineProcess:
         if isinstance(msg, EngineControl):
             self._control(slot, msg)
             return
+        if isinstance(msg, AbortTagged):  # any worker's requests: a scan of those in flight
+            for rid in [r for r, tag in self._tag_of.items() if tag == msg.tag]:
+                eng.abort(rid)
+            return
         if not isinstance(msg, (GenerateRequest, ScoreRequest)):
             return
         rid = msg.request_id
@@ -196,6 +202,8 @@ class EngineProcess:
             self.channel.send(slot, ErrorEvent(rid, ERR_INTERNAL, f"submit failed: {e}"))
             return
         self._slot_of[rid] = slot
+        if msg.tag:
+            self._tag_of[rid] = msg.tag
         self._remaining[rid] = msg.n if isinstance(msg, GenerateRequest) else 1
 
     def _control(self, slot: int, msg: EngineControl) -> None:
@@ -226,6 +234,7 @@ class EngineProcess:
 
     def _forget(self, rid: int) -> None:
         self._slot_of.pop(rid, None)
+        self._tag_of.pop(rid, None)
         self._remaining.pop(rid, None)
 
     def _route(self, events) -> None:

@@ -23,6 +23,7 @@ from mlxsup.ipc.messages import (
     AbortRequest,
     ControlResult,
     EngineControl,
+    AbortTagged,
     ErrorEvent,
     GenerateRequest,
     Hello,
@@ -33,12 +34,13 @@ from mlxsup.ipc.messages import (
     TokenChunk,
 )
 
-VERSION = 2  # 2: top log-probs, engine controls (and the prefix cache's salt and cached tokens)
+VERSION = 3  # 2: top log-probs, engine controls, the prefix cache's salt and cached tokens; 3: requests carry their tag (the client's request_id), AbortTagged
 
 T_HELLO = 1
 T_GENERATE = 2
 T_SCORE = 3
 T_ABORT = 4
+T_ABORT_TAGGED = 6
 T_TOKEN_CHUNK = 16
 T_SEQUENCE_DONE = 17
 T_SCORE_RESULT = 18
@@ -92,6 +94,7 @@ def encode(msg) -> bytes:
             _put_params(out, msg.params)
             _put_array(out, "i", msg.prompt_ids)
             _put_str(out, msg.cache_salt)
+            _put_str(out, msg.tag)
         elif kind is ScoreRequest:
             out.append(_HEAD.pack(VERSION, T_SCORE))
             out.append(_SCORE.pack(msg.request_id, _index(LOGPROBS_MODES, msg.logprobs_mode)))
@@ -100,8 +103,12 @@ def encode(msg) -> bytes:
             _put_array(out, "i", msg.completion_ids)
             out.append(_TOP.pack(msg.top_logprobs))
             _put_str(out, msg.cache_salt)
+            _put_str(out, msg.tag)
         elif kind is AbortRequest:
             out.append(_HEAD.pack(VERSION, T_ABORT) + _ABORT.pack(msg.request_id))
+        elif kind is AbortTagged:
+            out.append(_HEAD.pack(VERSION, T_ABORT_TAGGED))
+            _put_str(out, msg.tag)
         elif kind is TokenChunk:
             out.append(_HEAD.pack(VERSION, T_TOKEN_CHUNK) + _CHUNK.pack(msg.request_id, msg.seq_index))
             _put_tokens(out, msg.token_ids, msg.logprobs, msg.versions)
@@ -316,6 +323,7 @@ def _get_generate(r: _Reader) -> GenerateRequest:
         min_policy_version=min_version,
         min_policy_wait_s=min_wait,
         cache_salt=r.str(),
+        tag=r.str(),
     )
 
 
@@ -333,12 +341,17 @@ def _get_score(r: _Reader) -> ScoreRequest:
         params=params,
         top_logprobs=top_logprobs,
         cache_salt=r.str(),
+        tag=r.str(),
     )
 
 
 def _get_abort(r: _Reader) -> AbortRequest:
     (request_id,) = r.unpack(_ABORT)
     return AbortRequest(request_id=request_id)
+
+
+def _get_abort_tagged(r: _Reader) -> AbortTagged:
+    return AbortTagged(tag=r.str())
 
 
 def _get_token_chunk(r: _Reader) -> TokenChunk:
@@ -409,6 +422,7 @@ _DECODERS = {
     T_GENERATE: _get_generate,
     T_SCORE: _get_score,
     T_ABORT: _get_abort,
+    T_ABORT_TAGGED: _get_abort_tagged,
     T_TOKEN_CHUNK: _get_token_chunk,
     T_SEQUENCE_DONE: _get_sequence_done,
     T_SCORE_RESULT: _get_score_result,

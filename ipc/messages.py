@@ -110,6 +110,7 @@ class GenerateRequest:
     min_policy_version: int = -1  # -1: none; else wait until the engine reaches it
     min_policy_wait_s: float = 0.0  # how long to wait for min_policy_version
     cache_salt: str = ""  # prefix-cache entries are shared only by requests with the same salt
+    tag: str = ""  # the client's request_id; `AbortTagged` ends every request carrying it
 
     def __post_init__(self):
         if self.n < 1:
@@ -130,6 +131,7 @@ class ScoreRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     top_logprobs: int = 0  # also the k most likely tokens at each completion position
     cache_salt: str = ""
+    tag: str = ""
 
     def __post_init__(self):
         if not (0 <= self.top_logprobs <= MAX_TOP_LOGPROBS):
@@ -159,7 +161,19 @@ class AbortRequest:
     request_id: int
 
 
-Request = Union[Hello, GenerateRequest, ScoreRequest, AbortRequest, EngineControl]
+@dataclass(frozen=True)
+class AbortTagged:
+    """`POST /abort` landed on a worker that does not hold the request: the engine ends every
+    request tagged `tag`, whichever worker sent it; each owner gets its normal abort result."""
+
+    tag: str
+
+    def __post_init__(self):
+        if not self.tag:
+            raise ValueError("tag must not be empty")
+
+
+Request = Union[Hello, GenerateRequest, ScoreRequest, AbortRequest, EngineControl, AbortTagged]
 
 # ---------------------------------------------------------------- engine -> worker
 

@@ -20,6 +20,7 @@ from mlxsup.ipc.messages import (
     AbortRequest,
     ControlResult,
     EngineControl,
+    AbortTagged,
     ErrorEvent,
     GenerateRequest,
     Hello,
@@ -52,6 +53,8 @@ EXAMPLES = [
     GenerateRequest(request_id=1, prompt_ids=[0]),
     ScoreRequest(request_id=9, prompt_ids=[5, 6], completion_ids=[7], logprobs_mode="raw", params=PARAMS),
     AbortRequest(request_id=12),
+    AbortTagged(tag="trainer-17"),
+    GenerateRequest(request_id=13, prompt_ids=[1], tag="req-ü"),
     TokenChunk(request_id=5, seq_index=1, token_ids=[10, 11], logprobs=f32([-0.1, -2.5]), versions=[3, 4]),
     TokenChunk(request_id=5, seq_index=0, token_ids=[], logprobs=[], versions=[]),
     SequenceDone(request_id=5, seq_index=2, finish_reason="length", token_ids=[1], logprobs=f32([-1.0]),
@@ -111,15 +114,15 @@ def test_token_ids_travel_packed_not_as_text():
 
 # Golden bytes: a change here breaks every worker/engine pair of mixed versions; bump VERSION.
 GOLDEN = {
-    "hello": (Hello(slot=1, generation=2, pid=3), "020101000000020000000000000003000000"),
-    "abort": (AbortRequest(request_id=258), "02040201000000000000"),
+    "hello": (Hello(slot=1, generation=2, pid=3), "030101000000020000000000000003000000"),
+    "abort": (AbortRequest(request_id=258), "03040201000000000000"),
     "chunk": (
         TokenChunk(request_id=1, seq_index=0, token_ids=[7], logprobs=[-0.5], versions=[2]),
-        "0210010000000000000000000000010000000700000001000000000000bf01000000020000000000000000000000",
+        "0310010000000000000000000000010000000700000001000000000000bf01000000020000000000000000000000",
     ),
     "error": (
         ErrorEvent(request_id=1, code="timeout", message="m", field=""),
-        "021301000000000000000700000074696d656f7574010000006d00000000",
+        "031301000000000000000700000074696d656f7574010000006d00000000",
     ),
 }
 
@@ -149,7 +152,7 @@ def test_unencodable_values_raise_codec_error(msg):
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"\x01", b"\x02\x01", b"\x01\x63", bytes.fromhex("0104020100000000000000"), "text", None],
+    [b"", b"\x01", b"\x02\x01", b"\x01\x63", bytes.fromhex("0204020100000000000000"), "text", None],
     ids=["empty", "short", "version", "type", "trailing", "str", "none"],
 )
 def test_malformed_bytes_raise_codec_error(data):

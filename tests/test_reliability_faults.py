@@ -35,7 +35,7 @@ from e2e_support import (
     stop_server,
     wait_for,
 )
-from test_reliability_helpers import Load, my_segments, unique_id, wait_running
+from test_reliability_helpers import Load, metrics, my_segments, unique_id, wait_running
 
 from mlxsup.supervisor.children import orphans
 
@@ -190,7 +190,10 @@ def test_request_in_flight_across_two_engine_deaths_is_refused(server):
     try:
         for _ in range(2):
             epoch = server.status()["engine"]["epoch"]
-            wait_running(server, at_least=1)
+            # the request runs in *this* engine (one control-block reading: the epoch with the
+            # count), so the kill cannot land while the worker is still re-sending it
+            wait_for(lambda: (m := metrics(server))["engine_epoch"] == epoch and m["num_running"] >= 1,
+                     timeout=60, what="the request running in this engine")  # fmt: skip
             os.kill(server.pids("engine")[0], signal.SIGKILL)
             wait_for(lambda: (e := server.status()["engine"])["epoch"] == epoch + 1 and e["ready"],
                      timeout=90, what="engine restart")  # fmt: skip
@@ -265,3 +268,39 @@ def test_supervisor_sigkill_under_load_then_next_start_cleans_up(tiny_model_dir,
         stop_server(srv)
     assert_nothing_left(srv)
     assert not my_segments(srv)
+
+
+def test_abort_through_the_other_worker_ends_the_request_with_its_tokens(server):
+    """POST /abort landing on the worker that does not hold the request reaches it through
+    the engine: the owner's client gets finish_reason "abort" with the tokens so far."""
+    result = {}
+
+    def long_request():
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            r = c.post("/generate", json={"prompt": "a long answer", "max_tokens": 4000,
+                                          "ignore_eos": True, "request_id": "cross-worker"})
+            result["r"] = (r.status_code, r.json())
+
+    t = threading.Thread(target=long_request, daemon=True)
+    t.start()
+    try:
+        wait_running(server, at_least=1)
+        assert "r" not in result, result
+        # a kept-alive connection stays on one worker: find one that does not hold the request
+        for _ in range(50):
+            with httpx.Client(base_url=server.url, timeout=30) as c:
+                if c.get("/metrics").json()["worker"]["inflight"] == 0:
+                    r = c.post("/abort", json={"request_id": "cross-worker"})
+                    assert r.status_code == 200, r.text
+                    assert r.json()["found_in_this_worker"] == 0, r.json()
+                    break
+        else:
+            pytest.fail("no connection reached the worker without the request")
+        t.join(timeout=90)
+    finally:
+        t.join(timeout=90)
+    assert not t.is_alive(), "the aborted request hangs"
+    status, body = result["r"]
+    assert status == 200, body
+    assert body["finish_reason"] == "abort", body
+    assert len(body["completion_ids"]) < 4000

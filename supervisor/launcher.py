@@ -172,10 +172,12 @@ def configure_logging(config: ServerConfig, to_stderr: bool, to_file: bool) -> N
 # ---------------------------------------------------------------------- start
 
 
-def start(config: ServerConfig, foreground: bool = False, out=sys.stdout, err=sys.stderr, **arbiter_options) -> int:
+def start(config: ServerConfig, foreground: bool = False, out=None, err=None, **arbiter_options) -> int:
     """Start a server for `config`; in the background unless `foreground`. Returns the exit
     code: 0 healthy (daemon) or stopped cleanly (foreground), 1 error, 3 boot failure, 4 the
     run dir is in use. `arbiter_options` go to `Arbiter` (tests replace the children)."""
+    out = out if out is not None else sys.stdout  # (looked up per call: a default bound at import
+    err = err if err is not None else sys.stderr  # outlives a redirected sys.stderr)
     try:
         if is_owned(config.run_dir):
             pid = read_pid(config.run_dir)

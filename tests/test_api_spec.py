@@ -132,6 +132,8 @@ def _requests():
                                           "stream_options": {"include_usage": True}}),
         ("post", "/v1/chat/completions", {"messages": CHAT, "n": 0}),
         ("post", "/reset_prefix_cache", None),
+        ("post", "/update_weights", {"weight_dir": "/does/not/exist"}),
+        ("post", "/update_weights", {"weight_dir": "/tmp", "mod": "drain"}),
         # vLLM's extensions of the OpenAI routes
         ("post", "/v1/completions", {"prompt": "hi", "logprobs": 2, "echo": True, "max_tokens": 0,
                                      "prompt_logprobs": 1, "return_token_ids": True}),
@@ -173,7 +175,8 @@ def test_every_documented_operation_is_exercised(setup):
     _, _, spec = setup
     documented = {(method, path) for path, ops in spec["paths"].items() for method in ops}
     exercised = {(method, path) for method, path, _ in _requests()}
-    assert documented - exercised <= {("post", "/upload_adapter"), ("get", "/openapi.json")}
+    multipart = {("post", "/upload_adapter"), ("post", "/upload_weights")}
+    assert documented - exercised <= multipart | {("get", "/openapi.json")}
 
 
 def _neg_inf_logprobs(link: FakeEngineLink) -> None:

@@ -142,8 +142,15 @@ class LeaderRunner:
         self._runner, self._group = runner, group
         self.plans_sent = 0
 
-    def __getattr__(self, name):  # num_rows, vocab_size, ...: read from the real runner
-        return getattr(self._runner, name)
+    def __getattr__(self, name):
+        # Plain attributes (num_rows, vocab_size, ...) are read from the real runner. A method
+        # not defined here would run on rank 0 alone and leave the followers waiting in the
+        # next collective forever: refuse it loudly instead.
+        value = getattr(self._runner, name)
+        if callable(value):
+            raise AttributeError(f"LeaderRunner.{name} is not broadcast to the other ranks: "
+                                 "add it to LeaderRunner and follow()")
+        return value
 
     def send(self, call) -> None:
         broadcast(self._group, pickle.dumps(call, protocol=pickle.HIGHEST_PROTOCOL))
@@ -167,6 +174,10 @@ class LeaderRunner:
     def score(self, items, max_tokens):
         self.send(("score", (list(items), max_tokens)))
         return self._runner.score(items, max_tokens)
+
+    def score_top(self, items, max_tokens):
+        self.send(("score_top", (list(items), max_tokens)))
+        return self._runner.score_top(items, max_tokens)
 
     def stop(self) -> None:
         """Release the followers (they return from `follow`)."""
@@ -194,7 +205,7 @@ def follow(engine, group) -> int:
         count += 1
         if op == "commit":
             adapters.commit(adapters.prepare(*args))
-        elif op in ("step", "remove", "reset", "score"):
+        elif op in ("step", "remove", "reset", "score", "score_top"):
             getattr(runner, op)(*args)
         else:
             raise RuntimeError(f"unknown plan op from rank 0: {op!r}")

@@ -42,11 +42,15 @@ def _cap(body) -> None:
     """Shrink the costly knobs of a generated body in place (types and validity kept)."""
     if not isinstance(body, dict):
         return
+    # (a whole float such as 886.0 is a valid integer to the server: cap those too)
+    def number(value) -> bool:
+        return type(value) in (int, float)
+
     for key, limit in CAPS.items():
         value = body.get(key)
-        if type(value) is int and value > limit:
+        if number(value) and value > limit:
             body[key] = limit
-    if type(body.get("min_policy_version")) is int and body["min_policy_version"] > 0:
+    if number(body.get("min_policy_version")) and body["min_policy_version"] > 0:
         body["min_policy_version"] = 0  # a future version waits (bounded, but a minute)
     for key in ("prompt", "prompt_ids", "messages"):
         value = body.get(key)

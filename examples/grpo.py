@@ -50,6 +50,7 @@ if __name__ == "__main__" and sys.platform.startswith("linux") and "MLXSUP_BLAS_
 
 import argparse
 import asyncio
+import gc
 import json
 import math
 import random
@@ -804,8 +805,24 @@ async def train(cfg: GRPOConfig, url: str, model_path: str, log=print) -> dict:
             loop = asyncio.get_running_loop()
             policy = await loop.run_in_executor(mlx_thread, Policy, model_path, cfg)
             trainer = Trainer(cfg, client, policy, mlx_thread, log=log)
-            records = await trainer.run()
+            try:
+                records = await trainer.run()
+            finally:
+                # Free every MLX array on the thread that made them, and let its streams go idle,
+                # before the thread ends: arrays of a finished thread freed at interpreter exit
+                # can abort the process ("terminate called without an active exception", MLX
+                # issue 3126), after the run's results were all written.
+                trainer.policy = None
+                await loop.run_in_executor(mlx_thread, _release, policy)
+                del policy
     return write_reports(cfg, records, {"url": url, "model": model_path})
+
+
+def _release(policy) -> None:
+    policy.__dict__.clear()
+    gc.collect()
+    mx.synchronize()
+    mx.clear_cache()
 
 
 def main(argv=None) -> int:

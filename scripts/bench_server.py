@@ -133,6 +133,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="more `mlxsup start` flags for both mlxsup systems, e.g. '--pipeline on'")
     p.add_argument("--raw-prefill-batch", type=int, default=8, help="prefill_batch_size of the raw loop (default 8, "
                    "as mlx_lm.server's --prompt-concurrency)")
+    p.add_argument("--raw-static-prefill-batch", type=int, default=None,
+                   help="prefill_batch_size of raw-static (default: the whole round in one pass, the "
+                        "all-at-once limit issue 17 compares against)")
     p.add_argument("--grpo-prompts", type=int, default=None, help="(b) prompts per round (default 16)")
     p.add_argument("--grpo-n", type=int, default=None, help="(b) samples per prompt (default 8)")
     p.add_argument("--grpo-rounds", type=int, default=None, help="(b) rounds (default 2)")
@@ -660,7 +663,8 @@ def run_raw(args, model, env, work: Workloads, monitor: TreeMonitor, results: Re
                  "duration_s": args.request_timeout, "grace_s": 0}
                 for shape in args.burst_shapes for rnd, prompts in enumerate(work.burst[shape])]
     spec = {"model": model, "max_tokens": args.max_tokens, "temperature": args.temperature,
-            "stop_ids": stop_ids, "prefill_batch": args.raw_prefill_batch, "jobs": jobs}
+            "stop_ids": stop_ids, "prefill_batch": args.raw_prefill_batch,
+            "static_prefill_batch": args.raw_static_prefill_batch, "jobs": jobs}
     spec_path = os.path.join(args.out, "raw-spec.json")
     out_path = os.path.join(args.out, "raw-result.json")
     with open(spec_path, "w") as f:
@@ -749,7 +753,7 @@ def run_raw(args, model, env, work: Workloads, monitor: TreeMonitor, results: Re
         reqs_, n = (int(x) for x in mode.split("x"))
         results.add(make_cell(name, (reqs_, n), rounds, report.summarize, args.max_tokens,
                               route="in-process BatchGenerator, all inserted at once",
-                              prefill_batch=min(reqs_ * n, args.raw_prefill_batch),
+                              prefill_batch=min(reqs_ * n, args.raw_static_prefill_batch or reqs_ * n),
                               peak_rss_mb=monitor.peaks(f"raw/burst-r0/{mode}"),
                               mlx_peak_memory_mb=max(r["mlx_peak_memory_mb"] for r in rounds)),
                     [r for rnd in rounds for r in rnd["records"]])

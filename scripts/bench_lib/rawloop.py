@@ -138,11 +138,12 @@ def run_generate_step(model, job: dict, spec: dict) -> dict:
 def run_static(model, job: dict, spec: dict) -> dict:
     """Every request of the job inserted at once into one BatchGenerator (no arrivals, no
     closed loop): the all-at-once limit of a rollout round (issue 17's `raw-static`).
-    `completion_batch_size` holds the whole round; prefill goes `prefill_batch` rows a pass."""
+    `completion_batch_size` holds the whole round, and so does one prefill pass unless the spec
+    sets `static_prefill_batch` (rows a pass): the engine's limit, not mlx_lm.server's 8."""
     total = sum(int(r.get("n", 1)) for r in job["requests"])
     job = dict(job, concurrency=len(job["requests"]), num_requests=len(job["requests"]),
                duration_s=float(job.get("duration_s", 3600.0)), grace_s=float(job.get("grace_s", 0.0)))
-    spec = dict(spec, prefill_batch=min(total, int(spec.get("prefill_batch", 8))))
+    spec = dict(spec, prefill_batch=min(total, int(spec.get("static_prefill_batch") or total)))
     return run_job(model, job, spec)
 
 

@@ -183,8 +183,6 @@ class ServerConfig:
             raise ValueError("prefill_chunk must be >= 0")
         if self.ranks < 1:
             raise ValueError("ranks must be >= 1")
-        if self.ranks > 1 and self.hostfile:
-            raise ValueError("give --ranks N (ranks on this machine) or --hostfile FILE, not both")
         if self.distributed_backend not in DISTRIBUTED_BACKENDS:
             raise ValueError(f"distributed_backend must be one of {DISTRIBUTED_BACKENDS}")
 

@@ -87,6 +87,9 @@ def group_of(config: ServerConfig) -> Optional[RankGroup]:
     """The ranks `config` asks for; None for a one-rank engine. Raises RankError saying why a
     hostfile or backend cannot work, before anything starts."""
     backend = config.distributed_backend
+    if config.ranks > 1 and config.hostfile:
+        raise RankError("give --ranks N (ranks on this machine) or --hostfile FILE (one rank per "
+                        "host), not both")
     if config.hostfile:
         return _hostfile_group(config.hostfile, backend)
     if config.ranks <= 1:

@@ -273,6 +273,7 @@ class Arbiter:
         except OSError as e:
             ours.close()
             self._kill_ranks()
+            self.engine = None
             self.fail_boot(f"could not start the engine: {e}")
             return
         finally:

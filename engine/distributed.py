@@ -210,3 +210,26 @@ def follow(engine, group) -> int:
         else:
             raise RuntimeError(f"unknown plan op from rank 0: {op!r}")
 
+
+
+# ---------------------------------------------------------------------- the engine process's entry points
+
+
+def init_group(backend: str) -> "mx.distributed.Group":
+    """The group of a rank the supervisor started (`MLX_RANK` and the backend's variables set
+    as `mlx.launch` sets them). Strict: a rank that cannot join raises here instead of running
+    on as a group of one."""
+    group = mx.distributed.init(strict=True, backend=backend)
+    if group.size() < 2:
+        raise RuntimeError(f"the {backend} group has {group.size()} rank; a sharded engine needs 2 or more")
+    return group
+
+
+def sharded_engine(config, policy_version: int = 0):
+    """An `Engine` on this rank's shard of `config.model`, configured as every rank must run it
+    (`sharded_config`); rank 0 then `lead()`s it, the others `follow()` it."""
+    from .core import Engine
+
+    config = sharded_config(config)
+    model, tokenizer = load_sharded(config)
+    return Engine(config, policy_version, model=model, tokenizer=tokenizer)

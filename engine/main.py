@@ -383,19 +383,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mlxsup.engine",
                                 description="mlxsup's engine process (started by the supervisor)")
     p.add_argument("--run-dir", required=True)
-    p.add_argument("--control-fd", type=int, required=True)
+    p.add_argument("--control-fd", type=int, help="the supervisor's end of the control socket "
+                   "(rank 0; a follower has none)")
     p.add_argument("--epoch", type=int, default=0)
-    return p.parse_args(argv)
+    p.add_argument("--distributed", metavar="BACKEND",
+                   help="one rank of a sharded engine: join the mx.distributed group over BACKEND "
+                   "(the rank and the backend's addresses come from the environment, as "
+                   "mlx.launch sets them)")
+    p.add_argument("--follower", action="store_true",
+                   help="a rank other than 0: run rank 0's plans, serve nothing itself")
+    args = p.parse_args(argv)
+    if args.follower and not args.distributed:
+        p.error("--follower needs --distributed BACKEND")
+    if not args.follower and args.control_fd is None:
+        p.error("--control-fd is required (except for a --follower)")
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = ServerConfig.load(args.run_dir)
-    logging.basicConfig(level=cfg.log_level, stream=sys.stderr,
-                        format="%(asctime)s engine[%(process)d] %(levelname)s %(message)s")
-    from mlxsup.ipc.channel import EngineChannel
-    from mlxsup.ipc.layout import IpcLayout
+    group, rank_tag = None, ""
+    if args.distributed:
+        from . import distributed
 
+        group = distributed.init_group(args.distributed)  # blocks until every rank joined
+        rank_tag = f" rank {group.rank()}/{group.size()}"
+        if (group.rank() != 0) != args.follower:
+            raise SystemExit(f"rank {group.rank()} started as "
+                             f"{'a follower' if args.follower else 'rank 0'}: MLX_RANK is wrong")
+    logging.basicConfig(level=cfg.log_level, stream=sys.stderr,
+                        format=f"%(asctime)s engine[%(process)d]{rank_tag} %(levelname)s %(message)s")
     from .config import EngineConfig
     from .core import Engine
 
@@ -412,14 +430,30 @@ def main(argv=None) -> int:
         model = ensure_demo_model()
     ecfg = dataclasses.replace(EngineConfig.from_server_config(cfg, model=model),
                                adapter_path=adapter, weight_dirs=weight_dirs)
+    if args.follower:
+        log.info("epoch %d: loading this rank's shard of %s", args.epoch, model)
+        engine = distributed.sharded_engine(ecfg, state_version or 0)
+        log.info("following rank 0")
+        num_plans = distributed.follow(engine, group)
+        log.info("rank 0 released this rank after %d plans", num_plans)
+        return 0
+
+    from mlxsup.ipc.channel import EngineChannel
+    from mlxsup.ipc.layout import IpcLayout
 
     channel = EngineChannel(IpcLayout.load(args.run_dir))
     channel.control.write(engine_epoch=args.epoch, engine_pid=os.getpid(),
                           engine_state="starting")
-    log.info("epoch %d: loading %s (%d weight update(s), adapter %s, version %d)", args.epoch,
-             model, len(weight_dirs), adapter or "none", state_version or 0)
+    log.info("epoch %d: loading %s (%d weight update(s), adapter %s, version %d)%s", args.epoch,
+             model, len(weight_dirs), adapter or "none", state_version or 0,
+             f", sharded over {group.size()} ranks ({args.distributed})" if group else "")
     t0 = time.perf_counter()
-    engine = Engine(ecfg, policy_version=state_version or 0)
+    leader = None
+    if group is None:
+        engine = Engine(ecfg, policy_version=state_version or 0)
+    else:
+        engine = distributed.sharded_engine(ecfg, state_version or 0)
+        leader = distributed.lead(engine, group)
     log.info("loaded in %.1f s", time.perf_counter() - t0)
     proc: Optional[EngineProcess] = None
     control = ControlLink(args.control_fd, wake=lambda: proc.wake() if proc else None)
@@ -427,7 +461,10 @@ def main(argv=None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, proc.on_signal)
     try:
-        return proc.run()
+        code = proc.run()
+        if leader is not None:
+            leader.stop()  # the followers return from follow() and exit
+        return code
     finally:
         channel.close()
 

@@ -56,7 +56,11 @@ def no_flag(default, why: str):
     return dataclasses.field(default=default, metadata={"cli": None, "why": why})
 
 
-SEED, SERVER, SECURITY = "the seed's flags", "server", "security"
+SEED, SERVER, SHARDING, SECURITY = "the seed's flags", "server", "sharded engine", "security"
+# mx.distributed backends a sharded engine may use, as `mlx.launch --backend` names them ("auto":
+# the hostfile's "backend", else ring). MPI is not one: mpirun starts the ranks itself, so the
+# supervisor could neither pass rank 0 its control socket nor watch each rank's process.
+DISTRIBUTED_BACKENDS = ("auto", "ring", "jaccl", "jaccl-ring", "nccl")
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,20 @@ class ServerConfig:
         group=SERVER, metavar="GB")
     no_prefix_cache: bool = flag(
         False, "keep no prompt KV for later requests (every prompt is prefilled whole)", group=SERVER)
+    # A sharded engine (docs/scaling.md): the model split over several mx.distributed ranks,
+    # started the way mlx.launch starts them; rank 0 is the engine the supervisor talks to.
+    ranks: int = flag(
+        1, "run the engine as N ranks on this machine, the model sharded over them "
+        "(mx.distributed; ring backend over loopback) (default: {default})",
+        group=SHARDING, metavar="N")
+    hostfile: Optional[str] = flag(
+        None, "run the engine as one rank per host of this mlx.launch hostfile (JSON); rank 0, "
+        "the first host, must be this machine, the others are started over ssh",
+        group=SHARDING, path=True, metavar="FILE")
+    distributed_backend: str = flag(
+        "auto", "mx.distributed backend of a sharded engine, as mlx.launch names them "
+        "(default: auto, the hostfile's \"backend\", else ring)",
+        group=SHARDING, choices=DISTRIBUTED_BACKENDS)
     # The environment variables keep keys out of the command line, which any local user can
     # read with ps.
     api_key: Optional[str] = flag(
@@ -163,6 +181,15 @@ class ServerConfig:
             raise ValueError("kv_cache_gb must be >= 0")
         if self.prefill_chunk < 0:
             raise ValueError("prefill_chunk must be >= 0")
+        if self.ranks < 1:
+            raise ValueError("ranks must be >= 1")
+        if self.distributed_backend not in DISTRIBUTED_BACKENDS:
+            raise ValueError(f"distributed_backend must be one of {DISTRIBUTED_BACKENDS}")
+
+    @property
+    def is_sharded(self) -> bool:
+        """Whether the engine runs as several ranks (--ranks N > 1 or --hostfile)."""
+        return self.ranks > 1 or bool(self.hostfile)
 
     @property
     def num_slots(self) -> int:

@@ -26,7 +26,7 @@ import psutil
 
 from mlxsup.blas import engine_env
 from mlxsup.config import ENGINE_HEARTBEAT_TIMEOUT_S, EXIT_BOOT_ERROR, EXIT_ERROR, EXIT_OK, ServerConfig
-from mlxsup.supervisor import ipc_glue, protocol, weight_store
+from mlxsup.supervisor import ipc_glue, protocol, ranks, weight_store
 from mlxsup.supervisor.backoff import Backoff
 from mlxsup.supervisor.children import (
     MARK_ENV,
@@ -42,7 +42,7 @@ from mlxsup.supervisor.control_server import ControlServer
 from mlxsup.supervisor.engine_link import EngineControlLink, EngineGone
 from mlxsup.supervisor.health import get_health, is_healthy
 from mlxsup.supervisor.rundir import PID_NAME, log_size, log_tail, write_pid
-from mlxsup.supervisor.state import AdapterState, initial_state, read_state, write_state
+from mlxsup.supervisor.state import AdapterState, initial_state, read_state, state_path, write_state
 from mlxsup.supervisor.status import ProcessSampler
 from mlxsup.supervisor.swaps import SwapCoordinator, error_reply
 
@@ -83,7 +83,9 @@ class Arbiter:
         self.instance_id = secrets.token_hex(4)
         self.started_at = time.time()
 
-        self.engine: Optional[Child] = None
+        self.engine: Optional[Child] = None  # rank 0 of a sharded engine
+        self.followers: list[Child] = []  # the other ranks of a sharded engine, in rank order
+        self.group: Optional[ranks.RankGroup] = None  # None: a one-rank engine
         self.gunicorn: Optional[Child] = None
         self.link: Optional[EngineControlLink] = None
         self.epoch = 0
@@ -159,6 +161,7 @@ class Arbiter:
         state = initial_state(read_state(self.run_dir), config.adapter_path)
         write_state(self.run_dir, state)
         weight_store.remove_unlisted(self.run_dir, [p for p, _ in state.weights])
+        self.group = ranks.group_of(config)
         self.swaps = SwapCoordinator(self.run_dir, state)
         self.ipc = ipc_glue.create(self.run_dir, self.instance_id, config.num_slots)
         self.publish_state()
@@ -218,7 +221,11 @@ class Arbiter:
     # ------------------------------------------------------------------ children
 
     def children(self) -> list[Child]:
-        return [c for c in (self.engine, self.gunicorn) if c is not None]
+        return [c for c in (self.engine, *self.followers, self.gunicorn) if c is not None]
+
+    def engine_ranks(self) -> list[Child]:
+        """The engine's processes: rank 0, then the followers (a local ssh for a remote one)."""
+        return [c for c in (self.engine, *self.followers) if c is not None]
 
     def _record_children(self) -> None:
         try:
@@ -231,7 +238,7 @@ class Arbiter:
             returncode = child.proc.poll()  # waitpid(pid, WNOHANG)
             if returncode is None:
                 continue
-            if child is self.engine:
+            if child is self.engine or child in self.followers:
                 self.on_engine_exit(child, returncode)
             elif child is self.gunicorn:
                 self.on_gunicorn_exit(child, returncode)
@@ -253,12 +260,20 @@ class Arbiter:
         engine_log = os.path.join(self.run_dir, ENGINE_LOG)
         self._engine_log_at = log_size(engine_log)
         try:
+            launches = self._rank_launches(argv)
             self.engine = spawn(
-                "engine", argv, env, engine_log,
+                "engine", launches[0].argv, {**env, **launches[0].env}, engine_log,
                 pass_fds=[theirs.fileno()], death_signal=signal.SIGKILL, epoch=self.epoch,
             )  # fmt: skip
+            for launch in launches[1:]:  # the followers: all of a group's ranks log to engine.log
+                self.followers.append(spawn(
+                    f"rank-{launch.rank}", launch.argv, {**env, **launch.env}, engine_log,
+                    death_signal=signal.SIGKILL, epoch=self.epoch,
+                ))  # fmt: skip
         except OSError as e:
             ours.close()
+            self._kill_ranks()
+            self.engine = None
             self.fail_boot(f"could not start the engine: {e}")
             return
         finally:
@@ -271,6 +286,35 @@ class Arbiter:
         self._spawn_task(self.link.start())
         self._record_children()
         log.info("engine epoch %d started: pid %d", self.epoch, self.engine.pid)
+        for launch, child in zip(launches[1:], self.followers):
+            log.info("engine epoch %d rank %d started on %s: pid %d%s", self.epoch, launch.rank,
+                     launch.host, child.pid, "" if launch.is_local else " (ssh)")
+
+    def _rank_launches(self, rank0_argv: list[str]) -> list[ranks.RankLaunch]:
+        """How to start each rank of this epoch's engine (one launch for a one-rank engine)."""
+        if self.group is None:
+            return [ranks.RankLaunch(0, "localhost", tuple(rank0_argv), {}, True)]
+        try:
+            with open(state_path(self.run_dir)) as f:
+                state_json = f.read()
+        except OSError:
+            state_json = ""
+        return ranks.plan(self.group, rank0_argv, self.config, self.epoch, state_json)
+
+    def _kill_ranks(self, spare: Optional[Child] = None) -> None:
+        """SIGKILL every rank of the engine but `spare` (the one already dead) and reap them:
+        a sharded engine lives and dies as one (the others would wait in their next collective
+        forever), and the next epoch's ranks need their ports."""
+        for child in self.engine_ranks():
+            if child is not spare and child.proc.poll() is None:
+                child.proc.kill()
+        for child in self.engine_ranks():
+            if child is not spare:
+                try:
+                    child.proc.wait(timeout=10.0)
+                except Exception:  # subprocess.TimeoutExpired: a process in the kernel's hands
+                    log.warning("%s (pid %d) did not die on SIGKILL within 10 s", child.role, child.pid)
+        self.followers = []
 
     def on_engine_ready(self, msg: dict) -> None:
         if self.link is None or msg.get("epoch", self.epoch) != self.epoch or self.engine is None:
@@ -292,6 +336,12 @@ class Arbiter:
 
     def on_engine_exit(self, child: Child, returncode: int) -> None:
         was_ready = self.is_engine_ready
+        if self.followers:
+            if not self.is_stopping:
+                log.warning("engine epoch %d: %s (pid %d) %s; stopping the other ranks to restart "
+                            "the group", child.epoch, "rank 0" if child is self.engine else child.role,
+                            child.pid, describe_exit(returncode))
+            self._kill_ranks(spare=child)
         self.engine = None
         self.is_engine_ready = False
         self.engine_ready_event.clear()
@@ -390,7 +440,7 @@ class Arbiter:
         for proc in psutil.process_iter():
             try:
                 if proc.pid != os.getpid() and proc.environ().get(MARK_ENV) == self.run_dir:
-                    if self.engine is None or proc.pid != self.engine.pid:
+                    if proc.pid not in {c.pid for c in self.engine_ranks()}:
                         found.append(proc)
             except (psutil.Error, OSError):
                 continue
@@ -435,7 +485,12 @@ class Arbiter:
             if not (self.link is not None and self.is_engine_ready and self.link.stop(drain=graceful)):
                 self._signal_child(self.engine, signal.SIGKILL)
             await self._wait_exit(self.engine, ENGINE_STOP_TIMEOUT_S)
+            if self.engine.proc.returncode == 0:  # rank 0 released the followers on its way out
+                for follower in self.followers:
+                    await self._wait_exit(follower, ENGINE_STOP_TIMEOUT_S)
+            self._kill_ranks(spare=self.engine)
             self.engine = None
+        self._kill_ranks()
         if self.link is not None:
             self.link.close()
             self.link = None
@@ -475,6 +530,11 @@ class Arbiter:
             except FileNotFoundError:
                 pass
         remove_children_file(self.run_dir)
+        for name in ranks.RANK_FILES:
+            try:
+                os.unlink(os.path.join(self.run_dir, name))
+            except FileNotFoundError:
+                pass
 
     def _emergency_cleanup(self) -> None:
         for child in self.children():
@@ -559,6 +619,8 @@ class Arbiter:
         rows = [("supervisor", os.getpid())]
         if self.engine is not None:
             rows.append(("engine", self.engine.pid))
+        rows += [(f.role if self._rank_launch_is_local(i + 1) else f"ssh-{f.role}", f.pid)
+                 for i, f in enumerate(self.followers)]
         if self.gunicorn is not None:
             rows.append(("api-master", self.gunicorn.pid))
             try:
@@ -578,12 +640,36 @@ class Arbiter:
             self.ipc.sample_throughput()
         self.sampler.sample()
 
+    def _rank_launch_is_local(self, rank: int) -> bool:
+        return self.group is None or self.group.hosts[rank].is_local
+
+    def rank_rows(self) -> list[dict]:
+        """Every rank of the engine: its host, its pid (a remote rank's: the local ssh's) and
+        whether that process is alive."""
+        if self.group is None:
+            hosts = ["localhost"]
+        else:
+            hosts = [h.name for h in self.group.hosts]
+        procs = [self.engine, *self.followers] if self.engine is not None else []
+        rows = []
+        for rank, host in enumerate(hosts):
+            child = procs[rank] if rank < len(procs) else None
+            rows.append({
+                "rank": rank, "host": host, "pid": child.pid if child is not None else None,
+                "alive": child is not None and child.proc.poll() is None,
+                "via": "local" if self._rank_launch_is_local(rank) else "ssh",
+            })  # fmt: skip
+        return rows
+
     def status(self) -> dict:
         engine = {
             "epoch": self.epoch,
             "restarts": self.engine_restarts,
             "ready": self.is_engine_ready,
             "pid": self.engine.pid if self.engine else None,
+            "num_ranks": 1 if self.group is None else self.group.size,
+            "distributed_backend": None if self.group is None else self.group.backend,
+            "ranks": self.rank_rows(),
         }
         if self.ipc is not None:
             engine.update(self.ipc.engine_stats())

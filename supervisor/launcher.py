@@ -78,7 +78,16 @@ def prepare_config(config: ServerConfig, demo_builder: Optional[Callable[[], str
         if not os.path.isdir(root):
             raise StartError(f"--adapter-root {config.adapter_root}: no such directory")
         changes["adapter_root"] = root
-    return dataclasses.replace(config, **changes)
+    if config.hostfile is not None:
+        changes["hostfile"] = os.path.abspath(os.path.expanduser(config.hostfile))
+    config = dataclasses.replace(config, **changes)
+    from mlxsup.supervisor.ranks import RankError, group_of  # (it imports free_port from here)
+
+    try:
+        group_of(config)  # a hostfile or backend that cannot work fails here, in the terminal
+    except RankError as e:
+        raise StartError(str(e)) from e
+    return config
 
 
 def ensure_demo_model() -> str:

@@ -104,6 +104,12 @@ def format_status(status: dict) -> str:
         f"  load:           queue {engine.get('queue_depth', 0)}, running {engine.get('running', 0)}, "
         f"{engine.get('tokens_per_s', 0.0):.1f} tokens/s, {engine.get('tokens_generated', 0)} tokens generated",
     ]
+    rank_rows = engine.get("ranks") or []
+    if len(rank_rows) > 1:
+        lines.append(f"  ranks:          {len(rank_rows)} over {engine.get('distributed_backend')}: " + ", ".join(
+            f"{r['rank']} {r['host']} pid {r['pid'] if r['pid'] is not None else '-'}"
+            f"{' (ssh)' if r.get('via') == 'ssh' else ''} {'alive' if r['alive'] else 'DOWN'}"
+            for r in rank_rows))
     cache = engine.get("prefix_cache")
     if cache:
         lines.append(

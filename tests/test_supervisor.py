@@ -342,7 +342,7 @@ START_FLAGS = [
     "--model", "--adapter-path", "--host", "--port", "--max-batch", "--flush-interval-ms",
     "--max-tokens", "--trust-remote-code", "--log-level", "--workers", "--run-dir", "--max-queue",
     "--foreground", "--blas", "--pipeline", "--prefill-chunk", "--kv-cache-gb", "--no-prefix-cache",
-    "--api-key", "--admin-key", "--adapter-root", "--header-timeout", "--max-upload-mb",
+    "--ranks", "--hostfile", "--distributed-backend", "--api-key", "--admin-key", "--adapter-root", "--header-timeout", "--max-upload-mb",
 ]  # fmt: skip
 
 

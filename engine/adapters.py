@@ -148,7 +148,8 @@ class AdapterManager:
         self.model = model
         inside = set()
         for layer in getattr(model, "layers", []):
-            inside.update(id(m) for m in layer.modules())
+            if layer is not None:  # (a pipeline stage holds None for other stages' layers)
+                inside.update(id(m) for m in layer.modules())
         self._slots: dict[str, _Slot] = {}
         self.layer_specs: dict[str, LinearSpec] = {}  # full sizes, also on a sharded model
         self.plan = sharding.plan_of(model)
@@ -172,6 +173,8 @@ class AdapterManager:
 
     def read(self, path: str) -> AdapterFiles:
         """Read and validate (numpy only; safe to call from another thread)."""
+        if self.plan is not None and self.plan.pipelined:
+            raise AdapterError(sharding.PIPELINED)
         return read_adapter(path, self.layer_specs)
 
     def prepare(self, source: Union[str, AdapterFiles, None]) -> PreparedAdapter:
@@ -179,9 +182,9 @@ class AdapterManager:
         t0 = time.perf_counter()
         if source is None:
             return PreparedAdapter(None, "none", 0)
-        files = self.read(source) if isinstance(source, str) else source
         if self.plan is not None and self.plan.pipelined:
             raise AdapterError(sharding.PIPELINED)
+        files = self.read(source) if isinstance(source, str) else source
         layers: dict[str, _Weights] = {}
         for name, mw in files.modules.items():
             slot = self._slots[name]

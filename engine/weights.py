@@ -221,6 +221,8 @@ class WeightManager:
         self.num_updates = 0
 
     def read(self, path: str) -> WeightFiles:
+        if self.plan is not None and self.plan.pipelined:
+            raise WeightError(sharding.PIPELINED)
         return read_weights(path)
 
     def prepare(self, source) -> PreparedWeights:
@@ -229,10 +231,10 @@ class WeightManager:
         mismatch; nothing changes on failure."""
         mx = self._mx
         t0 = time.perf_counter()
-        files = self.read(source) if isinstance(source, str) else source
         plan = self.plan
         if plan is not None and plan.pipelined:
             raise WeightError(sharding.PIPELINED)
+        files = self.read(source) if isinstance(source, str) else source
         tensors: Mapping = files.tensors
         dtypes = dict(files.dtypes)
         arrays: Optional[dict] = None

@@ -46,11 +46,17 @@ def write_lora(engine, path: str, seed: int) -> str:
 
 
 def write_update(model_dir: str, path: str) -> str:
-    """The checkpoint's tensors `UPDATED`, perturbed (seeded)."""
+    """The checkpoint's tensors `UPDATED`, perturbed (seeded); of a quantized layer its
+    weight, scales and biases together, the scales perturbed."""
     full = mx.load(os.path.join(model_dir, "model.safetensors"))
     rng = np.random.default_rng(5)
     arrays = {}
     for name in UPDATED:
+        layer = name.rpartition(".")[0]
+        if layer + ".scales" in full:
+            arrays.update({layer + "." + leaf: full[layer + "." + leaf]
+                           for leaf in ("weight", "biases") if layer + "." + leaf in full})
+            name = layer + ".scales"
         w = full[name]
         arrays[name] = w + mx.array(rng.normal(0, 0.05, w.shape).astype(np.float32)).astype(w.dtype)
     return write_weights(path, arrays)

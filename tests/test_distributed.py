@@ -37,15 +37,28 @@ def _run(cmd, timeout):
     assert proc.returncode == 0, out.decode(errors="replace")[-3000:]
 
 
+@pytest.fixture(scope="module")
+def quantized_tiny_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny Llama in 4 bits, groups of 32 (so an input split of 64 still holds whole
+    groups): sharded quantized layers, their LoRA factors and quantized updates."""
+    from mlx_lm import convert
+
+    out = tmp_path_factory.mktemp("tiny-q") / "model"
+    convert(tiny_model_dir, str(out), quantize=True, q_group_size=32, q_bits=4)
+    return str(out)
+
+
 @pytest.mark.timeout(400)
-def test_two_ranks_equal_one(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "quantized"])
+def test_two_ranks_equal_one(tiny_model_dir, tmp_path, quantized, request):
     launcher = shutil.which("mlx.launch", path=os.path.dirname(sys.executable))
     if launcher is None:
         pytest.skip("mlx.launch is not installed")
+    model_dir = request.getfixturevalue("quantized_tiny_dir") if quantized else tiny_model_dir
     one, two = tmp_path / "one.json", tmp_path / "two.json"
-    _run([sys.executable, SCRIPT, tiny_model_dir, str(one)], timeout=150)
+    _run([sys.executable, SCRIPT, model_dir, str(one)], timeout=150)
     _run([launcher, "-n", "2", "--backend", "ring", "--python", sys.executable, SCRIPT,
-          tiny_model_dir, str(two)], timeout=200)
+          model_dir, str(two)], timeout=200)
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert b["plans"] > 10  # the followers really ran rank 0's steps
     assert a["versions"] == b["versions"] and a["versions"][-1] == 4  # every swap committed

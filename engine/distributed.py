@@ -162,9 +162,10 @@ class _Read:
     def __init__(self, files, token: int, digest: str):
         self.files, self.token, self.digest = files, token, digest
 
-    @property
-    def path(self) -> str:
-        return self.files.path
+    def __getattr__(self, name):  # (path, nbytes, ... of the files, for any reader)
+        if name == "files":
+            raise AttributeError(name)
+        return getattr(self.files, name)
 
 
 class _BackgroundRead:

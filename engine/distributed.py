@@ -6,9 +6,9 @@ ranks must run the same passes, with the same shapes, in the same order.
 
 Rank 0 runs the whole `Engine` (scheduler, IPC, supervisor link). Its `ModelRunner` is wrapped
 in `LeaderRunner`, which before every call that runs the model (`step`, `score`) or changes the
-batch (`remove`, `reset`) or the weights (an adapter commit) broadcasts that call - the step's
-plan: admissions with their prompt ids, sampling params and per-sample seeds (the sampling
-keys), removals, the commit - and only then runs it. Each follower runs `follow()`: receive a
+batch (`remove`, `reset`) or the weights (a swap's prepare and commit) broadcasts that call -
+the step's plan: admissions with their prompt ids, sampling params and per-sample seeds (the
+sampling keys), removals, the commit - and only then runs it. Each follower runs `follow()`: receive a
 plan, run the same call on its own runner. The runner is deterministic given its calls (the
 samplers draw from the seeds in the admissions; logits are identical on every rank after the
 sharded layers' all_sum), so every rank samples the same tokens and stays in lockstep without
@@ -28,6 +28,8 @@ What differs from one rank, on purpose:
 - Prompt states are not kept for samples admitted in a later step (`save_prefix`): each rank
   would have to name its own cache objects in the plan. Those samples prefill again; the
   results are the same.
+- DoRA on a layer whose input is split, and adapters or updates on a pipelined model, are
+  refused (engine/adapters.py, engine/sharding.py).
 
 Swaps (LoRA adapters, full-weight updates) prepare on every rank and commit at the same step.
 Every rank reads the same path (one machine, or a path every machine sees alike) and keeps its

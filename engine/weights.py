@@ -20,6 +20,10 @@ Quantized layers take quantized tensors only (`weight` as uint32, `scales`, `bia
 together, shapes and dtypes of the model's); a float `weight` for one is refused with the
 quantization it needs. LoRA wrappers hold the same base modules, so an adapter prepared after
 an update applies on top of the new weights.
+
+On a sharded model (engine/sharding.py) the files hold full tensors, checked against the full
+shapes; each rank copies only its slice of a split parameter (cut from the mapped numpy view,
+as `model.shard()` cut the checkpoint's), so an update never exists whole in MLX memory.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import numpy as np
 
 from mlxsup.safetensors_header import HeaderError, read_header
 
+from . import sharding
 from .adapter_files import AdapterError
 
 # safetensors dtype -> (numpy dtype of the stored bytes, MLX dtype name)
@@ -167,6 +172,7 @@ class PreparedWeights:
     arrays: dict = field(default_factory=dict)
     prepare_ms: float = 0.0
     nbytes: int = 0
+    plan_id: Optional[int] = None  # a sharded engine's name for it on the other ranks
 
     @property
     def names(self) -> list[str]:
@@ -193,17 +199,21 @@ class WeightManager:
         from mlx.utils import tree_flatten
 
         self.model = model
-        self.specs: dict[str, ParamSpec] = {}
+        self.plan = sharding.plan_of(model)
+        self.specs: dict[str, ParamSpec] = {}  # full shapes, also on a sharded model
         self._owners: dict[str, tuple] = {}
         for name, arr in tree_flatten(model.parameters()):
-            self.specs[name] = ParamSpec(tuple(arr.shape), str(arr.dtype).replace("mlx.core.", ""))
+            shape = tuple(arr.shape) if self.plan is None else self.plan.full_shape(name, arr.shape)
+            self.specs[name] = ParamSpec(shape, str(arr.dtype).replace("mlx.core.", ""))
             self._owners[name] = _owner(model, name)
         # Quantized layers: their (weight, scales[, biases]) go together.
         self.quantized: dict[str, tuple] = {}
         import mlx.nn as nn
 
+        quantized = (nn.QuantizedLinear, nn.QuantizedEmbedding, nn.QuantizedAllToShardedLinear,
+                     nn.QuantizedShardedToAllLinear)
         for mname, module in model.named_modules():
-            if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            if isinstance(module, quantized):
                 leaves = ("weight", "scales") + (("biases",) if module.get("biases") is not None else ())
                 self.quantized[mname] = (leaves, module.bits, module.group_size,
                                          getattr(module, "mode", "affine"))
@@ -211,6 +221,8 @@ class WeightManager:
         self.num_updates = 0
 
     def read(self, path: str) -> WeightFiles:
+        if self.plan is not None and self.plan.pipelined:
+            raise WeightError(sharding.PIPELINED)
         return read_weights(path)
 
     def prepare(self, source) -> PreparedWeights:
@@ -219,6 +231,9 @@ class WeightManager:
         mismatch; nothing changes on failure."""
         mx = self._mx
         t0 = time.perf_counter()
+        plan = self.plan
+        if plan is not None and plan.pipelined:
+            raise WeightError(sharding.PIPELINED)
         files = self.read(source) if isinstance(source, str) else source
         tensors: Mapping = files.tensors
         dtypes = dict(files.dtypes)
@@ -231,7 +246,10 @@ class WeightManager:
         problems = self._check(tensors, dtypes)
         _raise_all(problems, f"weights in {files.path} refused")
         if arrays is None:
-            arrays = {n: _to_mx(mx, a, dtypes[n]) for n, a in tensors.items()}
+            take = plan.take if plan is not None else (lambda n, a: a)
+            arrays = {n: _to_mx(mx, take(n, a), dtypes[n]) for n, a in tensors.items()}
+        elif plan is not None:  # (sanitized: full MLX arrays, cut here)
+            arrays = {n: plan.take(n, a, mx) for n, a in arrays.items()}
         mx.eval(list(arrays.values()))
         nbytes = sum(a.nbytes for a in arrays.values())
         return PreparedWeights(files.path, arrays, (time.perf_counter() - t0) * 1e3, nbytes)

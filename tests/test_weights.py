@@ -382,17 +382,3 @@ def test_a_new_engine_replays_committed_updates_in_order(tiny_model_dir, tmp_pat
     np.testing.assert_allclose(logits_of(restarted.model),
                                logits_of(reference(tiny_model_dir, {**first, **second})),
                                atol=1e-5, rtol=1e-5)
-
-
-def test_a_sharded_engine_refuses_weight_updates(tiny_model_dir, tmp_path):
-    """Each rank holds a shard: rank 0 committing full tensors alone would split the model."""
-    from mlxsup.engine import distributed
-
-    with pytest.raises(ValueError, match="not supported on a sharded engine"):
-        distributed.sharded_config(EngineConfig(model=tiny_model_dir, weight_dirs=(str(tmp_path),)))
-    eng = make_engine(tiny_model_dir)
-    eng.weights = distributed._Weights(eng.weights)  # what distributed.lead installs
-    update = perturbed(eng.model, seed=2)
-    with pytest.raises(WeightError, match="not supported on a sharded engine"):
-        eng.prepare_weights(write_weights(str(tmp_path / "w"), update))
-    assert eng.policy_version == 0

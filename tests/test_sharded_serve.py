@@ -14,7 +14,7 @@ import time
 import httpx
 import psutil
 import pytest
-from e2e_support import free_port, mlxsup, running_server, wait_for
+from e2e_support import free_port, make_adapter, mlxsup, running_server, wait_for
 
 from mlxsup.supervisor.children import orphans
 from mlxsup.supervisor.rundir import is_owned
@@ -69,16 +69,31 @@ def test_status_lists_every_rank(server):
            f"1 127.0.0.1 pid {rows[1]['pid']} alive" in text
 
 
+def _swap(url: str, adapter) -> None:
+    with httpx.Client(base_url=url, timeout=120) as c:
+        r = c.post("/load_adapter", json={"adapter_path": adapter, "mode": "drain"})
+        assert r.status_code == 200, r.text
+
+
 def test_greedy_generation_and_score_equal_one_rank(server, tiny_model_dir, tmp_path):
-    two, two_scores = _generate_and_score(server.url)
-    with running_server(tmp_path, tiny_model_dir, "--max-tokens", "32", workers=1) as single:
+    """On the base weights and after a LoRA adapter swap (prepared on both ranks)."""
+    adapter = make_adapter(tmp_path / "adapter", tiny_model_dir, seed=3)
+    two = [_generate_and_score(server.url)]
+    _swap(server.url, adapter)
+    two.append(_generate_and_score(server.url))
+    _swap(server.url, None)
+    with running_server(tmp_path / "one", tiny_model_dir, "--max-tokens", "32", workers=1) as single:
         assert single.status()["engine"]["num_ranks"] == 1
-        one, one_scores = _generate_and_score(single.url)
-    for a, b, sa, sb in zip(one, two, one_scores, two_scores):
-        assert a["completion_ids"] == b["completion_ids"] and len(a["completion_ids"]) == 12
-        assert max(abs(p - q) for p, q in zip(a["logprobs"], b["logprobs"])) <= 1e-4
-        assert max(abs(p - q) for p, q in zip(sa, sb)) <= 1e-4
-        assert max(abs(p - q) for p, q in zip(sb, b["logprobs"])) <= 1e-4  # /score = generation
+        one = [_generate_and_score(single.url)]
+        _swap(single.url, adapter)
+        one.append(_generate_and_score(single.url))
+    assert [x["completion_ids"] for x in one[0][0]] != [x["completion_ids"] for x in one[1][0]]
+    for (one_res, one_scores), (two_res, two_scores) in zip(one, two):
+        for a, b, sa, sb in zip(one_res, two_res, one_scores, two_scores):
+            assert a["completion_ids"] == b["completion_ids"] and len(a["completion_ids"]) == 12
+            assert max(abs(p - q) for p, q in zip(a["logprobs"], b["logprobs"])) <= 1e-4
+            assert max(abs(p - q) for p, q in zip(sa, sb)) <= 1e-4
+            assert max(abs(p - q) for p, q in zip(sb, b["logprobs"])) <= 1e-4  # /score = generation
 
 
 def test_a_swap_in_each_mode_commits_on_every_rank(server):

@@ -54,6 +54,9 @@ PRESETS = {
     "bench75m": DemoPreset(640, 12, 2048, 10, 5, 8192, tie_word_embeddings=False),
     # About 1B parameters in bfloat16: the GPU benchmark model.
     "bench1b": DemoPreset(2048, 20, 5632, 32, 8, 25000, tie_word_embeddings=False, dtype="bfloat16"),
+    # About 7B parameters in bfloat16 (Llama-3-8B's layers, a 32k vocabulary): the single-GPU
+    # baseline of the sharded engine's multi-GPU measurement (docs/benchmarks-gpu.md).
+    "bench8b": DemoPreset(4096, 32, 14336, 32, 8, 32000, tie_word_embeddings=False, dtype="bfloat16"),
 }
 
 

@@ -71,6 +71,7 @@ from mlx_lm import load as mlx_load
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from mlxsup.client import InferenceClient, as_results
+from mlxsup.config import SWAP_DRAIN, SWAP_MODES
 from mlxsup.supervisor.launcher import free_port
 
 PROMPTS = [
@@ -116,7 +117,7 @@ class GRPOConfig:
     full_layers: int = 0  # > 0: train these last layers' full weights (no LoRA), pushed each step
     max_staleness: int = 1  # rollouts older than this many versions are dropped
     upload: bool = False  # send adapters over HTTP instead of passing a path
-    swap_mode: str = "drain"
+    swap_mode: str = SWAP_DRAIN
     seed: int = 0
     keep_adapters: int = 3  # adapter directories kept on disk
     server_max_batch: int = 64  # for --start
@@ -782,7 +783,7 @@ def parse_args(argv=None) -> GRPOConfig:
                         "pushed each step with /update_weights (/upload_weights with --upload)")
     p.add_argument("--max-staleness", type=int, default=GRPOConfig.max_staleness)
     p.add_argument("--upload", action="store_true", help="send adapters over HTTP (/upload_adapter)")
-    p.add_argument("--swap-mode", default=GRPOConfig.swap_mode, choices=("drain", "abort", "inflight"))
+    p.add_argument("--swap-mode", default=GRPOConfig.swap_mode, choices=SWAP_MODES)
     p.add_argument("--seed", type=int, default=GRPOConfig.seed)
     p.add_argument("--server-max-batch", type=int, default=GRPOConfig.server_max_batch,
                    help="--max-batch of the server --start starts")

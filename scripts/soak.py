@@ -57,6 +57,8 @@ from typing import Optional
 import httpx
 import psutil
 
+from mlxsup.config import SWAP_MODES
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from load_test import Server, WORDS, build_model, start, stop  # noqa: E402
 
@@ -187,7 +189,6 @@ async def load_loop(url: str, seed: int, stats: Stats, stop: asyncio.Event, paus
 
 async def swapper(server: Server, adapters: dict, every: float, stop: asyncio.Event, log: list) -> None:
     targets = ["A", "B", None, "upload"]
-    modes = ["drain", "abort", "inflight"]
     k = 0
     async with httpx.AsyncClient(base_url=server.url, timeout=300) as c:
         version = (await c.get("/adapter")).json()["policy_version"]
@@ -198,7 +199,7 @@ async def swapper(server: Server, adapters: dict, every: float, stop: asyncio.Ev
             if stop.is_set():
                 break
             next_at += every
-            target, mode = targets[k % len(targets)], modes[k % len(modes)]
+            target, mode = targets[k % len(targets)], SWAP_MODES[k % len(SWAP_MODES)]
             k += 1
             t0 = time.monotonic()
             try:

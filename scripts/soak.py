@@ -58,39 +58,12 @@ import httpx
 import psutil
 
 from mlxsup.config import SWAP_MODES
+from mlxsup.demo import write_random_adapter
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from load_test import Server, WORDS, build_model, start, stop  # noqa: E402
 
 MiB = 2**20
-
-
-# ---------------------------------------------------------------------- adapters
-
-
-def write_adapter(directory: str, model_dir: str, seed: int, rank: int = 8) -> str:
-    """A LoRA adapter (mlx-lm layout) on q_proj and v_proj of every layer of `model_dir`."""
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    with open(os.path.join(model_dir, "config.json")) as f:
-        cfg = json.load(f)
-    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    kv_heads = cfg.get("num_key_value_heads", heads)
-    head_dim = cfg.get("head_dim") or hidden // heads
-    outs = {"self_attn.q_proj": heads * head_dim, "self_attn.v_proj": kv_heads * head_dim}
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for i in range(cfg["num_hidden_layers"]):
-        for key, out_dims in outs.items():
-            tensors[f"model.layers.{i}.{key}.lora_a"] = rng.normal(0, 0.05, (hidden, rank)).astype(np.float32)
-            tensors[f"model.layers.{i}.{key}.lora_b"] = rng.normal(0, 0.05, (rank, out_dims)).astype(np.float32)
-    os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, "adapters.safetensors"))
-    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
-        json.dump({"fine_tune_type": "lora", "num_layers": cfg["num_hidden_layers"],
-                   "lora_parameters": {"rank": rank, "scale": 2.0, "dropout": 0.0, "keys": list(outs)}}, f)  # fmt: skip
-    return directory
 
 
 # ---------------------------------------------------------------------- load
@@ -413,8 +386,8 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="mlxsup-soak-") as tmp:
         model = args.model or build_model(args.preset, os.path.join(tmp, "model"))
-        adapters = {"A": write_adapter(os.path.join(tmp, "A"), model, seed=1),
-                    "B": write_adapter(os.path.join(tmp, "B"), model, seed=2)}  # fmt: skip
+        adapters = {name: write_random_adapter(os.path.join(tmp, name), model, seed, std=0.05, scale=2.0)
+                    for name, seed in (("A", 1), ("B", 2))}  # fmt: skip
         print(f"mlxsup soak: {args.minutes:g} min of mixed load ({args.concurrency} clients), a swap every "
               f"{args.swap_every:g} s, warm-up {args.warmup_s:.0f} s, samples every {args.sample_every:g} s; "
               f"model {model}; loopback only", flush=True)

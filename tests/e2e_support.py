@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import httpx
-import numpy as np
 
+from mlxsup.demo import ATTENTION_KEYS, write_random_adapter
 from mlxsup.supervisor import protocol
 from mlxsup.supervisor.children import orphans
 from mlxsup.supervisor.launcher import free_port  # noqa: F401 - the tests import it from here
@@ -160,36 +160,13 @@ def is_healthy(server: Server) -> bool:
 # ---------------------------------------------------------------------- adapters
 
 
-def make_adapter(directory, model_dir: str, seed: int, std: float = 0.3, rank: int = 8, extra_config: Optional[dict] = None) -> str:
-    """A LoRA adapter for `model_dir` in mlx-lm's layout, with nonzero random weights on the
-    attention query and value projections of every layer; returns its directory."""
-    from safetensors.numpy import save_file
+# What trainers' configs also carry besides mlx-lm's fields; the server must tolerate it.
+TRAINER_CONFIG_EXTRAS = {"model_type": "llama", "target_modules": list(ATTENTION_KEYS), "trainable": True}
 
-    with open(os.path.join(model_dir, "config.json")) as f:
-        cfg = json.load(f)
-    hidden = cfg["hidden_size"]
-    heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
-    head_dim = cfg.get("head_dim") or hidden // heads
-    outs = {"self_attn.q_proj": heads * head_dim, "self_attn.v_proj": kv_heads * head_dim}
-    num_layers = cfg["num_hidden_layers"]
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for i in range(num_layers):
-        for key, out_dims in outs.items():
-            tensors[f"model.layers.{i}.{key}.lora_a"] = rng.normal(0, std, (hidden, rank)).astype(np.float32)
-            tensors[f"model.layers.{i}.{key}.lora_b"] = rng.normal(0, std, (rank, out_dims)).astype(np.float32)
-    os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, "adapters.safetensors"))
-    config = {
-        "fine_tune_type": "lora",
-        "num_layers": num_layers,
-        "lora_parameters": {"rank": rank, "scale": 20.0, "dropout": 0.0, "keys": list(outs)},
-        # what trainers' configs also carry; the server must tolerate it
-        "model_type": "llama",
-        "target_modules": list(outs),
-        "trainable": True,
-    }
-    config.update(extra_config or {})
-    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
-        json.dump(config, f)
-    return str(directory)
+
+def make_adapter(directory, model_dir: str, seed: int, std: float = 0.3, rank: int = 8,
+                 extra_config: Optional[dict] = None) -> str:
+    """A LoRA adapter for `model_dir` in mlx-lm's layout (nonzero random weights on the attention
+    query and value projections of every layer), its config carrying trainers' extra fields."""
+    return write_random_adapter(directory, model_dir, seed, std=std, rank=rank,
+                                extra_config={**TRAINER_CONFIG_EXTRAS, **(extra_config or {})})

@@ -15,7 +15,7 @@ import pytest
 
 from _engine_helpers import check_fidelity
 from mlxsup.engine import AdapterError, Engine, EngineConfig
-from mlxsup.engine.adapter_files import write_adapter
+from mlxsup.demo import write_adapter
 from mlxsup.ipc.messages import GenerateRequest, SamplingParams, SequenceDone, TokenChunk
 
 pytestmark = pytest.mark.timeout(180)

@@ -50,12 +50,12 @@ if __name__ == "__main__" and sys.platform.startswith("linux") and "MLXSUP_BLAS_
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import math
 import random
 import shutil
-import subprocess
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -72,7 +72,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from mlxsup.client import InferenceClient, as_results
 from mlxsup.config import SWAP_DRAIN, SWAP_MODES
-from mlxsup.supervisor.launcher import free_port
+from mlxsup.local_server import start_server
 
 PROMPTS = [
     "What is 12 + 7?",
@@ -713,47 +713,6 @@ def write_reports(cfg: GRPOConfig, records: list, extra: dict) -> dict:
     return summary
 
 
-# ---------------------------------------------------------------------------- server for --start
-
-
-class StartedServer:
-    """`mlxsup start` on a free port with a temporary run directory; stopped on exit."""
-
-    def __init__(self, model: Optional[str], max_tokens: int, max_batch: int,
-                 run_dir: Optional[str] = None, log=print):
-        self.port = free_port()
-        self.is_temp_run_dir = run_dir is None
-        self.run_dir = run_dir or tempfile.mkdtemp(prefix="mlxsup-grpo-")
-        self.model = model
-        self.max_tokens = max_tokens
-        self.max_batch = max_batch
-        self.log = log
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def _mlxsup(self, *args, timeout: float) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "mlxsup", *args]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-
-    def __enter__(self) -> "StartedServer":
-        args = ["start", "--host", "127.0.0.1", "--port", str(self.port), "--run-dir", self.run_dir,
-                "--max-batch", str(self.max_batch), "--max-tokens", str(self.max_tokens)]
-        if self.model:
-            args += ["--model", self.model]
-        self.log(f"starting: mlxsup {' '.join(args)}")
-        proc = self._mlxsup(*args, timeout=300)
-        if proc.returncode != 0:
-            self.__exit__(None, None, None)
-            raise RuntimeError(f"mlxsup start failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        try:
-            self._mlxsup("stop", "--run-dir", self.run_dir, timeout=120)
-        finally:
-            if self.is_temp_run_dir:
-                shutil.rmtree(self.run_dir, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------- entry
 
 
@@ -833,9 +792,12 @@ def main(argv=None) -> int:
         from mlxsup.demo import ensure_demo_model
 
         model_path = ensure_demo_model()
-    if cfg.start:
-        server = StartedServer(model_path, cfg.max_tokens, cfg.server_max_batch, cfg.server_run_dir)
-        with server:
+    if cfg.start:  # a server on a free loopback port, stopped at the end whatever happens
+        with contextlib.ExitStack() as stack:
+            run_dir = cfg.server_run_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="mlxsup-grpo-"))
+            flags = ("--max-batch", str(cfg.server_max_batch), "--max-tokens", str(cfg.max_tokens))
+            print(f"starting: mlxsup start --model {model_path} --run-dir {run_dir} {' '.join(flags)}", flush=True)
+            server = stack.enter_context(start_server(model_path, run_dir, *flags))
             summary = asyncio.run(train(cfg, server.url, model_path))
     else:
         summary = asyncio.run(train(cfg, cfg.url, model_path))

@@ -59,9 +59,10 @@ import psutil
 
 from mlxsup.config import SWAP_MODES
 from mlxsup.demo import write_random_adapter
+from mlxsup.local_server import SHM, LocalServer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from load_test import Server, WORDS, build_model, start, stop  # noqa: E402
+from load_test import WORDS, build_model, start, stop  # noqa: E402
 
 MiB = 2**20
 
@@ -160,7 +161,7 @@ async def load_loop(url: str, seed: int, stats: Stats, stop: asyncio.Event, paus
 # ---------------------------------------------------------------------- swaps
 
 
-async def swapper(server: Server, adapters: dict, every: float, stop: asyncio.Event, log: list) -> None:
+async def swapper(server: LocalServer, adapters: dict, every: float, stop: asyncio.Event, log: list) -> None:
     targets = ["A", "B", None, "upload"]
     k = 0
     async with httpx.AsyncClient(base_url=server.url, timeout=300) as c:
@@ -203,7 +204,7 @@ async def swapper(server: Server, adapters: dict, every: float, stop: asyncio.Ev
 # ---------------------------------------------------------------------- sampling
 
 
-def snapshot(server: Server) -> dict:
+def snapshot(server: LocalServer) -> dict:
     st = server.status()
     time.sleep(0.2)  # the supervisor closes the socket of the status call it just answered
     procs = {}
@@ -218,11 +219,12 @@ def snapshot(server: Server) -> dict:
         except psutil.Error:
             continue
     uploads = os.path.join(server.run_dir, "uploads")
+    segments = sorted(server.live_segments())
     return {
         "t": round(time.time(), 3),
         "processes": procs,
-        "segments": server.segments(),
-        "segment_bytes": sum(os.path.getsize(os.path.join("/dev/shm", n)) for n in server.segments()),
+        "segments": segments,
+        "segment_bytes": sum(os.path.getsize(os.path.join(SHM, n)) for n in segments),
         "uploads_kept": len([d for d in os.listdir(uploads) if not d.startswith(".")]) if os.path.isdir(uploads) else 0,
         "engine_restarts": st["engine"]["restarts"],
         "policy_version": st["policy_version"],
@@ -230,7 +232,7 @@ def snapshot(server: Server) -> dict:
     }
 
 
-async def sampler(server: Server, every: float, stop: asyncio.Event, samples: list) -> None:
+async def sampler(server: LocalServer, every: float, stop: asyncio.Event, samples: list) -> None:
     while not stop.is_set():
         with contextlib.suppress(Exception):
             samples.append(await asyncio.to_thread(snapshot, server))
@@ -238,7 +240,7 @@ async def sampler(server: Server, every: float, stop: asyncio.Event, samples: li
             await asyncio.wait_for(stop.wait(), timeout=every)
 
 
-async def quiet_snapshot(server: Server, pause: asyncio.Event, idle: list, clients: int, settle: float = 2.0) -> dict:
+async def quiet_snapshot(server: LocalServer, pause: asyncio.Event, idle: list, clients: int, settle: float = 2.0) -> dict:
     """Pause the load, wait until every client is idle and the engine has nothing running,
     snapshot, resume."""
     pause.set()
@@ -254,7 +256,7 @@ async def quiet_snapshot(server: Server, pause: asyncio.Event, idle: list, clien
 # ---------------------------------------------------------------------- run and judge
 
 
-async def soak(server: Server, adapters: dict, args) -> dict:
+async def soak(server: LocalServer, adapters: dict, args) -> dict:
     stats, swaps, samples = Stats(), [], []
     stop_load, stop_bg, pause = asyncio.Event(), asyncio.Event(), asyncio.Event()
     idle: list = []

@@ -34,7 +34,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from mlxsup.config import MAX_N, SWAP_MODES
+from mlxsup.config import MAX_N, SWAP_DRAIN, SWAP_MODES
 
 MAX_PROMPT_CHARS = 4 << 20
 MAX_STOP = 16
@@ -314,14 +314,14 @@ class ScoreRequest(Sampling):
 class LoadAdapterRequest(RequestBody):
     adapter_path: Optional[Text(4096, 1)] = Field(
         description="directory with adapter_config.json and adapters.safetensors; null returns to the base model")
-    mode: Literal[SWAP_MODES] = "drain"  # type: ignore[valid-type]
+    mode: Literal[SWAP_MODES] = SWAP_DRAIN  # type: ignore[valid-type]
 
 
 class UpdateWeightsRequest(RequestBody):
     weight_dir: Text(4096, 1) = Field(  # type: ignore[valid-type]
         description="directory of safetensors files holding any subset of the model's parameters "
                     "(vLLM's and prime-rl's field)")
-    mode: Literal[SWAP_MODES] = "drain"  # type: ignore[valid-type]
+    mode: Literal[SWAP_MODES] = SWAP_DRAIN  # type: ignore[valid-type]
 
 
 class AbortRequest(RequestBody):

@@ -24,7 +24,8 @@ from mlxsup.api import protocol as p
 from mlxsup.api import vllm_protocol as vp
 from mlxsup.api.common import send_json
 from mlxsup.api.errors import RETRY_AFTER_OVERLOADED, RETRY_AFTER_UNAVAILABLE
-from mlxsup.config import SWAP_MODES, ServerConfig
+from mlxsup.config import SWAP_DRAIN, SWAP_MODES, ServerConfig
+from mlxsup.ipc.messages import PAUSE_ABORT, PAUSE_MODES
 
 _REF = "#/components/schemas/{model}"
 DONE = "[DONE]"
@@ -101,7 +102,7 @@ def _routes() -> list[Route]:
                                               "description": "adapters.safetensors"},
                           "adapter_config": {"type": "string", "format": "binary",
                                              "description": "adapter_config.json"},
-                          "mode": {"enum": list(SWAP_MODES), "default": "drain"},
+                          "mode": {"enum": list(SWAP_MODES), "default": SWAP_DRAIN},
                       },
                       "required": ["adapter_weights", "adapter_config"],
                       "additionalProperties": False,
@@ -125,7 +126,7 @@ def _routes() -> list[Route]:
                       "properties": {
                           "weights": {"type": "array", "items": {"type": "string", "format": "binary"},
                                       "description": "one or more safetensors files"},
-                          "mode": {"enum": list(SWAP_MODES), "default": "drain"},
+                          "mode": {"enum": list(SWAP_MODES), "default": SWAP_DRAIN},
                       },
                       "required": ["weights"],
                       "additionalProperties": False,
@@ -165,7 +166,7 @@ def _routes() -> list[Route]:
               _json(_ref(vp.PauseState)), (401, 403, 422, *ENGINE), security="admin",
               ok_text="paused (mode=wait: once in-flight requests are done)", extra={"parameters": [
                   {"name": "mode", "in": "query", "required": False,
-                   "schema": {"enum": ["abort", "wait", "keep"], "default": "abort"}},
+                   "schema": {"enum": list(PAUSE_MODES), "default": PAUSE_ABORT}},
                   {"name": "wait_for_inflight_requests", "in": "query", "required": False,
                    "schema": {"type": "boolean", "default": False},
                    "description": "older spelling of mode=wait (used when mode is absent)"}]}),

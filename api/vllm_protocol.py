@@ -32,8 +32,8 @@ from mlxsup.api.protocol import (
     _check_vocab,
 )
 from mlxsup.api.openai_protocol import PromptLogprobs, Usage
-from mlxsup.config import MAX_N
-from mlxsup.ipc.messages import LOGPROBS_PROCESSED, LOGPROBS_RAW, MAX_TOP_LOGPROBS
+from mlxsup.config import MAX_N, SWAP_DRAIN, SWAP_MODES
+from mlxsup.ipc.messages import LOGPROBS_PROCESSED, LOGPROBS_RAW, MAX_TOP_LOGPROBS, PAUSE_MODES
 
 
 class _Body(RequestBody):
@@ -174,14 +174,14 @@ class LoadLoraRequest(_Body):
     lora_name: str = Field(min_length=1)
     lora_path: str = Field(min_length=1)
     load_inplace: bool = False
-    mode: Literal["drain", "abort", "inflight"] = Field(
-        "drain", description="mlxsup extension: how the swap commits")
+    mode: Literal[SWAP_MODES] = Field(  # type: ignore[valid-type]
+        SWAP_DRAIN, description="mlxsup extension: how the swap commits")
 
 
 class UnloadLoraRequest(_Body):
     lora_name: str = Field(min_length=1)
     lora_int_id: Optional[int] = None
-    mode: Literal["drain", "abort", "inflight"] = "drain"
+    mode: Literal[SWAP_MODES] = SWAP_DRAIN  # type: ignore[valid-type]
 
 
 # ---------------------------------------------------------------- responses (for the OpenAPI document)
@@ -244,7 +244,7 @@ class GenerateTokensChunk(ResponseBody):
 
 class PauseState(ResponseBody):
     is_paused: bool
-    mode: Optional[Literal["abort", "wait", "keep"]]
+    mode: Optional[Literal[PAUSE_MODES]]  # type: ignore[valid-type]
     status: Optional[str] = None
     num_aborted: Optional[int] = None
     policy_version: Optional[int] = None

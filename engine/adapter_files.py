@@ -14,7 +14,6 @@ import io
 import json
 import math
 import os
-import struct
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
@@ -173,27 +172,6 @@ def read_adapter(path: str, layers: Mapping[str, LinearSpec]) -> AdapterFiles:
     return out
 
 
-def write_adapter(path: str, tensors: Mapping[str, np.ndarray], rank: int, scale: float,
-                  fine_tune_type: str = "lora", extra_config: Optional[dict] = None) -> str:
-    """Write an adapter directory in mlx-lm's format (float32/float16 numpy tensors). For
-    tests and benchmarks; trainers write theirs with mlx-lm."""
-    os.makedirs(path, exist_ok=True)
-    cfg = {"fine_tune_type": fine_tune_type, "num_layers": -1,
-           "lora_parameters": {"rank": rank, "scale": scale, "dropout": 0.0}}
-    cfg.update(extra_config or {})
-    with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(cfg, f)
-    header, chunks, offset = {}, [], 0
-    for name, arr in tensors.items():
-        arr = np.ascontiguousarray(arr)
-        code = {np.dtype("float32"): "F32", np.dtype("float16"): "F16"}[arr.dtype]
-        raw = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
-        header[name] = {"dtype": code, "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + len(raw)]}
-        chunks.append(raw)
-        offset += len(raw)
-    blob = json.dumps(header).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(os.path.join(path, WEIGHTS_NAME), "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob + b"".join(chunks))
-    return path
+# The writer moved to mlxsup.demo (beside the demo model and write_random_adapter); this name
+# stays importable while branches that still use it land.
+from mlxsup.demo import write_adapter  # noqa: E402, F401

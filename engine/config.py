@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -94,19 +95,17 @@ class EngineConfig:
 
     @classmethod
     def from_server_config(cls, cfg: ServerConfig, model: Optional[str] = None) -> "EngineConfig":
-        """The engine's part of the server's configuration. `model` overrides `cfg.model`
-        (the engine process passes the demo model's directory when `cfg.model` is None)."""
-        return cls(
+        """The engine's part of the server's configuration: every field both dataclasses have
+        is passed as it is (a ServerConfig field the engine also declares needs no line here);
+        the few the engine holds in another form are converted below. `model` overrides
+        `cfg.model` (the engine process passes the demo model's directory when it is None)."""
+        shared = {f.name for f in dataclasses.fields(cls)} & {f.name for f in dataclasses.fields(cfg)}
+        values = {name: getattr(cfg, name) for name in shared}
+        values.update(
             model=model or cfg.model or "",
-            adapter_path=cfg.adapter_path,
-            trust_remote_code=cfg.trust_remote_code,
-            max_batch=cfg.max_batch,
-            flush_interval_ms=cfg.flush_interval_ms,
-            max_queue=cfg.max_queue,
-            max_tokens=cfg.max_tokens,
-            min_policy_wait_s=cfg.min_policy_wait_s,
-            pipeline={"on": True, "off": False}.get(cfg.pipeline),
-            prefill_chunk_tokens=cfg.prefill_chunk or None,
-            kv_cache_gb=cfg.kv_cache_gb or None,
+            pipeline={"on": True, "off": False}.get(cfg.pipeline),  # "auto": None
+            prefill_chunk_tokens=cfg.prefill_chunk or None,  # 0: no limit
+            kv_cache_gb=cfg.kv_cache_gb or None,  # 0: the engine's default budget
             prefix_cache=not cfg.no_prefix_cache,
         )
+        return cls(**values)

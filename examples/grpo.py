@@ -50,12 +50,12 @@ if __name__ == "__main__" and sys.platform.startswith("linux") and "MLXSUP_BLAS_
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import math
 import random
 import shutil
-import subprocess
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -71,7 +71,8 @@ from mlx_lm import load as mlx_load
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from mlxsup.client import InferenceClient, as_results
-from mlxsup.supervisor.launcher import free_port
+from mlxsup.config import SWAP_DRAIN, SWAP_MODES
+from mlxsup.local_server import start_server
 
 PROMPTS = [
     "What is 12 + 7?",
@@ -116,7 +117,7 @@ class GRPOConfig:
     full_layers: int = 0  # > 0: train these last layers' full weights (no LoRA), pushed each step
     max_staleness: int = 1  # rollouts older than this many versions are dropped
     upload: bool = False  # send adapters over HTTP instead of passing a path
-    swap_mode: str = "drain"
+    swap_mode: str = SWAP_DRAIN
     seed: int = 0
     keep_adapters: int = 3  # adapter directories kept on disk
     server_max_batch: int = 64  # for --start
@@ -712,47 +713,6 @@ def write_reports(cfg: GRPOConfig, records: list, extra: dict) -> dict:
     return summary
 
 
-# ---------------------------------------------------------------------------- server for --start
-
-
-class StartedServer:
-    """`mlxsup start` on a free port with a temporary run directory; stopped on exit."""
-
-    def __init__(self, model: Optional[str], max_tokens: int, max_batch: int,
-                 run_dir: Optional[str] = None, log=print):
-        self.port = free_port()
-        self.is_temp_run_dir = run_dir is None
-        self.run_dir = run_dir or tempfile.mkdtemp(prefix="mlxsup-grpo-")
-        self.model = model
-        self.max_tokens = max_tokens
-        self.max_batch = max_batch
-        self.log = log
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def _mlxsup(self, *args, timeout: float) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "mlxsup", *args]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-
-    def __enter__(self) -> "StartedServer":
-        args = ["start", "--host", "127.0.0.1", "--port", str(self.port), "--run-dir", self.run_dir,
-                "--max-batch", str(self.max_batch), "--max-tokens", str(self.max_tokens)]
-        if self.model:
-            args += ["--model", self.model]
-        self.log(f"starting: mlxsup {' '.join(args)}")
-        proc = self._mlxsup(*args, timeout=300)
-        if proc.returncode != 0:
-            self.__exit__(None, None, None)
-            raise RuntimeError(f"mlxsup start failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        try:
-            self._mlxsup("stop", "--run-dir", self.run_dir, timeout=120)
-        finally:
-            if self.is_temp_run_dir:
-                shutil.rmtree(self.run_dir, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------- entry
 
 
@@ -782,7 +742,7 @@ def parse_args(argv=None) -> GRPOConfig:
                         "pushed each step with /update_weights (/upload_weights with --upload)")
     p.add_argument("--max-staleness", type=int, default=GRPOConfig.max_staleness)
     p.add_argument("--upload", action="store_true", help="send adapters over HTTP (/upload_adapter)")
-    p.add_argument("--swap-mode", default=GRPOConfig.swap_mode, choices=("drain", "abort", "inflight"))
+    p.add_argument("--swap-mode", default=GRPOConfig.swap_mode, choices=SWAP_MODES)
     p.add_argument("--seed", type=int, default=GRPOConfig.seed)
     p.add_argument("--server-max-batch", type=int, default=GRPOConfig.server_max_batch,
                    help="--max-batch of the server --start starts")
@@ -832,9 +792,12 @@ def main(argv=None) -> int:
         from mlxsup.demo import ensure_demo_model
 
         model_path = ensure_demo_model()
-    if cfg.start:
-        server = StartedServer(model_path, cfg.max_tokens, cfg.server_max_batch, cfg.server_run_dir)
-        with server:
+    if cfg.start:  # a server on a free loopback port, stopped at the end whatever happens
+        with contextlib.ExitStack() as stack:
+            run_dir = cfg.server_run_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="mlxsup-grpo-"))
+            flags = ("--max-batch", str(cfg.server_max_batch), "--max-tokens", str(cfg.max_tokens))
+            print(f"starting: mlxsup start --model {model_path} --run-dir {run_dir} {' '.join(flags)}", flush=True)
+            server = stack.enter_context(start_server(model_path, run_dir, *flags))
             summary = asyncio.run(train(cfg, server.url, model_path))
     else:
         summary = asyncio.run(train(cfg, cfg.url, model_path))

@@ -1,4 +1,5 @@
-"""The built-in demo model: a small random-weight Llama with a real byte-level BPE tokenizer.
+"""The built-in demo model: a small random-weight Llama with a real byte-level BPE tokenizer;
+and LoRA adapters for it or any Llama-layout model (`write_random_adapter`, `write_adapter`).
 
 It is written in the mlx-lm / Hugging Face layout (config.json, model.safetensors,
 tokenizer.json, tokenizer_config.json with a chat template and an end-of-turn token), so it
@@ -16,8 +17,11 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from importlib import resources
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
+
+from mlxsup.safetensors_header import CONFIG_NAME, WEIGHTS_NAME
 
 BOS = "<|bos|>"
 EOT = "<|eot|>"
@@ -137,28 +141,34 @@ def _weights(preset: DemoPreset, vocab_size: int, seed: int) -> dict[str, np.nda
     return w
 
 
-def save_safetensors(path: str, tensors: dict[str, np.ndarray], dtype: str = "float32") -> None:
-    """Write safetensors with numpy alone (bfloat16 as the top half of float32); the demo
-    model and the benchmark's adapters are written with it."""
+def safetensors_bytes(tensors: Mapping[str, np.ndarray], dtype: Optional[str] = None) -> bytes:
+    """A safetensors file holding `tensors` (by name), written with numpy alone. `dtype`
+    "bfloat16" stores the top half of each float32, "float32" casts to it; None keeps float16
+    arrays as F16 and stores everything else as float32."""
     header, blobs, offset = {}, [], 0
     for name in sorted(tensors):
         arr = np.ascontiguousarray(tensors[name])
         if dtype == "bfloat16":
             data = (arr.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16).tobytes()
             code = "BF16"
+        elif dtype is None and arr.dtype == np.float16:
+            data, code = arr.astype("<f2").tobytes(), "F16"
         else:
-            data, code = arr.astype(np.float32).tobytes(), "F32"
+            data, code = arr.astype("<f4").tobytes(), "F32"
         header[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [offset, offset + len(data)]}
         blobs.append(data)
         offset += len(data)
     header["__metadata__"] = {"format": "mlx"}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + b"".join(blobs)
+
+
+def save_safetensors(path: str, tensors: Mapping[str, np.ndarray], dtype: Optional[str] = "float32") -> None:
+    """Write `safetensors_bytes(tensors, dtype)` to `path`: the demo model, test models and
+    adapters are written with it."""
     with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for blob in blobs:
-            f.write(blob)
+        f.write(safetensors_bytes(tensors, dtype))
 
 
 def build_demo_model(out_dir: str, seed: int = 0, preset: str = "demo") -> str:
@@ -232,3 +242,62 @@ def ensure_demo_model(path: str | None = None, seed: int = 0, preset: str = "dem
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+# ---------------------------------------------------------------------- adapters
+
+ATTENTION_KEYS = ("self_attn.q_proj", "self_attn.v_proj")  # mlx-lm's default LoRA targets
+
+
+def write_adapter(path: str, tensors: Mapping[str, np.ndarray], rank: int, scale: float,
+                  fine_tune_type: str = "lora", extra_config: Optional[dict] = None) -> str:
+    """Write an adapter directory in mlx-lm's format (`adapter_config.json` +
+    `adapters.safetensors`, float32 or float16 tensors as given) and return its path; keys of
+    `extra_config` replace or join the config's. For tests, benchmarks and scripts: trainers
+    write theirs with mlx-lm."""
+    os.makedirs(path, exist_ok=True)
+    cfg = {"fine_tune_type": fine_tune_type, "num_layers": -1,
+           "lora_parameters": {"rank": rank, "scale": scale, "dropout": 0.0}}
+    cfg.update(extra_config or {})
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        json.dump(cfg, f)
+    save_safetensors(os.path.join(path, WEIGHTS_NAME), tensors, dtype=None)
+    return str(path)
+
+
+def linear_dims(model_config: Mapping, key: str) -> tuple[int, int]:
+    """(input_dims, output_dims) of the linear layer `key` ("self_attn.q_proj", "mlp.down_proj",
+    ...) of a block of the Llama-layout model whose config.json is `model_config`."""
+    hidden, heads = model_config["hidden_size"], model_config["num_attention_heads"]
+    head_dim = model_config.get("head_dim") or hidden // heads
+    q, kv = heads * head_dim, model_config.get("num_key_value_heads", heads) * head_dim
+    inter = model_config.get("intermediate_size", 0)
+    dims = {"self_attn.q_proj": (hidden, q), "self_attn.k_proj": (hidden, kv), "self_attn.v_proj": (hidden, kv),
+            "self_attn.o_proj": (q, hidden), "mlp.gate_proj": (hidden, inter), "mlp.up_proj": (hidden, inter),
+            "mlp.down_proj": (inter, hidden)}  # fmt: skip
+    if key not in dims:
+        raise ValueError(f"unknown linear layer {key!r}; one of {sorted(dims)}")
+    return dims[key]
+
+
+def write_random_adapter(path, model_dir: str, seed: int = 0, *, keys: Sequence[str] = ATTENTION_KEYS,
+                         rank: int = 8, scale: float = 20.0, std: float = 0.3, num_layers: Optional[int] = None,
+                         extra_config: Optional[dict] = None) -> str:
+    """A LoRA adapter for the Llama-layout model in `model_dir` (the demo model, a test model),
+    written in mlx-lm's format; returns its directory. `lora_a` and `lora_b` of each of `keys`
+    in the last `num_layers` blocks (None: every block) are drawn from N(0, std) with `seed`:
+    both nonzero (unlike a fresh adapter), so the adapter really changes the outputs."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    total = cfg["num_hidden_layers"]
+    num_layers = total if num_layers is None else min(num_layers, total)
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for i in range(total - num_layers, total):
+        for key in keys:
+            in_dims, out_dims = linear_dims(cfg, key)
+            tensors[f"model.layers.{i}.{key}.lora_a"] = rng.normal(0, std, (in_dims, rank)).astype(np.float32)
+            tensors[f"model.layers.{i}.{key}.lora_b"] = rng.normal(0, std, (rank, out_dims)).astype(np.float32)
+    config = {"num_layers": num_layers,
+              "lora_parameters": {"rank": rank, "scale": scale, "dropout": 0.0, "keys": list(keys)}}
+    return write_adapter(path, tensors, rank, scale, extra_config={**config, **(extra_config or {})})

@@ -192,7 +192,7 @@ def bench_grpo(model, tok, model_dir, args, rows):
 def _write_lora(engine, path, rank, seed=0):
     import numpy as np
 
-    from mlxsup.engine.adapter_files import write_adapter
+    from mlxsup.demo import write_adapter
 
     rng = np.random.default_rng(seed)
     tensors = {}

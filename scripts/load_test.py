@@ -34,7 +34,6 @@ import contextlib
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,74 +43,28 @@ from typing import Optional
 
 import httpx
 
-from mlxsup.supervisor.launcher import free_port
+from mlxsup.local_server import LocalServer, ServerStartError, run_mlxsup, start_server
 
 # ---------------------------------------------------------------------- servers (shared with soak.py)
 
 
-def mlxsup(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mlxsup", *args], capture_output=True, text=True, timeout=timeout)
-
-
 def build_model(preset: str, directory: str) -> str:
-    out = mlxsup("demo-model", directory, "--preset", preset)
+    out = run_mlxsup("demo-model", directory, "--preset", preset, timeout=300)
     if out.returncode != 0:
         raise SystemExit(f"cannot build the {preset} demo model: {out.stderr}")
     return out.stdout.strip()
 
 
-@dataclass
-class Server:
-    run_dir: str
-    port: int
-    url: str
-
-    def status(self) -> dict:
-        from mlxsup.supervisor import protocol
-
-        return protocol.call(self.run_dir, {"op": "status"})
-
-    def instance_id(self) -> Optional[str]:
-        try:
-            with open(os.path.join(self.run_dir, "ipc.json")) as f:
-                return json.load(f)["instance_id"]
-        except (OSError, ValueError, KeyError):
-            return None
-
-    def segments(self) -> list[str]:
-        iid = self.instance_id()
-        if not iid:
-            return []
-        return sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"mxs_{iid}_")) if os.path.isdir("/dev/shm") else []
+def start(model: str, run_dir: str, *flags: str) -> LocalServer:
+    try:
+        return start_server(model, run_dir, *flags)
+    except ServerStartError as e:
+        raise SystemExit(str(e)) from None
 
 
-def start(model: str, run_dir: str, *flags: str) -> Server:
-    port = free_port()
-    out = mlxsup("start", "--model", model, "--host", "127.0.0.1", "--port", str(port), "--run-dir", run_dir, *flags)
-    if out.returncode != 0:
-        mlxsup("stop", "--run-dir", run_dir, timeout=120)
-        raise SystemExit(f"mlxsup start failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
-    return Server(run_dir=run_dir, port=port, url=f"http://127.0.0.1:{port}")
-
-
-def stop(server: Server) -> dict:
+def stop(server: LocalServer) -> dict:
     """Stop it; report what is left (processes, segments, files that a stop must remove)."""
-    iid = server.instance_id()
-    out = mlxsup("stop", "--run-dir", server.run_dir, timeout=180)
-    from mlxsup.supervisor.children import orphans
-
-    left = {
-        "stop_exit_code": out.returncode,
-        "processes": [p.pid for p in orphans(server.run_dir)],
-        "segments": sorted(n for n in os.listdir("/dev/shm") if iid and n.startswith(f"mxs_{iid}_"))
-        if os.path.isdir("/dev/shm") else [],
-        "files": sorted(n for n in ("control.sock", "supervisor.pid", "children.json", "ipc.json", "shm.manifest")
-                        if os.path.exists(os.path.join(server.run_dir, n))),
-    }  # fmt: skip
-    for pid in left["processes"]:
-        with contextlib.suppress(OSError):
-            os.kill(pid, 9)
-    return left
+    return server.stop(timeout=180)
 
 
 # ---------------------------------------------------------------------- one phase

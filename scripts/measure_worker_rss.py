@@ -16,9 +16,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -64,15 +61,11 @@ def main(argv=None) -> int:
         from mlxsup.demo import ensure_demo_model
 
         args.model = ensure_demo_model()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    run_dir = tempfile.mkdtemp(prefix="mlxsup-rss-run-")
-    cmd = [sys.executable, "-m", "mlxsup", "start", "--model", args.model, "--host", "127.0.0.1",
-           "--port", str(port), "--run-dir", run_dir, "--workers", str(args.workers), "--log-level", "WARNING"]
-    try:
-        subprocess.run(cmd, check=True, timeout=600, cwd=tempfile.gettempdir())
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+    from mlxsup.local_server import start_server
+
+    with tempfile.TemporaryDirectory(prefix="mlxsup-rss-run-") as run_dir:
+        with start_server(args.model, run_dir, "--workers", str(args.workers), "--log-level", "WARNING",
+                          cwd=tempfile.gettempdir(), timeout=600) as server, server.client(timeout=120) as client:
             deadline = time.monotonic() + 60
             while len(workers_of(run_dir)) < args.workers:  # every worker booted (health answers from one)
                 if time.monotonic() > deadline:
@@ -84,10 +77,6 @@ def main(argv=None) -> int:
             started = rss_mib(workers)
             serve_requests(client, args.requests)
             served = rss_mib(workers)
-    finally:
-        subprocess.run([sys.executable, "-m", "mlxsup", "stop", "--run-dir", run_dir], timeout=120,
-                       cwd=tempfile.gettempdir())
-        shutil.rmtree(run_dir, ignore_errors=True)
     for pid, a, b in zip((w.pid for w in workers), started, served):
         print(f"api worker {pid}: {a:.1f} MiB up, {b:.1f} MiB after {args.requests} requests")
     print(json.dumps({

@@ -30,9 +30,7 @@ import os
 import pstats
 import shlex
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -180,22 +178,13 @@ def parts(model, prompt, batch, vocab):
 def started_server(path, extra_args=()):
     """`mlxsup start` on the model (outside the repository, on a free port); yields (an httpx
     client of it, its run dir) and stops it after."""
-    import httpx
+    from mlxsup.local_server import start_server
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    run_dir = tempfile.mkdtemp(prefix="mlxsup-profile-run-")
-    cmd = [sys.executable, "-m", "mlxsup", "start", "--model", path, "--host", "127.0.0.1",
-           "--port", str(port), "--run-dir", run_dir, "--log-level", "WARNING", *extra_args]
-    subprocess.run(cmd, check=True, timeout=600, cwd=tempfile.gettempdir())
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
-            yield client, run_dir
-    finally:
-        subprocess.run([sys.executable, "-m", "mlxsup", "stop", "--run-dir", run_dir],
-                       timeout=120, cwd=tempfile.gettempdir())
-        shutil.rmtree(run_dir, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="mlxsup-profile-run-") as run_dir:
+        with start_server(path, run_dir, "--log-level", "WARNING", *extra_args, cwd=tempfile.gettempdir(),
+                          timeout=600) as server:
+            with server.client(timeout=120) as client:
+                yield client, run_dir
 
 
 def one_at_a_time(client, body, reps):

@@ -57,38 +57,14 @@ from typing import Optional
 import httpx
 import psutil
 
+from mlxsup.config import SWAP_MODES
+from mlxsup.demo import write_random_adapter
+from mlxsup.local_server import SHM, LocalServer
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from load_test import Server, WORDS, build_model, start, stop  # noqa: E402
+from load_test import WORDS, build_model, start, stop  # noqa: E402
 
 MiB = 2**20
-
-
-# ---------------------------------------------------------------------- adapters
-
-
-def write_adapter(directory: str, model_dir: str, seed: int, rank: int = 8) -> str:
-    """A LoRA adapter (mlx-lm layout) on q_proj and v_proj of every layer of `model_dir`."""
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    with open(os.path.join(model_dir, "config.json")) as f:
-        cfg = json.load(f)
-    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    kv_heads = cfg.get("num_key_value_heads", heads)
-    head_dim = cfg.get("head_dim") or hidden // heads
-    outs = {"self_attn.q_proj": heads * head_dim, "self_attn.v_proj": kv_heads * head_dim}
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for i in range(cfg["num_hidden_layers"]):
-        for key, out_dims in outs.items():
-            tensors[f"model.layers.{i}.{key}.lora_a"] = rng.normal(0, 0.05, (hidden, rank)).astype(np.float32)
-            tensors[f"model.layers.{i}.{key}.lora_b"] = rng.normal(0, 0.05, (rank, out_dims)).astype(np.float32)
-    os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, "adapters.safetensors"))
-    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
-        json.dump({"fine_tune_type": "lora", "num_layers": cfg["num_hidden_layers"],
-                   "lora_parameters": {"rank": rank, "scale": 2.0, "dropout": 0.0, "keys": list(outs)}}, f)  # fmt: skip
-    return directory
 
 
 # ---------------------------------------------------------------------- load
@@ -185,9 +161,8 @@ async def load_loop(url: str, seed: int, stats: Stats, stop: asyncio.Event, paus
 # ---------------------------------------------------------------------- swaps
 
 
-async def swapper(server: Server, adapters: dict, every: float, stop: asyncio.Event, log: list) -> None:
+async def swapper(server: LocalServer, adapters: dict, every: float, stop: asyncio.Event, log: list) -> None:
     targets = ["A", "B", None, "upload"]
-    modes = ["drain", "abort", "inflight"]
     k = 0
     async with httpx.AsyncClient(base_url=server.url, timeout=300) as c:
         version = (await c.get("/adapter")).json()["policy_version"]
@@ -198,7 +173,7 @@ async def swapper(server: Server, adapters: dict, every: float, stop: asyncio.Ev
             if stop.is_set():
                 break
             next_at += every
-            target, mode = targets[k % len(targets)], modes[k % len(modes)]
+            target, mode = targets[k % len(targets)], SWAP_MODES[k % len(SWAP_MODES)]
             k += 1
             t0 = time.monotonic()
             try:
@@ -229,7 +204,7 @@ async def swapper(server: Server, adapters: dict, every: float, stop: asyncio.Ev
 # ---------------------------------------------------------------------- sampling
 
 
-def snapshot(server: Server) -> dict:
+def snapshot(server: LocalServer) -> dict:
     st = server.status()
     time.sleep(0.2)  # the supervisor closes the socket of the status call it just answered
     procs = {}
@@ -244,11 +219,12 @@ def snapshot(server: Server) -> dict:
         except psutil.Error:
             continue
     uploads = os.path.join(server.run_dir, "uploads")
+    segments = sorted(server.live_segments())
     return {
         "t": round(time.time(), 3),
         "processes": procs,
-        "segments": server.segments(),
-        "segment_bytes": sum(os.path.getsize(os.path.join("/dev/shm", n)) for n in server.segments()),
+        "segments": segments,
+        "segment_bytes": sum(os.path.getsize(os.path.join(SHM, n)) for n in segments),
         "uploads_kept": len([d for d in os.listdir(uploads) if not d.startswith(".")]) if os.path.isdir(uploads) else 0,
         "engine_restarts": st["engine"]["restarts"],
         "policy_version": st["policy_version"],
@@ -256,7 +232,7 @@ def snapshot(server: Server) -> dict:
     }
 
 
-async def sampler(server: Server, every: float, stop: asyncio.Event, samples: list) -> None:
+async def sampler(server: LocalServer, every: float, stop: asyncio.Event, samples: list) -> None:
     while not stop.is_set():
         with contextlib.suppress(Exception):
             samples.append(await asyncio.to_thread(snapshot, server))
@@ -264,7 +240,7 @@ async def sampler(server: Server, every: float, stop: asyncio.Event, samples: li
             await asyncio.wait_for(stop.wait(), timeout=every)
 
 
-async def quiet_snapshot(server: Server, pause: asyncio.Event, idle: list, clients: int, settle: float = 2.0) -> dict:
+async def quiet_snapshot(server: LocalServer, pause: asyncio.Event, idle: list, clients: int, settle: float = 2.0) -> dict:
     """Pause the load, wait until every client is idle and the engine has nothing running,
     snapshot, resume."""
     pause.set()
@@ -280,7 +256,7 @@ async def quiet_snapshot(server: Server, pause: asyncio.Event, idle: list, clien
 # ---------------------------------------------------------------------- run and judge
 
 
-async def soak(server: Server, adapters: dict, args) -> dict:
+async def soak(server: LocalServer, adapters: dict, args) -> dict:
     stats, swaps, samples = Stats(), [], []
     stop_load, stop_bg, pause = asyncio.Event(), asyncio.Event(), asyncio.Event()
     idle: list = []
@@ -412,8 +388,8 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="mlxsup-soak-") as tmp:
         model = args.model or build_model(args.preset, os.path.join(tmp, "model"))
-        adapters = {"A": write_adapter(os.path.join(tmp, "A"), model, seed=1),
-                    "B": write_adapter(os.path.join(tmp, "B"), model, seed=2)}  # fmt: skip
+        adapters = {name: write_random_adapter(os.path.join(tmp, name), model, seed, std=0.05, scale=2.0)
+                    for name, seed in (("A", 1), ("B", 2))}  # fmt: skip
         print(f"mlxsup soak: {args.minutes:g} min of mixed load ({args.concurrency} clients), a swap every "
               f"{args.swap_every:g} s, warm-up {args.warmup_s:.0f} s, samples every {args.sample_every:g} s; "
               f"model {model}; loopback only", flush=True)

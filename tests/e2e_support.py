@@ -1,125 +1,53 @@
-"""Helpers of the end-to-end tests: start real servers with `mlxsup start`, stop them whatever
-happened, check that nothing of an instance is left, and build LoRA adapters for the tiny model."""
+"""Helpers of the end-to-end tests: start real servers with `mlxsup start` (mlxsup.local_server),
+stop them whatever happened, check that nothing of an instance is left, and build LoRA adapters
+for the tiny model."""
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import socket
-import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
 from typing import Optional
 
 import httpx
-import numpy as np
 
+from mlxsup.demo import ATTENTION_KEYS, write_random_adapter
+from mlxsup.local_server import SHM, LocalServer, instance_segments, run_mlxsup
+from mlxsup.local_server import start_server as start_local_server
 from mlxsup.supervisor import protocol
-from mlxsup.supervisor.children import orphans
 from mlxsup.supervisor.launcher import free_port  # noqa: F401 - the tests import it from here
 from mlxsup.supervisor.rundir import is_owned
 
-SHM = "/dev/shm"
+__all__ = ["SHM", "Server", "instance_segments", "free_port"]  # besides the helpers below
+
+Server = LocalServer  # one running instance started by `mlxsup start` (a daemon)
 
 
-def mlxsup(*args, timeout=120, check=False, env=None) -> subprocess.CompletedProcess:
-    out = subprocess.run(
-        [sys.executable, "-m", "mlxsup", *args], capture_output=True, text=True, timeout=timeout,
-        env=None if env is None else dict(os.environ, **env),
-    )  # fmt: skip
+def mlxsup(*args, timeout=120, check=False, env=None):
+    out = run_mlxsup(*args, timeout=timeout, env=env)
     if check and out.returncode != 0:
         raise AssertionError(f"mlxsup {' '.join(args)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
     return out
 
 
-@dataclass
-class Server:
-    """One running instance started by `mlxsup start` (a daemon)."""
-
-    run_dir: str
-    port: int
-    model: str
-    start_output: subprocess.CompletedProcess = None
-    segments: set = field(default_factory=set)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def client(self, timeout: float = 60.0) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=timeout)
-
-    def status(self) -> dict:
-        return protocol.call(self.run_dir, {"op": "status"})
-
-    def pids(self, role: str) -> list[int]:
-        return [p["pid"] for p in self.status()["processes"] if p["role"] == role]
-
-    def version(self) -> int:
-        return self.status()["policy_version"]
-
-
-def start_server(
-    tmp_path, model: str, *extra: str, workers: int = 2, host: str = "127.0.0.1", name: str = "run",
-    env: dict | None = None,
-) -> Server:
-    run_dir = str(tmp_path / name)
-    port = free_port()
-    out = mlxsup(
-        "start", "--model", model, "--host", host, "--port", str(port), "--run-dir", run_dir,
-        "--workers", str(workers), *extra, timeout=300, env=env,
-    )  # fmt: skip
-    server = Server(run_dir=run_dir, port=port, model=model, start_output=out)
-    server.segments = instance_segments(run_dir)
-    if out.returncode != 0:
-        stop_server(server)
-        raise AssertionError(f"mlxsup start failed ({out.returncode}):\n{out.stdout}\n{out.stderr}\n{logs(run_dir)}")
-    return server
-
-
-def instance_segments(run_dir: str) -> set[str]:
-    try:
-        with open(os.path.join(run_dir, "ipc.json")) as f:
-            instance = json.load(f)["instance_id"]
-    except (OSError, ValueError, KeyError):
-        return set()
-    return {n for n in os.listdir(SHM) if n.startswith(f"mxs_{instance}_")} | {
-        f"mxs_{instance}_c"
-    }
-
-
-def logs(run_dir: str, tail: int = 40) -> str:
-    parts = []
-    for name in ("supervisor.log", "engine.log", "api.log"):
-        path = os.path.join(run_dir, name)
-        with contextlib.suppress(OSError):
-            lines = open(path, errors="replace").read().splitlines()[-tail:]
-            parts.append(f"--- {name}\n" + "\n".join(lines))
-    return "\n".join(parts)
+def start_server(tmp_path, model: str, *extra: str, workers: int = 2, host: str = "127.0.0.1", name: str = "run",
+                 env: dict | None = None) -> Server:
+    """`mlxsup start` with the run dir `tmp_path/name` on a free port; stopped again if it fails."""
+    return start_local_server(model, str(tmp_path / name), "--workers", str(workers), *extra, host=host, env=env)
 
 
 def stop_server(server: Server) -> None:
     """Stop the instance whatever state it is in, then kill anything of it that is left."""
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        mlxsup("stop", "--run-dir", server.run_dir, timeout=90)
-    for proc in orphans(server.run_dir):
-        with contextlib.suppress(Exception):
-            proc.kill()
+    server.stop(timeout=90)
 
 
 def assert_nothing_left(server: Server) -> None:
     """No process, shared-memory segment, socket, doorbell or pid file of the instance."""
-    run_dir = server.run_dir
-    assert not is_owned(run_dir), "a supervisor still owns the run dir"
-    assert orphans(run_dir) == [], f"processes remain: {orphans(run_dir)}"
-    left = set(os.listdir(run_dir)) if os.path.isdir(run_dir) else set()
-    for name in ("control.sock", "supervisor.pid", "children.json", "ipc.json", "shm.manifest", "engine.bell"):
-        assert name not in left, f"{name} remains in the run dir"
-    assert not [n for n in left if n.startswith("slot-")], "slot doorbells or locks remain"
-    segs = server.segments | instance_segments(run_dir)
-    assert not (segs & set(os.listdir(SHM))), f"segments remain: {segs & set(os.listdir(SHM))}"
+    assert not is_owned(server.run_dir), "a supervisor still owns the run dir"
+    left = server.leftovers()
+    assert left["processes"] == [], f"processes remain: {left['processes']}"
+    assert left["files"] == [], f"{left['files']} remain in the run dir"
+    assert left["segments"] == [], f"segments remain: {left['segments']}"
     with socket.socket() as s:  # the port is free again
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", server.port))
@@ -160,36 +88,13 @@ def is_healthy(server: Server) -> bool:
 # ---------------------------------------------------------------------- adapters
 
 
-def make_adapter(directory, model_dir: str, seed: int, std: float = 0.3, rank: int = 8, extra_config: Optional[dict] = None) -> str:
-    """A LoRA adapter for `model_dir` in mlx-lm's layout, with nonzero random weights on the
-    attention query and value projections of every layer; returns its directory."""
-    from safetensors.numpy import save_file
+# What trainers' configs also carry besides mlx-lm's fields; the server must tolerate it.
+TRAINER_CONFIG_EXTRAS = {"model_type": "llama", "target_modules": list(ATTENTION_KEYS), "trainable": True}
 
-    with open(os.path.join(model_dir, "config.json")) as f:
-        cfg = json.load(f)
-    hidden = cfg["hidden_size"]
-    heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
-    head_dim = cfg.get("head_dim") or hidden // heads
-    outs = {"self_attn.q_proj": heads * head_dim, "self_attn.v_proj": kv_heads * head_dim}
-    num_layers = cfg["num_hidden_layers"]
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for i in range(num_layers):
-        for key, out_dims in outs.items():
-            tensors[f"model.layers.{i}.{key}.lora_a"] = rng.normal(0, std, (hidden, rank)).astype(np.float32)
-            tensors[f"model.layers.{i}.{key}.lora_b"] = rng.normal(0, std, (rank, out_dims)).astype(np.float32)
-    os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, "adapters.safetensors"))
-    config = {
-        "fine_tune_type": "lora",
-        "num_layers": num_layers,
-        "lora_parameters": {"rank": rank, "scale": 20.0, "dropout": 0.0, "keys": list(outs)},
-        # what trainers' configs also carry; the server must tolerate it
-        "model_type": "llama",
-        "target_modules": list(outs),
-        "trainable": True,
-    }
-    config.update(extra_config or {})
-    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
-        json.dump(config, f)
-    return str(directory)
+
+def make_adapter(directory, model_dir: str, seed: int, std: float = 0.3, rank: int = 8,
+                 extra_config: Optional[dict] = None) -> str:
+    """A LoRA adapter for `model_dir` in mlx-lm's layout (nonzero random weights on the attention
+    query and value projections of every layer), its config carrying trainers' extra fields."""
+    return write_random_adapter(directory, model_dir, seed, std=std, rank=rank,
+                                extra_config={**TRAINER_CONFIG_EXTRAS, **(extra_config or {})})

@@ -14,6 +14,7 @@ import pytest
 from falcon import testing
 
 from mlxsup.api.adapters import SupervisorAdapters
+from mlxsup import demo
 from mlxsup.api.testing import FakeAdapters, fake_codec, make_app
 
 ADAPTER_CONFIG = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": {"rank": 4, "scale": 1.0},
@@ -199,15 +200,7 @@ def test_no_supervisor_is_503(codec, tmp_path):
 
 
 def safetensors_bytes(tensors=None) -> bytes:
-    tensors = tensors or {"layers.0.lora_a": np.arange(8, dtype=np.float32).reshape(2, 4)}
-    header, data = {}, b""
-    for name, arr in tensors.items():
-        raw = arr.tobytes()
-        header[name] = {"dtype": "F32", "shape": list(arr.shape), "data_offsets": [len(data), len(data) + len(raw)]}
-        data += raw
-    head = json.dumps(header).encode()
-    head += b" " * (-len(head) % 8)
-    return struct.pack("<Q", len(head)) + head + data
+    return demo.safetensors_bytes(tensors or {"layers.0.lora_a": np.arange(8, dtype=np.float32).reshape(2, 4)})
 
 
 def multipart(parts) -> tuple[bytes, str]:

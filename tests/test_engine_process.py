@@ -12,11 +12,10 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from mlxsup.config import ServerConfig
-from mlxsup.engine.adapter_files import write_adapter
+from mlxsup.demo import write_random_adapter
 from mlxsup.ipc.channel import WorkerChannel
 from mlxsup.ipc.layout import IpcLayout
 from mlxsup.ipc.messages import (
@@ -55,17 +54,7 @@ class Control:
 
 
 def tiny_adapter(path, model_dir, rank=4):
-    with open(os.path.join(model_dir, "config.json")) as f:
-        cfg = json.load(f)
-    h, heads, kv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    rng = np.random.default_rng(0)
-    tensors = {}
-    for i in range(cfg["num_hidden_layers"]):
-        for name, out in (("q_proj", h), ("v_proj", kv * h // heads)):
-            prefix = f"model.layers.{i}.self_attn.{name}"
-            tensors[prefix + ".lora_a"] = rng.standard_normal((h, rank)).astype(np.float32) * 0.1
-            tensors[prefix + ".lora_b"] = rng.standard_normal((rank, out)).astype(np.float32) * 0.1
-    return write_adapter(str(path), tensors, rank, 2.0)
+    return write_random_adapter(path, model_dir, seed=0, rank=rank, scale=2.0, std=0.1)
 
 
 @pytest.fixture

@@ -222,13 +222,10 @@ def worker_spam(run_dir: str, opened) -> None:
     asyncio.run(main())
 
 
-def hammer_control(control_name: str, region: str, duration: float) -> None:
-    """Write one region as fast as possible; every field of write k holds k."""
+def hammer_control(control_name: str, region: str, num_writes: int) -> None:
+    """Write one region `num_writes` times as fast as possible; every field of write k holds k."""
     block = ControlBlock.attach(control_name)
-    deadline = time.monotonic() + duration
-    k = 0
-    while time.monotonic() < deadline:
-        k += 1
+    for k in range(1, num_writes + 1):
         if region == "engine":
             block.write(
                 engine_epoch=k,

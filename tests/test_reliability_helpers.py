@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import httpx
-import numpy as np
 from e2e_support import SHM, Server, instance_segments
+
+from mlxsup.demo import write_random_adapter
 
 # ---------------------------------------------------------------------- load
 
@@ -149,23 +150,8 @@ def make_last_mlp_adapter(directory, model_dir: str, seed: int, std: float = 0.5
     any layer (both are computed before the last MLP), so a sequence whose KV was computed under
     another version still gets, after an `inflight` switch, exactly the logits a teacher-forced
     pass under this adapter gives: /score can check every token after the switch."""
-    from safetensors.numpy import save_file
-
-    cfg = model_config(model_dir)
-    hidden, inter, last = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"] - 1
-    rng = np.random.default_rng(seed)
-    prefix = f"model.layers.{last}.mlp.down_proj"
-    tensors = {
-        f"{prefix}.lora_a": rng.normal(0, std, (inter, rank)).astype(np.float32),
-        f"{prefix}.lora_b": rng.normal(0, std, (rank, hidden)).astype(np.float32),
-    }
-    os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, "adapters.safetensors"))
-    config = {"fine_tune_type": "lora", "num_layers": 1,
-              "lora_parameters": {"rank": rank, "scale": 10.0, "dropout": 0.0, "keys": ["mlp.down_proj"]}}  # fmt: skip
-    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
-        json.dump(config, f)
-    return str(directory)
+    return write_random_adapter(directory, model_dir, seed, keys=("mlp.down_proj",), num_layers=1,
+                                std=std, rank=rank, scale=10.0)
 
 
 def safetensors_bytes(tensors: dict) -> bytes:

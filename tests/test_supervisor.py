@@ -534,3 +534,19 @@ def test_gunicorn_command_line_is_valid_for_gunicorn():
     assert cfg.settings["asgi_loop"].get() == "uvloop"
     assert args.args == ["mlxsup.api.asgi:app"]
     assert gunicorn_argv(ServerConfig(host="::1", port=9))[argv.index("--bind") + 1] == "[::1]:9"
+
+
+def test_every_engine_setting_of_start_reaches_the_engine_config():
+    """Each `mlxsup start` flag the engine uses arrives in its EngineConfig, converted where the
+    engine holds it in another form (pipeline, prefill chunk, KV budget, prefix cache)."""
+    cfg = ServerConfig(model="m", adapter_path="a", trust_remote_code=True, max_batch=7,
+                       flush_interval_ms=3.0, max_queue=9, max_tokens=11, min_policy_wait_s=5.0,
+                       pipeline="on", prefill_chunk=64, kv_cache_gb=2.5, no_prefix_cache=True)
+    e = EngineConfig.from_server_config(cfg)
+    assert (e.model, e.adapter_path, e.trust_remote_code, e.max_batch, e.flush_interval_ms, e.max_queue,
+            e.max_tokens, e.min_policy_wait_s) == ("m", "a", True, 7, 3.0, 9, 11, 5.0)
+    assert (e.pipeline, e.prefill_chunk_tokens, e.kv_cache_gb, e.prefix_cache) == (True, 64, 2.5, False)
+    default = EngineConfig.from_server_config(ServerConfig(), model="demo")
+    assert default.model == "demo"
+    assert (default.pipeline, default.prefill_chunk_tokens, default.kv_cache_gb, default.prefix_cache) == (
+        None, None, None, True)

@@ -27,15 +27,16 @@ import time
 import httpx
 
 from bench_lib import report
-from bench_lib.adapters import write_adapter
 from bench_lib.loadgen import closed_loop
 from bench_lib.monitor import cpu_delta
 from mlxsup.config import FIRST_TOKEN_FIELDS, SWAP_TIMINGS  # the engine's account of each swap in /load_adapter's answer
+from mlxsup.demo import write_random_adapter
 from mlxsup.supervisor import protocol
 
 
 def run_swaps(server, args, model, work, main, native, mode, monitor, name):
-    adapter_dirs = [os.path.abspath(write_adapter(model, os.path.join(args.out, "adapters", tag), seed))
+    # nonzero A and B (std 0.05) on q_proj and v_proj of every layer: each swap really changes the outputs
+    adapter_dirs = [os.path.abspath(write_random_adapter(os.path.join(args.out, "adapters", tag), model, seed, std=0.05))
                     for tag, seed in (("a", 1), ("b", 2))]
     items = work.items(work.swap)
     conc = args.swap_concurrency

@@ -1,7 +1,7 @@
 """The systems under test: start, identify the processes to measure, stop.
 
 - `MlxsupServer`: `python -m mlxsup start` (a daemon that returns once healthy), stopped with
-  `python -m mlxsup stop`; its process tree is the supervisor's.
+  `python -m mlxsup stop`, through mlxsup.local_server; its process tree is the supervisor's.
 - `MlxLmServer`: `python -m mlx_lm server`, one process.
 - the raw loop runs through `rawloop.py` (see bench_server.py).
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,9 +24,9 @@ HOST = "127.0.0.1"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    from mlxsup.supervisor.launcher import free_port  # after the import shim (mlxsup_import_env)
+
+    return free_port(HOST)
 
 
 def mlxsup_import_env(repo_root: str, work_dir: str) -> dict:
@@ -93,6 +92,8 @@ class Server:
 
 
 class MlxsupServer(Server):
+    """mlxsup.local_server's `start_server` with the benchmark's flags, environment and cwd."""
+
     kind = "mlxsup"
     supports_n = True
 
@@ -112,37 +113,33 @@ class MlxsupServer(Server):
         self.workers = workers
         self.extra_args = list(extra_args)
         self.start_timeout = start_timeout
+        self.server = None  # the LocalServer once started
 
-    def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "mlxsup", "start", "--model", self.model,
-               "--host", HOST, "--port", str(self.port), "--run-dir", self.run_dir,
-               "--max-batch", str(self.max_batch), "--max-tokens", str(self.max_tokens),
-               "--log-level", "WARNING"]
+    def flags(self) -> list[str]:
+        flags = ["--max-batch", str(self.max_batch), "--max-tokens", str(self.max_tokens), "--log-level", "WARNING"]
         if self.workers:
-            cmd += ["--workers", str(self.workers)]
+            flags += ["--workers", str(self.workers)]
         max_queue = max(256, 4 * self.max_batch)
-        cmd += ["--max-queue", str(max_queue)] + self.extra_args
-        return cmd
+        return flags + ["--max-queue", str(max_queue)] + self.extra_args
 
     def start(self) -> None:
+        from mlxsup.local_server import ServerStartError, start_server  # after the import shim
+
+        try:
+            self.server = start_server(self.model, self.run_dir, *self.flags(), host=HOST, port=self.port,
+                                       env=self.env, cwd=self.work_dir, timeout=self.start_timeout)
+        except ServerStartError as e:
+            with open(self.log_path, "w") as log:
+                log.write(str(e))
+            raise RuntimeError(f"mlxsup start failed:\n{str(e)[-3000:]}") from None
         with open(self.log_path, "w") as log:
-            done = subprocess.run(self.command(), env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, timeout=self.start_timeout, cwd=self.work_dir)
-        if done.returncode != 0:
-            with open(self.log_path) as f:
-                tail = f.read()[-3000:]
-            raise RuntimeError(f"mlxsup start exited {done.returncode}:\n{tail}")
-        self.root_pid = _read_pid(os.path.join(self.run_dir, "supervisor.pid"))
+            log.write(self.server.start_output.stdout + self.server.start_output.stderr)
+        self.root_pid = self.server.supervisor.pid if self.server.supervisor else None
         wait_http(self.base_url + "/health", 120)
 
     def stop(self) -> None:
-        try:
-            subprocess.run([sys.executable, "-m", "mlxsup", "stop", "--run-dir", self.run_dir],
-                           env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           stdin=subprocess.DEVNULL, timeout=120, cwd=self.work_dir)
-        except subprocess.TimeoutExpired:
-            pass
-        _wait_gone(self.root_pid, 60)
+        if self.server is not None:
+            self.server.stop(timeout=120)
 
     def logs(self) -> list[str]:
         if not os.path.isdir(self.run_dir):
@@ -199,31 +196,3 @@ class MlxLmServer(Server):
 
     def logs(self) -> list[str]:
         return [self.log_path]
-
-
-def _read_pid(path: str) -> Optional[int]:
-    try:
-        with open(path) as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _wait_gone(pid: Optional[int], timeout: float) -> None:
-    if not pid:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        except PermissionError:
-            return
-        time.sleep(0.2)
-    try:  # it is the supervisor this benchmark started: stop it for good
-        os.kill(pid, signal.SIGTERM)
-        time.sleep(5)
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass

@@ -241,7 +241,10 @@ class SwapCoordinator:
         """Commit `path` (or the engine's held swap `held`) as `version`; the lock is held."""
         log.info("swap to %s as version %d (%s)", path or "the base model", version, mode)
         try:
-            reply = await link.swap(path, mode, version, prepared=held)
+            if held is None:
+                reply = await link.swap(path, mode, version)
+            else:
+                reply = await link.swap(path, mode, version, prepared=held)
         except EngineGone:
             # Nobody knows whether tokens went out under `version`: never issue it again.
             self._commit(dataclasses.replace(self.state, max_issued_version=version))

@@ -100,8 +100,10 @@ def _all_up(balancer: Balancer, num: int) -> bool:
 
 def _generated_by(results: list[dict]) -> list[int]:
     """The version that generated each result (the top-level policy_version is the request's
-    own, echoed)."""
-    return [r["metadata"]["current_policy_version"] for r in results]
+    own, echoed), checked against the version of each of its tokens."""
+    for r in results:
+        assert set(r["token_versions"]) <= {r["generated_by_version"]}, r
+    return [r["generated_by_version"] for r in results]
 
 
 async def _step(balancer: Balancer, version: int, step: int) -> list[tuple[str, list[dict]]]:
@@ -132,10 +134,10 @@ def test_two_phase_swap_on_one_server(fleet, tiny_model_dir, tmp_path):
             assert prepared["status"] == "prepared" and prepared["policy_version"] == before
             assert prepared["next_policy_version"] == before + 1
             served = await c.generate(prompt="hi", max_tokens=2)
-            assert served["metadata"]["current_policy_version"] == before  # prepared is not served
+            assert _generated_by([served]) == [before]  # prepared is not served
             done = await c.commit_adapter(prepared["prepared_id"], mode="drain", policy_version=before + 3)
             assert done["policy_version"] == before + 3 and done["adapter_path"] == os.path.realpath(adapter)
-            assert (await c.generate(prompt="hi", max_tokens=2))["metadata"]["current_policy_version"] == before + 3
+            assert _generated_by([await c.generate(prompt="hi", max_tokens=2)]) == [before + 3]
             with pytest.raises(Exception) as again:
                 await c.commit_adapter(prepared["prepared_id"])
             assert getattr(again.value, "status", None) == 404 and again.value.field == "prepared_id"
@@ -158,7 +160,7 @@ def test_two_phase_swap_on_one_server(fleet, tiny_model_dir, tmp_path):
             with pytest.raises(Exception) as refused:
                 await c.prepare_adapter(str(bad))
             assert getattr(refused.value, "status", None) == 422
-            assert (await c.generate(prompt="hi", max_tokens=2))["metadata"]["current_policy_version"] == before + 3
+            assert _generated_by([await c.generate(prompt="hi", max_tokens=2)]) == [before + 3]
 
     asyncio.run(main())
 

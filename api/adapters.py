@@ -1,4 +1,5 @@
-"""The adapter routes: POST /load_adapter, POST /upload_adapter, GET /adapter.
+"""The adapter routes: POST /load_adapter, POST /upload_adapter, GET /adapter, and a fleet's
+two-phase swap: POST /prepare_adapter, /commit_adapter, /cancel_adapter.
 
 The supervisor is the one authority for swaps: these resources check the request (path inside
 `--adapter-root`, upload size and files) and ask it over the control socket; the version moves
@@ -19,7 +20,7 @@ from mlxsup.api.common import send_json
 from mlxsup.api.errors import ApiError, invalid, not_found, too_large
 from mlxsup.api.media import read_json_object
 from mlxsup.api.parsing import parse_body
-from mlxsup.api.protocol import LoadAdapterRequest
+from mlxsup.api.protocol import CancelAdapterRequest, CommitAdapterRequest, LoadAdapterRequest, PrepareAdapterRequest
 from mlxsup.config import SWAP_TIMINGS
 from mlxsup.api.uploads import CONFIG_NAME, WEIGHTS_NAME, UploadStore, check_adapter_config, check_safetensors
 from mlxsup.config import SWAP_MODES
@@ -39,6 +40,16 @@ class SupervisorAdapters:
 
     async def reload(self, path: Optional[str], mode: str) -> dict:
         return await self.call({"op": "reload_adapter", "path": path, "mode": mode})
+
+    async def prepare(self, path: Optional[str], ttl_s: float) -> dict:
+        return await self.call({"op": "prepare_adapter", "path": path, "ttl_s": ttl_s})
+
+    async def commit(self, prepared_id: str, mode: str, policy_version: Optional[int]) -> dict:
+        return await self.call({"op": "commit_prepared", "prepared_id": prepared_id, "mode": mode,
+                                "policy_version": policy_version})
+
+    async def cancel(self, prepared_id: str) -> dict:
+        return await self.call({"op": "cancel_prepared", "prepared_id": prepared_id})
 
     async def update_weights(self, path: str, mode: str, move: bool = False) -> dict:
         return await self.call({"op": "update_weights", "path": path, "mode": mode, "move": move})
@@ -79,7 +90,13 @@ def swap_answer(reply: dict, field: str = "adapter_path") -> dict:
             "adapter_path": reply.get("adapter"),
             "mode": reply.get("mode"),
             **{k: reply.get(k) for k in SWAP_TIMINGS},
+            **({"prepared_id": reply["prepared_id"]} if "prepared_id" in reply else {}),
         }
+    raise swap_error(reply, field)
+
+
+def swap_error(reply: dict, field: str = "adapter_path") -> ApiError:
+    """The ApiError for a supervisor reply with `ok: false`."""
     error = reply.get("error") if isinstance(reply.get("error"), dict) else {}
     kind = str(error.get("type") or "adapter_error")
     message = str(error.get("message") or "the adapter swap failed")
@@ -90,9 +107,11 @@ def swap_answer(reply: dict, field: str = "adapter_path") -> dict:
         return_error = ApiError(503, kind, message, retry_after=2)
     elif kind == "bad_request":
         return_error = ApiError(422, "validation_error", message, err_field)
+    elif kind in ("too_many_prepared", "version_conflict"):
+        return_error = ApiError(409, kind, message, err_field)
     else:
         return_error = ApiError(422, kind, message, err_field)
-    raise return_error
+    return return_error
 
 
 def resolve_adapter_path(path: str, adapter_root: Optional[str], field: str = "adapter_path") -> str:
@@ -127,6 +146,58 @@ class LoadAdapterResource:
         if path is not None:
             path = resolve_adapter_path(path, self.adapter_root)
         send_json(resp, swap_answer(await self.adapters.reload(path, body.mode)))
+
+
+class PrepareAdapterResource:
+    """POST /prepare_adapter: the first phase of a fleet's swap. The adapter is read, checked
+    against the model and made ready in the engine, not committed; nothing changes for
+    requests. The answer's `prepared_id` goes to /commit_adapter or /cancel_adapter."""
+
+    def __init__(self, adapters: SupervisorAdapters, adapter_root: Optional[str]):
+        self.adapters = adapters
+        self.adapter_root = adapter_root
+
+    async def on_post(self, req, resp):
+        body = parse_body(PrepareAdapterRequest, await read_json_object(req))
+        path = body.adapter_path
+        if path is not None:
+            path = resolve_adapter_path(path, self.adapter_root)
+        reply = await self.adapters.prepare(path, body.ttl_s)
+        if not reply.get("ok"):
+            raise swap_error(reply)
+        send_json(resp, {"status": "prepared", "prepared_id": reply["prepared_id"],
+                         "adapter_path": reply.get("adapter"), "policy_version": reply["policy_version"],
+                         "next_policy_version": reply["next_policy_version"],
+                         "expires_in_s": reply["expires_in_s"], "read_ms": reply.get("read_ms"),
+                         "prepare_ms": reply.get("prepare_ms")})
+
+
+class CommitAdapterResource:
+    """POST /commit_adapter: commit a prepared swap in `mode`, optionally as a named version
+    (answered as /load_adapter, plus the prepared_id)."""
+
+    def __init__(self, adapters: SupervisorAdapters):
+        self.adapters = adapters
+
+    async def on_post(self, req, resp):
+        body = parse_body(CommitAdapterRequest, await read_json_object(req))
+        reply = await self.adapters.commit(body.prepared_id, body.mode, body.policy_version)
+        send_json(resp, swap_answer(reply, field="prepared_id"))
+
+
+class CancelAdapterResource:
+    """POST /cancel_adapter: drop a prepared swap (the engine frees it); nothing else changes."""
+
+    def __init__(self, adapters: SupervisorAdapters):
+        self.adapters = adapters
+
+    async def on_post(self, req, resp):
+        body = parse_body(CancelAdapterRequest, await read_json_object(req))
+        reply = await self.adapters.cancel(body.prepared_id)
+        if not reply.get("ok"):
+            raise swap_error(reply, field="prepared_id")
+        send_json(resp, {"status": "cancelled", "prepared_id": reply["prepared_id"],
+                         "policy_version": reply["policy_version"]})
 
 
 class ResetPrefixCacheResource:

@@ -19,7 +19,10 @@ import falcon.asgi
 from mlxsup.api import errors
 from mlxsup.api.adapters import (
     AdapterResource,
+    CancelAdapterResource,
+    CommitAdapterResource,
     LoadAdapterResource,
+    PrepareAdapterResource,
     ResetPrefixCacheResource,
     SupervisorAdapters,
     UploadAdapterResource,
@@ -87,6 +90,9 @@ def create_app(
     app.add_route("/upload_adapter", UploadAdapterResource(adapters, UploadStore(config.run_dir),
                                                            config.max_upload_mb << 20))
     app.add_route("/adapter", AdapterResource(adapters, link))
+    app.add_route("/prepare_adapter", PrepareAdapterResource(adapters, config.adapter_root))
+    app.add_route("/commit_adapter", CommitAdapterResource(adapters))
+    app.add_route("/cancel_adapter", CancelAdapterResource(adapters))
     app.add_route("/reset_prefix_cache", ResetPrefixCacheResource(adapters))
     app.add_route("/update_weights", UpdateWeightsResource(adapters, config.adapter_root))
     app.add_route("/upload_weights", UploadWeightsResource(adapters, UploadStore(config.run_dir),

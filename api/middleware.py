@@ -3,7 +3,8 @@
 Auth rules (docs/api.md, Authentication):
 - `--api-key`: every route but /health needs `Authorization: Bearer <key>` (or `X-API-Key`);
 - `--admin-key`: the adapter, prefix-cache and weight routes (/load_adapter, /upload_adapter,
-  /reset_prefix_cache, /update_weights, /upload_weights) and vLLM's control routes need it
+  /prepare_adapter, /commit_adapter, /cancel_adapter, /reset_prefix_cache, /update_weights,
+  /upload_weights) and vLLM's control routes need it
   (Bearer or `X-Admin-Key`); the admin
   key is accepted wherever the API key is;
 - without an admin key the adapter routes accept loopback clients only (the TCP peer address,
@@ -28,6 +29,8 @@ log = logging.getLogger("mlxsup.api")
 OPEN_ROUTES = frozenset({"/health"})
 ADMIN_ROUTES = frozenset({"/load_adapter", "/upload_adapter", "/reset_prefix_cache",
                           "/update_weights", "/upload_weights",
+                          # a fleet's two-phase swap
+                          "/prepare_adapter", "/commit_adapter", "/cancel_adapter",
                           # vLLM's control routes (api/vllm.py)
                           "/pause", "/resume", "/abort_requests", "/v1/load_lora_adapter",
                           "/v1/unload_lora_adapter"})

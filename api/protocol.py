@@ -317,6 +317,28 @@ class LoadAdapterRequest(RequestBody):
     mode: Literal[SWAP_MODES] = SWAP_DRAIN  # type: ignore[valid-type]
 
 
+PreparedId = Text(64, 1)
+
+
+class PrepareAdapterRequest(RequestBody):
+    adapter_path: Optional[Text(4096, 1)] = Field(
+        description="directory with adapter_config.json and adapters.safetensors; null prepares the base model")
+    ttl_s: Num(gt=0.0, le=3600.0) = Field(300.0, description="seconds the server holds the prepared swap "
+                                                            "before it drops it uncommitted")
+
+
+class CommitAdapterRequest(RequestBody):
+    prepared_id: PreparedId = Field(description="from /prepare_adapter")
+    mode: Literal[SWAP_MODES] = "drain"  # type: ignore[valid-type]
+    policy_version: Optional[Int(1, INT64_MAX)] = Field(
+        None, description="commit as this version (a fleet names one for all replicas); at least the "
+                          "server's next version; default: the next version")
+
+
+class CancelAdapterRequest(RequestBody):
+    prepared_id: PreparedId = Field(description="from /prepare_adapter")
+
+
 class UpdateWeightsRequest(RequestBody):
     weight_dir: Text(4096, 1) = Field(  # type: ignore[valid-type]
         description="directory of safetensors files holding any subset of the model's parameters "
@@ -402,6 +424,28 @@ class SwapResult(ResponseBody):
                                                     "commit (read included)")
     wait_ms: Optional[float] = Field(description="waiting for the step boundary (drain: for in-flight sequences)")
     commit_ms: Optional[float] = Field(description="the commit itself")
+
+
+class PreparedResult(ResponseBody):
+    status: Literal["prepared"]
+    prepared_id: str = Field(description="commit it with /commit_adapter, or drop it with /cancel_adapter")
+    adapter_path: Optional[str]
+    policy_version: int = Field(description="the version served now (unchanged)")
+    next_policy_version: int = Field(description="the lowest version a commit may take")
+    expires_in_s: float
+    read_ms: Optional[float] = Field(description="reading and validating the adapter files")
+    prepare_ms: Optional[float] = Field(description="from the engine's receipt until the adapter was ready "
+                                                    "(read included)")
+
+
+class CommitResult(SwapResult):
+    prepared_id: str
+
+
+class CancelResult(ResponseBody):
+    status: Literal["cancelled"]
+    prepared_id: str
+    policy_version: int = Field(description="the version served now (unchanged)")
 
 
 class WeightsResult(ResponseBody):

@@ -39,7 +39,8 @@ STATUS_TEXT = {
     404: "not found (error.field names what)",
     413: "the body is too large",
     415: "not multipart/form-data",
-    409: "aborted (POST /abort) while the engine restarted; weight routes: an adapter is loaded",
+    409: "aborted (POST /abort) while the engine restarted; weight routes: an adapter is loaded; "
+         "prepare/commit: too many prepared swaps held, or a policy_version below the next one",
     422: "the request is invalid (error.field names the field by its path), or the engine died twice "
          "with it in flight (request_refused)",
     503: "overloaded, the engine (re)starting, or the supervisor busy: retry after Retry-After seconds",
@@ -110,6 +111,15 @@ def _routes() -> list[Route]:
                   "parameters": [{"name": "mode", "in": "query", "required": False,
                                   "schema": {"enum": list(SWAP_MODES)}}],
               }),
+        Route("/prepare_adapter", "post", "Prepare an adapter swap without committing it (a fleet's first phase)",
+              _json(_ref(p.PreparedResult)), (*API, 403, 404, 409, 503), body=p.PrepareAdapterRequest,
+              security="admin", ok_text="prepared (nothing committed)"),
+        Route("/commit_adapter", "post", "Commit a prepared adapter swap (a fleet's second phase)",
+              _json(_ref(p.CommitResult)), (*API, 403, 404, 409, 503), body=p.CommitAdapterRequest,
+              security="admin", ok_text="committed"),
+        Route("/cancel_adapter", "post", "Drop a prepared adapter swap",
+              _json(_ref(p.CancelResult)), (*API, 403, 404, 503), body=p.CancelAdapterRequest,
+              security="admin", ok_text="dropped"),
         Route("/reset_prefix_cache", "post", "Drop every prefix-cache entry (running sequences keep their KV)",
               _json(_ref(p.ResetPrefixCacheResult)), (401, 403, 503), security="admin", ok_text="dropped"),
         Route("/update_weights", "post",
@@ -187,6 +197,7 @@ def _routes() -> list[Route]:
 
 RESPONSE_MODELS = (
     p.GenerateResult, p.GenerateResults, p.ScoreResult, p.AbortResult, p.SwapResult, p.WeightsResult, p.AdapterState,
+    p.PreparedResult, p.CommitResult, p.CancelResult,
     p.ResetPrefixCacheResult,
     p.Health, p.Unhealthy, p.Metrics, p.ErrorBody, oa.ModelList, oa.CompletionResponse, oa.CompletionChunk,
     oa.ChatCompletionResponse, oa.ChatCompletionChunk, vp.GenerateTokensResponse, vp.GenerateTokensChunk,

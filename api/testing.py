@@ -179,6 +179,7 @@ class FakeAdapters:
         self.version = 0
         self.reply: Optional[dict] = None
         self.state: dict = {}
+        self.prepared: dict = {}  # prepared_id -> path (the two-phase routes)
 
     async def reload(self, path, mode):
         self.calls.append((path, mode, os.path.isdir(path) if path else None))
@@ -188,6 +189,32 @@ class FakeAdapters:
         self.state = {"adapter_path": path, "policy_version": self.version, "committed_at": 1700000000.0}
         return {"ok": True, "policy_version": self.version, "adapter": path, "mode": mode,
                 "message": f"Loaded adapter from {path}" if path else "Back to the base model"}
+
+    async def prepare(self, path, ttl_s):
+        self.calls.append(("prepare", path, ttl_s))
+        if self.reply is not None:
+            return self.reply
+        key = f"p{len(self.calls)}"
+        self.prepared[key] = path
+        return {"ok": True, "prepared_id": key, "adapter": path, "policy_version": self.version,
+                "next_policy_version": self.version + 1, "expires_in_s": float(ttl_s),
+                "read_ms": 1.0, "prepare_ms": 2.0}
+
+    async def commit(self, prepared_id, mode, policy_version):
+        self.calls.append(("commit", prepared_id, mode, policy_version))
+        path = self.prepared.pop(prepared_id, False)
+        if path is False:
+            return {"ok": False, "error": {"type": "not_found", "message": "no such prepared swap",
+                                           "field": "prepared_id"}}
+        reply = await self.reload(path, mode)
+        return {**reply, "prepared_id": prepared_id}
+
+    async def cancel(self, prepared_id):
+        self.calls.append(("cancel", prepared_id))
+        if self.prepared.pop(prepared_id, False) is False:
+            return {"ok": False, "error": {"type": "not_found", "message": "no such prepared swap",
+                                           "field": "prepared_id"}}
+        return {"ok": True, "prepared_id": prepared_id, "policy_version": self.version}
 
     async def reset_prefix_cache(self):
         self.calls.append(("reset_prefix_cache",))

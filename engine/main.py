@@ -81,6 +81,9 @@ class EngineProcess:
         self._prepared: "queue.Queue[tuple]" = queue.Queue()
         self._swaps: list[dict] = []  # swap commands not yet handed to the engine
         self._swap_busy = False
+        # Prepared and not committed (two-phase swaps of a fleet): hold key -> _Held. The
+        # supervisor bounds how many and drops them; they die with this process.
+        self._held: dict[str, _Held] = {}
         self._signals: "queue.Queue[int]" = queue.Queue()
         self._pause_waiters: list[tuple[int, int]] = []  # (slot, id) of `wait` pauses not answered
         self.stopping = False
@@ -267,6 +270,10 @@ class EngineProcess:
                 self._swaps.append(msg)
             elif op == "stop":
                 self._stop(drain=bool(msg.get("drain", True)))
+            elif op == "drop_prepared":
+                dropped = self._held.pop(str(msg.get("hold")), None) is not None
+                self.control.send({"op": "drop_prepared_done", "id": msg.get("id"), "ok": True,
+                                   "dropped": dropped})
             elif op == "reset_prefix_cache":
                 dropped = self.engine.reset_prefix_cache()
                 self.control.send({"op": "reset_prefix_cache_done", "id": msg.get("id"), "ok": True,
@@ -288,6 +295,14 @@ class EngineProcess:
         self._swap_busy = True
         started = time.perf_counter()
         is_weights = msg.get("kind") == "weights"
+        if msg.get("prepared") is not None:  # commit what an earlier `hold` swap prepared
+            held = self._held.pop(str(msg["prepared"]), None)
+            if held is None:
+                self._swap_failed(swap_id, "not_found",
+                                  f"no prepared swap {msg['prepared']!r} in this engine")
+                return
+            self._prepared.put((msg, held, started, held.read_ms))
+            return
         if path is None and not is_weights:
             self._prepared.put((msg, None, started, 0.0))
             return
@@ -315,13 +330,26 @@ class EngineProcess:
             try:
                 if isinstance(files, Exception):
                     raise files
-                if msg.get("kind") == "weights":
+                if isinstance(files, _Held):
+                    prepared, names = files.prepared, files.names
+                elif msg.get("kind") == "weights":
                     prepared = self.engine.prepare_weights(files)
                     names = prepared.names
                 else:
                     prepared, names = self.engine.prepare_adapter(files), None
                 ready = time.perf_counter()
                 prepare_ms = (ready - started) * 1e3
+                if isinstance(files, _Held):
+                    prepare_ms = files.prepare_ms
+                elif msg.get("hold") is not None:  # prepare only: keep it for a later commit
+                    self._held[str(msg["hold"])] = _Held(prepared, names, read_ms, prepare_ms)
+                    self._swap_busy = False
+                    self.control.send({"op": "swap_done", "id": swap_id, "ok": True, "held": True,
+                                       "read_ms": round(read_ms, 3),
+                                       "prepare_ms": round(prepare_ms, 3)})
+                    log.info("swap %s prepared and held as %s (read %.1f ms, prepare %.1f ms)",
+                             swap_id, msg["hold"], read_ms, prepare_ms)
+                    continue
                 version = msg.get("version")
                 if not isinstance(version, int) or isinstance(version, bool):
                     raise ValueError("swap version must be an integer")
@@ -377,6 +405,16 @@ class EngineProcess:
         log.warning("swap %s refused: %s", swap_id, message)
         self.control.send({"op": "swap_done", "id": swap_id, "ok": False,
                            "error": {"type": kind, "message": message}})
+
+
+@dataclasses.dataclass
+class _Held:
+    """A swap prepared (MLX arrays evaluated, validated against the model) and not committed."""
+
+    prepared: object  # PreparedAdapter
+    names: Optional[list]
+    read_ms: float
+    prepare_ms: float
 
 
 def parse_args(argv=None) -> argparse.Namespace:

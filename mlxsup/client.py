@@ -40,6 +40,9 @@ __all__ = [
     "ServerError",
     "ServerUnavailableError",
     "as_results",
+    "FleetClient",
+    "FleetSwap",
+    "FleetSwapError",
 ]
 
 
@@ -349,6 +352,38 @@ class InferenceClient:
             "POST", "/load_adapter", json=body, timeout=timeout, admin=True
         )
 
+    async def prepare_adapter(
+        self,
+        adapter_path: Optional[str],
+        *,
+        ttl_s: Optional[float] = None,
+        timeout: Optional[float] = None,
+    ) -> dict:
+        """POST /prepare_adapter: the first phase of a two-phase swap. The server reads, checks
+        and readies the adapter without committing it; answers `{status: "prepared",
+        prepared_id, policy_version, next_policy_version, expires_in_s, ...}`. Commit it with
+        `commit_adapter` or drop it with `cancel_adapter` (it is dropped after `ttl_s`)."""
+        body = {"adapter_path": adapter_path, **_drop_none(ttl_s=ttl_s)}
+        return await self._request("POST", "/prepare_adapter", json=body, timeout=timeout, admin=True)
+
+    async def commit_adapter(
+        self,
+        prepared_id: str,
+        *,
+        mode: Optional[str] = None,
+        policy_version: Optional[int] = None,
+        timeout: Optional[float] = None,
+    ) -> dict:
+        """POST /commit_adapter: commit a prepared swap in `mode`, as `policy_version` when
+        given (at least the server's next version). Answers as `load_adapter`."""
+        body = {"prepared_id": prepared_id, **_drop_none(mode=mode, policy_version=policy_version)}
+        return await self._request("POST", "/commit_adapter", json=body, timeout=timeout, admin=True)
+
+    async def cancel_adapter(self, prepared_id: str, *, timeout: Optional[float] = None) -> dict:
+        """POST /cancel_adapter: drop a prepared swap; nothing else changes."""
+        return await self._request("POST", "/cancel_adapter", json={"prepared_id": prepared_id},
+                                   timeout=timeout, admin=True)
+
     async def upload_adapter(
         self,
         adapter_dir: Optional[str] = None,
@@ -553,3 +588,13 @@ def _read_bytes(value: Union[bytes, str]) -> bytes:
         return bytes(value)
     with open(value, "rb") as f:
         return f.read()
+
+
+def __getattr__(name: str) -> Any:
+    # The fleet (several servers swapped together) lives in mlxsup.fleet, which imports this
+    # module; its names are importable from here too.
+    if name in ("FleetClient", "FleetSwap", "FleetSwapError"):
+        from mlxsup import fleet
+
+        return getattr(fleet, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

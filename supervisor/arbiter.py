@@ -44,7 +44,7 @@ from mlxsup.supervisor.health import get_health, is_healthy
 from mlxsup.supervisor.rundir import PID_NAME, log_size, log_tail, write_pid
 from mlxsup.supervisor.state import AdapterState, initial_state, read_state, state_path, write_state
 from mlxsup.supervisor.status import ProcessSampler
-from mlxsup.supervisor.swaps import SwapCoordinator, error_reply
+from mlxsup.supervisor.swaps import PREPARED_TTL_S, SwapCoordinator, error_reply
 
 log = logging.getLogger("mlxsup.supervisor")
 
@@ -570,6 +570,18 @@ class Arbiter:
         if op == "update_weights":
             return await self.swaps.update_weights(request.get("path"), request.get("mode", "drain"),
                                                    self._ready_link, move=request.get("move") is True)
+        if op == "prepare_adapter":
+            return await self.swaps.prepare(request.get("path"), self._ready_link,
+                                            request.get("ttl_s", PREPARED_TTL_S))
+        if op == "commit_prepared":
+            version = request.get("policy_version")
+            if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+                return error_reply("bad_request", "policy_version must be an integer or null",
+                                   field="policy_version")
+            return await self.swaps.commit_prepared(request.get("prepared_id"), request.get("mode", "drain"),
+                                                    self._ready_link, version)
+        if op == "cancel_prepared":
+            return await self.swaps.cancel_prepared(request.get("prepared_id"), self._current_link())
         if op == "status":
             return self.status()
         if op == "reset_prefix_cache":
@@ -584,7 +596,14 @@ class Arbiter:
             self.sig_queue.put_nowait("stop")
             return {"ok": True}
         return error_reply("bad_request", f"unknown op {op!r}; expected reload_adapter, update_weights, "
-                           "reset_prefix_cache, status or stop")
+                           "prepare_adapter, commit_prepared, cancel_prepared, reset_prefix_cache, "
+                           "status or stop")
+
+    def _current_link(self) -> Optional[EngineControlLink]:
+        """The link of the engine if it is ready now (no waiting)."""
+        if self.is_engine_ready and self.link is not None and not self.link.closed:
+            return self.link
+        return None
 
     async def _ready_link(self) -> Optional[EngineControlLink]:
         """The link of a ready engine, waiting for a restarting one; None when stopping."""
@@ -636,6 +655,8 @@ class Arbiter:
         if now - self._last_sample < SAMPLE_S:
             return
         self._last_sample = now
+        if self.swaps.has_expired():
+            self._spawn_task(self.swaps.drop_expired(self._current_link()))
         if self.ipc is not None:
             self.ipc.sample_throughput()
         self.sampler.sample()

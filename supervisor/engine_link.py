@@ -64,7 +64,7 @@ class EngineControlLink:
         op = msg.get("op")
         if op == "ready":
             self._on_ready(msg)
-        elif op in ("swap_done", "reset_prefix_cache_done"):
+        elif op in ("swap_done", "reset_prefix_cache_done", "drop_prepared_done"):
             fut = self._pending.pop(msg.get("id"), None)
             if fut is not None and not fut.done():
                 fut.set_result(msg)
@@ -87,28 +87,33 @@ class EngineControlLink:
             raise EngineGone(f"engine epoch {self.epoch} is not connected")
         self._writer.write(jsonlines.encode(msg))
 
-    async def swap(self, path: Optional[str], mode: str, version: int, kind: str = "adapter") -> dict:
+    async def swap(self, path: Optional[str], mode: str, version: Optional[int], kind: str = "adapter",
+                   hold: Optional[str] = None, prepared: Optional[str] = None) -> dict:
         """Ask the engine to commit `path` (an adapter, or with kind "weights" a weight
-        directory) as `version`; return its swap_done message."""
-        swap_id = next(self._ids)
-        fut = asyncio.get_running_loop().create_future()
-        self._pending[swap_id] = fut
-        try:
-            self._send({"op": "swap", "id": swap_id, "path": path, "mode": mode, "version": version,
-                        **({"kind": kind} if kind != "adapter" else {})})
-            await self._writer.drain()
-        except (OSError, EngineGone) as e:
-            self._pending.pop(swap_id, None)
-            raise EngineGone(str(e)) from e
-        return await fut
+        directory) as `version`; return its swap_done message. With `hold`, the engine only
+        prepares it and keeps it under that key; with `prepared`, it commits what it holds
+        under that key (path unused)."""
+        extra = {"kind": kind} if kind != "adapter" else {}
+        if hold is not None:
+            extra["hold"] = hold
+        if prepared is not None:
+            extra["prepared"] = prepared
+        return await self._call({"op": "swap", "path": path, "mode": mode, "version": version, **extra})
+
+    async def drop_prepared(self, hold: str) -> dict:
+        """Ask the engine to forget the swap it holds under `hold` (`dropped`: it held one)."""
+        return await self._call({"op": "drop_prepared", "hold": hold})
 
     async def reset_prefix_cache(self) -> dict:
         """Ask the engine to drop its prefix cache; its reply (`entries_dropped`)."""
+        return await self._call({"op": "reset_prefix_cache"})
+
+    async def _call(self, msg: dict) -> dict:
         call_id = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._pending[call_id] = fut
         try:
-            self._send({"op": "reset_prefix_cache", "id": call_id})
+            self._send({**msg, "id": call_id})
             await self._writer.drain()
         except (OSError, EngineGone) as e:
             self._pending.pop(call_id, None)

@@ -9,9 +9,12 @@ a restarted engine comes back on the last committed adapter and version.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
+import secrets
+import time
 from typing import Awaitable, Callable, Optional
 
 from mlxsup.config import FIRST_TOKEN_FIELDS, SWAP_MODES, SWAP_TIMINGS
@@ -21,7 +24,19 @@ from mlxsup.supervisor.state import AdapterState, write_state
 
 log = logging.getLogger("mlxsup.supervisor")
 
+MAX_PREPARED = 4  # prepared swaps held at once (each holds an adapter's arrays in the engine)
+PREPARED_TTL_S = 300.0  # a prepared swap nobody commits or cancels is dropped after this long
+MAX_PREPARED_TTL_S = 3600.0
 
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A swap the engine of epoch `epoch` prepared and holds under `key`, not committed."""
+
+    key: str
+    path: Optional[str]
+    epoch: int
+    expires_at: float  # time.monotonic()
 
 def error_reply(kind: str, message: str, field: Optional[str] = None, **extra) -> dict:
     err = {"type": kind, "message": message}
@@ -51,6 +66,7 @@ class SwapCoordinator:
         self.run_dir = run_dir
         self.state = state
         self.num_swaps = 0
+        self.prepared: dict[str, Prepared] = {}
         self._lock = asyncio.Lock()
         self._last: Optional[dict] = None  # the last committed swap's reply
         self._first_token: Optional[dict] = None  # the engine's last swap_first_token
@@ -95,45 +111,177 @@ class SwapCoordinator:
             link = await ready_link()
             if link is None:
                 return error_reply("engine_unavailable", "no engine is ready (restarting or stopping); try again")
-            version = self.state.next_version
-            log.info("swap to %s as version %d (%s)", path or "the base model", version, mode)
+            return await self._swap(link, path, mode, self.state.next_version)
+
+    # ------------------------------------------------------------ two-phase swaps (fleets)
+
+    async def prepare(
+        self,
+        path,
+        ready_link: Callable[[], Awaitable[Optional[EngineControlLink]]],
+        ttl_s: float = PREPARED_TTL_S,
+    ) -> dict:
+        """Read, validate and prepare the adapter at `path` (None: the base model) in the engine
+        without committing it; the reply's `prepared_id` commits or cancels it later. Nothing
+        changes for requests meanwhile. Refused (`too_many_prepared`) while MAX_PREPARED are
+        held; one not committed or cancelled within `ttl_s` is dropped."""
+        path, err = check_adapter_path(path)
+        if err:
+            return err
+        if not isinstance(ttl_s, (int, float)) or isinstance(ttl_s, bool) or not 0 < ttl_s <= MAX_PREPARED_TTL_S:
+            return error_reply("bad_request", f"ttl_s must be a number in (0, {MAX_PREPARED_TTL_S:g}]",
+                               field="ttl_s")
+        async with self._lock:
+            expired = self.expired()
+            link = await ready_link()
+            await self._drop(expired, link)
+            if len(self.prepared) >= MAX_PREPARED:
+                return error_reply("too_many_prepared",
+                                   f"{MAX_PREPARED} prepared swaps are held already: commit or cancel one "
+                                   f"({', '.join(self.prepared)})", field="prepared_id")
+            if link is None:
+                return error_reply("engine_unavailable", "no engine is ready (restarting or stopping); try again")
+            key = secrets.token_hex(8)
             try:
-                reply = await link.swap(path, mode, version)
+                reply = await link.swap(path, "drain", None, hold=key)
             except EngineGone:
-                # Nobody knows whether tokens went out under `version`: never issue it again.
-                self._commit(dataclasses.replace(self.state, max_issued_version=version))
-                return error_reply(
-                    "engine_restarted",
-                    f"the engine died during the swap; it restarts on version {self.state.policy_version}",
-                    policy_version=self.state.policy_version,
-                )
+                return error_reply("engine_restarted", "the engine died while preparing; prepare again",
+                                   policy_version=self.state.policy_version)
             if not reply.get("ok"):
                 err = reply.get("error") if isinstance(reply.get("error"), dict) else {}
-                log.warning("swap to %s refused: %s", path, err.get("message"))
-                return error_reply(
-                    err.get("type") or "invalid_adapter",
-                    err.get("message") or "the engine refused the adapter",
-                    policy_version=self.state.policy_version,
-                )
-            if reply.get("policy_version", version) != version:
-                log.warning("engine committed as %s, asked for %d", reply.get("policy_version"), version)
-            self._commit(dataclasses.replace(self.state, adapter_path=path, policy_version=version,
-                                             max_issued_version=version))
-            self.num_swaps += 1
-            log.info(
-                "committed version %d: %s (prepare %.1f ms, commit %.1f ms)",
-                version, path or "the base model", reply.get("prepare_ms") or 0.0, reply.get("commit_ms") or 0.0,
-            )  # fmt: skip
-            result = {
-                "ok": True,
-                "policy_version": version,
-                "adapter": path,
-                "mode": mode,
-                "message": f"Loaded adapter from {path}" if path else "Back to the base model",
-                **{k: reply.get(k) for k in SWAP_TIMINGS},
-            }
-            self._last = {k: v for k, v in result.items() if k not in ("ok", "message")}
-            return result
+                log.warning("prepare of %s refused: %s", path, err.get("message"))
+                return error_reply(err.get("type") or "invalid_adapter",
+                                   err.get("message") or "the engine refused the adapter",
+                                   policy_version=self.state.policy_version)
+            self.prepared[key] = Prepared(key, path, link.epoch, time.monotonic() + ttl_s)
+            log.info("prepared %s as %s (engine epoch %d)", path or "the base model", key, link.epoch)
+            return {"ok": True, "prepared_id": key, "adapter": path,
+                    "policy_version": self.state.policy_version,
+                    "next_policy_version": self.state.next_version, "expires_in_s": float(ttl_s),
+                    "read_ms": reply.get("read_ms"), "prepare_ms": reply.get("prepare_ms")}
+
+    async def commit_prepared(
+        self,
+        key,
+        mode,
+        ready_link: Callable[[], Awaitable[Optional[EngineControlLink]]],
+        version: Optional[int] = None,
+    ) -> dict:
+        """Commit the prepared swap `key` in `mode` as `version` (None: the next version; a
+        fleet names one version for all its replicas, which must not be below the next one
+        here: versions never repeat). Its reply is `reload`'s. An engine restarted since the
+        prepare lost what it held: the swap is then prepared again from the same files."""
+        if mode not in SWAP_MODES:
+            return error_reply("bad_request", f"mode must be one of {', '.join(SWAP_MODES)}", field="mode")
+        async with self._lock:
+            expired = self.expired()
+            entry = self.prepared.get(key) if isinstance(key, str) else None
+            if entry is None:
+                return error_reply("not_found", f"no prepared swap {key!r} (never prepared, committed, "
+                                   "cancelled, or expired)", field="prepared_id")
+            wanted = self.state.next_version if version is None else version
+            if wanted < self.state.next_version:
+                return error_reply("version_conflict",
+                                   f"version {wanted} is below this server's next version "
+                                   f"{self.state.next_version} (versions never repeat)",
+                                   field="policy_version", policy_version=self.state.policy_version,
+                                   next_policy_version=self.state.next_version)
+            del self.prepared[key]
+            link = await ready_link()
+            await self._drop(expired, link)
+            if link is None:
+                return error_reply("engine_unavailable", "no engine is ready (restarting or stopping); "
+                                   "the prepared swap is dropped: prepare again")
+            if link.epoch != entry.epoch:
+                log.info("prepared swap %s was held by engine epoch %d; epoch %d prepares it again",
+                         key, entry.epoch, link.epoch)
+                return await self._swap(link, entry.path, mode, wanted, prepared_id=key)
+            return await self._swap(link, entry.path, mode, wanted, prepared_id=key, held=key)
+
+    async def cancel_prepared(self, key, link: Optional[EngineControlLink]) -> dict:
+        """Drop the prepared swap `key` (the engine behind `link`, the current one if any,
+        frees its arrays); nothing else changes."""
+        async with self._lock:
+            entry = self.prepared.pop(key, None) if isinstance(key, str) else None
+            if entry is None:
+                return error_reply("not_found", f"no prepared swap {key!r} (never prepared, committed, "
+                                   "cancelled, or expired)", field="prepared_id")
+            await self._drop([entry], link)
+            log.info("cancelled prepared swap %s (%s)", key, entry.path or "the base model")
+            return {"ok": True, "prepared_id": key, "policy_version": self.state.policy_version}
+
+    def has_expired(self) -> bool:
+        now = time.monotonic()
+        return any(e.expires_at <= now for e in self.prepared.values())
+
+    async def drop_expired(self, link: Optional[EngineControlLink]) -> None:
+        """Drop the prepared swaps past their time to live (the supervisor's periodic check)."""
+        async with self._lock:
+            await self._drop(self.expired(), link)
+
+    def expired(self) -> list["Prepared"]:
+        """Remove and return the prepared swaps past their time to live."""
+        now = time.monotonic()
+        gone = [e for e in self.prepared.values() if e.expires_at <= now]
+        for e in gone:
+            del self.prepared[e.key]
+            log.warning("prepared swap %s (%s) expired uncommitted", e.key, e.path or "the base model")
+        return gone
+
+    async def _drop(self, entries, link: Optional[EngineControlLink]) -> None:
+        """Ask the engine behind `link` to free what it holds for `entries` (an engine
+        restarted since holds nothing: then nothing to do)."""
+        for e in entries:
+            if link is not None and not link.closed and link.epoch == e.epoch:
+                with contextlib.suppress(EngineGone):
+                    await link.drop_prepared(e.key)
+
+    async def _swap(self, link: EngineControlLink, path: Optional[str], mode: str, version: int,
+                    prepared_id: Optional[str] = None, held: Optional[str] = None) -> dict:
+        """Commit `path` (or the engine's held swap `held`) as `version`; the lock is held."""
+        log.info("swap to %s as version %d (%s)", path or "the base model", version, mode)
+        try:
+            if held is None:
+                reply = await link.swap(path, mode, version)
+            else:
+                reply = await link.swap(path, mode, version, prepared=held)
+        except EngineGone:
+            # Nobody knows whether tokens went out under `version`: never issue it again.
+            self._commit(dataclasses.replace(self.state, max_issued_version=version))
+            return error_reply(
+                "engine_restarted",
+                f"the engine died during the swap; it restarts on version {self.state.policy_version}",
+                policy_version=self.state.policy_version,
+            )
+        if not reply.get("ok"):
+            err = reply.get("error") if isinstance(reply.get("error"), dict) else {}
+            log.warning("swap to %s refused: %s", path, err.get("message"))
+            return error_reply(
+                err.get("type") or "invalid_adapter",
+                err.get("message") or "the engine refused the adapter",
+                policy_version=self.state.policy_version,
+            )
+        if reply.get("policy_version", version) != version:
+            log.warning("engine committed as %s, asked for %d", reply.get("policy_version"), version)
+        self._commit(dataclasses.replace(self.state, adapter_path=path, policy_version=version,
+                                         max_issued_version=version))
+        self.num_swaps += 1
+        log.info(
+            "committed version %d: %s (prepare %.1f ms, commit %.1f ms)",
+            version, path or "the base model", reply.get("prepare_ms") or 0.0, reply.get("commit_ms") or 0.0,
+        )  # fmt: skip
+        result = {
+            "ok": True,
+            "policy_version": version,
+            "adapter": path,
+            "mode": mode,
+            "message": f"Loaded adapter from {path}" if path else "Back to the base model",
+            **{k: reply.get(k) for k in SWAP_TIMINGS},
+        }
+        self._last = {k: v for k, v in result.items() if k not in ("ok", "message")}
+        if prepared_id is not None:
+            result["prepared_id"] = prepared_id
+        return result
 
     async def update_weights(
         self,

@@ -23,6 +23,7 @@ from mlxsup.supervisor.launcher import StartError, check_port, exposure_warning,
 from mlxsup.supervisor.rundir import is_owned, lock_run_dir, log_tail
 from mlxsup.supervisor.state import AdapterState, initial_state, read_state, write_state
 from mlxsup.supervisor.status import format_bytes, format_duration, format_status
+from mlxsup.supervisor import swaps
 from mlxsup.supervisor.swaps import SwapCoordinator
 
 # ---------------------------------------------------------------------- backoff
@@ -550,3 +551,90 @@ def test_every_engine_setting_of_start_reaches_the_engine_config():
     assert default.model == "demo"
     assert (default.pipeline, default.prefill_chunk_tokens, default.kv_cache_gb, default.prefix_cache) == (
         None, None, None, True)
+
+
+class HoldingLink(FakeLink):
+    """A FakeLink whose engine holds prepared swaps (two-phase swaps), of one epoch."""
+
+    def __init__(self, epoch=1):
+        super().__init__()
+        self.epoch, self.closed, self.held, self.dropped = epoch, False, {}, []
+
+    async def swap(self, path, mode, version, hold=None, prepared=None):
+        if hold is not None:
+            self.held[hold] = path
+            return {"op": "swap_done", "ok": True, "held": True, "read_ms": 1.0, "prepare_ms": 2.0}
+        if prepared is not None:
+            if prepared not in self.held:
+                return {"op": "swap_done", "ok": False, "error": {"type": "not_found", "message": "none"}}
+            path = self.held.pop(prepared)
+            self.calls.append(("held", path, version))
+            return {"op": "swap_done", "ok": True, "policy_version": version}
+        return await super().swap(path, mode, version)
+
+    async def drop_prepared(self, hold):
+        self.dropped.append(hold)
+        return {"ok": True, "dropped": self.held.pop(hold, None) is not None}
+
+
+def test_two_phase_swap_commits_what_the_engine_holds_as_the_version_asked(tmp_path):
+    (tmp_path / "a").mkdir()
+    link = HoldingLink()
+    coord, ready = _coordinator(tmp_path, link, AdapterState(None, 2))
+
+    async def main():
+        p = await coord.prepare(str(tmp_path / "a"), ready)
+        assert p["ok"] and p["policy_version"] == 2 and p["next_policy_version"] == 3
+        assert read_state(str(tmp_path)).policy_version == 2  # nothing committed
+        low = await coord.commit_prepared(p["prepared_id"], "drain", ready, version=2)
+        assert low["error"]["type"] == "version_conflict" and p["prepared_id"] in coord.prepared
+        c = await coord.commit_prepared(p["prepared_id"], "drain", ready, version=7)
+        assert c["ok"] and c["policy_version"] == 7 and c["prepared_id"] == p["prepared_id"]
+        assert link.calls == [("held", str(tmp_path / "a"), 7)]
+        assert read_state(str(tmp_path)) == AdapterState(str(tmp_path / "a"), 7)
+        again = await coord.commit_prepared(p["prepared_id"], "drain", ready)
+        assert again["error"]["type"] == "not_found" and again["error"]["field"] == "prepared_id"
+
+    asyncio.run(main())
+
+
+def test_a_prepared_swap_survives_an_engine_restart_by_preparing_again(tmp_path):
+    """The engine that held it is gone (another epoch): the commit reads the files again."""
+    (tmp_path / "a").mkdir()
+    old, new = HoldingLink(epoch=1), HoldingLink(epoch=2)
+    coord, ready = _coordinator(tmp_path, old)
+
+    async def main():
+        p = await coord.prepare(str(tmp_path / "a"), ready)
+
+        async def restarted():
+            return new
+
+        c = await coord.commit_prepared(p["prepared_id"], "abort", restarted)
+        assert c["ok"] and c["policy_version"] == 1
+        assert new.calls == [(str(tmp_path / "a"), "abort", 1)]  # a whole swap, not the held one
+
+    asyncio.run(main())
+
+
+def test_prepared_swaps_are_bounded_cancelled_and_expire(tmp_path, monkeypatch):
+    link = HoldingLink()
+    coord, ready = _coordinator(tmp_path, link)
+
+    async def main():
+        ids = [(await coord.prepare(None, ready))["prepared_id"] for _ in range(swaps.MAX_PREPARED)]
+        full = await coord.prepare(None, ready)
+        assert full["error"]["type"] == "too_many_prepared"
+        cancelled = await coord.cancel_prepared(ids[0], link)
+        assert cancelled["ok"] and link.dropped == [ids[0]] and ids[0] not in link.held
+        assert (await coord.cancel_prepared(ids[0], link))["error"]["type"] == "not_found"
+        short = await coord.prepare(None, ready, ttl_s=0.05)
+        assert short["ok"]
+        await asyncio.sleep(0.1)
+        assert coord.has_expired()
+        await coord.drop_expired(link)
+        assert short["prepared_id"] in link.dropped and short["prepared_id"] not in coord.prepared
+        bad_ttl = await coord.prepare(None, ready, ttl_s=0)
+        assert bad_ttl["error"]["field"] == "ttl_s"
+
+    asyncio.run(main())

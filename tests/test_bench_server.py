@@ -28,11 +28,12 @@ def test_quick_run_writes_results_for_every_system(tiny_model_dir, tmp_path):
     data = json.loads((out / "results.json").read_text())
     assert data["meta"]["model"] == tiny_model_dir
     assert data["meta"]["model_info"]["parameters"] > 0
-    # Every system is either measured or reported as failed with its reason, never silently lost.
+    # Every system started and was measured (a system that fails to start is reported in
+    # results.json and the run goes on: for the benchmark's user, not a pass here).
     for name in systems:
         assert name in data["systems"], name
-        measured = [c for c in data["cells"] if c["system"] == name]
-        assert measured or data["systems"][name]["error"], name
+        assert data["systems"][name]["error"] is None, (name, data["systems"][name]["error"])
+        assert [c for c in data["cells"] if c["system"] == name], name
     raw = {(c["workload"], c["concurrency"]) for c in data["cells"] if c["system"] == "raw"}
     assert {("single", 1), ("single", 4), ("grpo", 8), ("mixed", 4)} <= raw
     for cell in data["cells"]:

@@ -122,6 +122,11 @@ class MlxsupServer(Server):
         max_queue = max(256, 4 * self.max_batch)
         return flags + ["--max-queue", str(max_queue)] + self.extra_args
 
+    def command(self) -> list[str]:
+        """The `mlxsup start` command line `start` runs (for the report)."""
+        return [sys.executable, "-m", "mlxsup", "start", "--model", self.model, "--host", HOST,
+                "--port", str(self.port), "--run-dir", self.run_dir, *self.flags()]
+
     def start(self) -> None:
         from mlxsup.local_server import ServerStartError, start_server  # after the import shim
 

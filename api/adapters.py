@@ -24,6 +24,7 @@ from mlxsup.api.protocol import CancelAdapterRequest, CommitAdapterRequest, Load
 from mlxsup.config import SWAP_TIMINGS
 from mlxsup.api.uploads import CONFIG_NAME, WEIGHTS_NAME, UploadStore, check_adapter_config, check_safetensors
 from mlxsup.config import SWAP_MODES
+from mlxsup.files import directory_problem
 from mlxsup.supervisor.state import read_state
 
 log = logging.getLogger("mlxsup.api")
@@ -128,10 +129,11 @@ def resolve_adapter_path(path: str, adapter_root: Optional[str], field: str = "a
             raise ApiError(403, "forbidden", f"{field} resolves outside --adapter-root", field)
     else:
         real = os.path.realpath(expanded)
-    if not os.path.exists(real):
-        raise not_found(f"{what} {path} does not exist", field)
-    if not os.path.isdir(real):
-        raise invalid(field, f"{what} {path} is not a directory")
+    problem = directory_problem(real, what)
+    if problem is not None:  # (worded with the path as given, not its real path)
+        kind = problem[0]
+        message = problem[1].replace(real, path, 1)
+        raise not_found(message, field) if kind == "not_found" else invalid(field, message)
     return real
 
 

@@ -19,6 +19,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 
+from mlxsup.files import directory_problem
 from mlxsup.safetensors_header import CONFIG_NAME, WEIGHTS_NAME, HeaderError, read_header
 
 LEAVES = ("lora_a", "lora_b", "m")
@@ -109,10 +110,9 @@ def _to_float32(arr: np.ndarray, dtype: str) -> np.ndarray:
 def read_adapter(path: str, layers: Mapping[str, LinearSpec]) -> AdapterFiles:
     """Read and validate the adapter at `path` against `layers` (the model's adaptable
     linear layers by module path). Raises AdapterError naming the first problem."""
-    if not os.path.exists(path):
-        raise AdapterError(f"adapter path does not exist: {path}", kind="not_found")
-    if not os.path.isdir(path):
-        _fail(f"adapter path is not a directory: {path}")
+    problem = directory_problem(path)
+    if problem is not None:
+        raise AdapterError(problem[1], kind="not_found" if problem[0] == "not_found" else "invalid")
     ftype, rank, scale = _read_config(path)
     weights_path = os.path.join(path, WEIGHTS_NAME)
     if not os.path.isfile(weights_path):

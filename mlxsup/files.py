@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Union
+from typing import Optional, Union
 
 
 def write_atomic(path: str, content: Union[str, bytes], *, private: bool = False) -> None:
@@ -35,3 +35,14 @@ def write_atomic(path: str, content: Union[str, bytes], *, private: bool = False
 def write_json_atomic(path: str, data, *, private: bool = False, indent: int = 1, **dumps) -> None:
     """`write_atomic` of `json.dumps(data)` (`dumps`: json.dumps's other options)."""
     write_atomic(path, json.dumps(data, indent=indent, **dumps), private=private)
+
+
+def directory_problem(path: str, what: str = "adapter path") -> Optional[tuple[str, str]]:
+    """What is wrong with `path` as a directory to read (an adapter, a weight update), as
+    (error type, message), or None when it is one. The API, the supervisor and the engine each
+    check a swap's path (each may be the first to see it) and must word it the same way."""
+    if not os.path.exists(path):
+        return "not_found", f"{what} {path} does not exist"
+    if not os.path.isdir(path):
+        return "invalid_adapter", f"{what} {path} is not a directory"
+    return None

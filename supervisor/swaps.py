@@ -18,6 +18,7 @@ import time
 from typing import Awaitable, Callable, Optional
 
 from mlxsup.config import FIRST_TOKEN_FIELDS, SWAP_MODES, SWAP_TIMINGS
+from mlxsup.files import directory_problem
 from mlxsup.supervisor import weight_store
 from mlxsup.supervisor.engine_link import EngineControlLink, EngineGone
 from mlxsup.supervisor.state import AdapterState, write_state
@@ -52,10 +53,9 @@ def check_adapter_path(path) -> tuple[Optional[str], Optional[dict]]:
     if not isinstance(path, str) or not path:
         return None, error_reply("bad_request", "path must be a non-empty string or null", field="path")
     path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.exists(path):
-        return None, error_reply("not_found", f"adapter path {path} does not exist", field="path")
-    if not os.path.isdir(path):
-        return None, error_reply("invalid_adapter", f"adapter path {path} is not a directory", field="path")
+    problem = directory_problem(path)
+    if problem is not None:
+        return None, error_reply(*problem, field="path")
     return path, None
 
 

@@ -171,7 +171,3 @@ def read_adapter(path: str, layers: Mapping[str, LinearSpec]) -> AdapterFiles:
         out.modules[module] = ModuleWeights(leaves["lora_a"], leaves["lora_b"], leaves.get("m"))
     return out
 
-
-# The writer moved to mlxsup.demo (beside the demo model and write_random_adapter); this name
-# stays importable while branches that still use it land.
-from mlxsup.demo import write_adapter  # noqa: E402, F401

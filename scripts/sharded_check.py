@@ -23,7 +23,8 @@ import mlx.core as mx
 import numpy as np
 
 from mlxsup.engine import distributed
-from mlxsup.engine.adapter_files import AdapterError, write_adapter
+from mlxsup.demo import write_adapter
+from mlxsup.engine.adapter_files import AdapterError
 from mlxsup.engine.config import EngineConfig
 from mlxsup.engine.core import Engine
 from mlxsup.engine.weights import write_weights

@@ -156,7 +156,8 @@ def test_each_rank_keeps_its_slice_of_full_updates_and_factors(tiny_model_dir, t
     update's slices, and LoRA factors (lora_b's columns for an output split, lora_a's rows for
     an input split) whose slices over the ranks make up the whole factor. DoRA is refused on
     an input-split layer, on every rank alike."""
-    from mlxsup.engine.adapter_files import AdapterError, write_adapter
+    from mlxsup.demo import write_adapter
+    from mlxsup.engine.adapter_files import AdapterError
     from mlxsup.engine.adapters import AdapterManager
     from mlxsup.engine.weights import WeightError, WeightManager, write_weights
 

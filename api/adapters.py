@@ -137,6 +137,11 @@ def resolve_adapter_path(path: str, adapter_root: Optional[str], field: str = "a
     return real
 
 
+def optional_adapter_path(path: Optional[str], adapter_root: Optional[str]) -> Optional[str]:
+    """`resolve_adapter_path` of a swap's `adapter_path`; None (the base model) stays None."""
+    return None if path is None else resolve_adapter_path(path, adapter_root)
+
+
 class LoadAdapterResource:
     def __init__(self, adapters: SupervisorAdapters, adapter_root: Optional[str]):
         self.adapters = adapters
@@ -144,9 +149,7 @@ class LoadAdapterResource:
 
     async def on_post(self, req, resp):
         body = parse_body(LoadAdapterRequest, await read_json_object(req))
-        path = body.adapter_path
-        if path is not None:
-            path = resolve_adapter_path(path, self.adapter_root)
+        path = optional_adapter_path(body.adapter_path, self.adapter_root)
         send_json(resp, swap_answer(await self.adapters.reload(path, body.mode)))
 
 
@@ -161,9 +164,7 @@ class PrepareAdapterResource:
 
     async def on_post(self, req, resp):
         body = parse_body(PrepareAdapterRequest, await read_json_object(req))
-        path = body.adapter_path
-        if path is not None:
-            path = resolve_adapter_path(path, self.adapter_root)
+        path = optional_adapter_path(body.adapter_path, self.adapter_root)
         reply = await self.adapters.prepare(path, body.ttl_s)
         if not reply.get("ok"):
             raise swap_error(reply)

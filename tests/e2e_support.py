@@ -98,3 +98,20 @@ def make_adapter(directory, model_dir: str, seed: int, std: float = 0.3, rank: i
     query and value projections of every layer), its config carrying trainers' extra fields."""
     return write_random_adapter(directory, model_dir, seed, std=std, rank=rank,
                                 extra_config={**TRAINER_CONFIG_EXTRAS, **(extra_config or {})})
+
+
+def load_until(server, stop, results: list, index: int, max_tokens: int = 48, timeout: float = 60.0) -> None:
+    """Send /generate requests one after another until `stop` (a threading.Event); record
+    (status, headers, body) or the exception. A request that hangs fails the test through its
+    timeout. `index` tells the clients' prompts and seeds apart."""
+    i = 0
+    with httpx.Client(base_url=server.url, timeout=httpx.Timeout(timeout)) as c:
+        while not stop.is_set():
+            i += 1
+            body = {"prompt": f"Tell me about {index} and {i}.", "max_tokens": max_tokens, "temperature": 0.8,
+                    "seed": index * 1000 + i, "logprobs": 1}  # fmt: skip
+            try:
+                r = c.post("/generate", json=body)
+                results.append((r.status_code, dict(r.headers), r.json()))
+            except Exception as e:  # noqa: BLE001 - recorded and failed on by the caller
+                results.append((None, {}, repr(e)))

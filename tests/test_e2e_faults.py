@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from e2e_support import make_adapter, running_server, wait_for
+from e2e_support import load_until, make_adapter, running_server, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -26,22 +26,6 @@ def server(tiny_model_dir, tmp_path_factory, start_adapter):
     with running_server(tmp_path_factory.mktemp("e2e-faults"), tiny_model_dir, "--max-tokens", "64",
                         "--adapter-path", start_adapter, workers=2) as srv:  # fmt: skip
         yield srv
-
-
-def _load(server, stop: threading.Event, results: list, index: int) -> None:
-    """Send requests one after another until `stop`; record (status, headers, body) or the
-    exception. A request that hangs fails the test through its timeout."""
-    i = 0
-    with httpx.Client(base_url=server.url, timeout=httpx.Timeout(60.0)) as c:
-        while not stop.is_set():
-            i += 1
-            body = {"prompt": f"Tell me about {index} and {i}.", "max_tokens": 48, "temperature": 0.8,
-                    "seed": index * 1000 + i, "logprobs": 1}  # fmt: skip
-            try:
-                r = c.post("/generate", json=body)
-                results.append((r.status_code, dict(r.headers), r.json()))
-            except Exception as e:  # noqa: BLE001 - recorded and failed on below
-                results.append((None, {}, repr(e)))
 
 
 def test_started_on_the_adapter_path_as_version_0(server, start_adapter):
@@ -60,7 +44,7 @@ def test_engine_sigkill_under_load(server, tiny_model_dir, tmp_path):
         version = r.json()["policy_version"]
     before = server.status()["engine"]
     stop, results = threading.Event(), []
-    threads = [threading.Thread(target=_load, args=(server, stop, results, k)) for k in range(6)]
+    threads = [threading.Thread(target=load_until, args=(server, stop, results, k, 48, 60.0)) for k in range(6)]
     for t in threads:
         t.start()
     try:

@@ -14,7 +14,7 @@ import time
 import httpx
 import psutil
 import pytest
-from e2e_support import free_port, make_adapter, mlxsup, running_server, wait_for
+from e2e_support import free_port, load_until, make_adapter, mlxsup, running_server, wait_for
 
 from mlxsup.supervisor.children import orphans
 from mlxsup.supervisor.rundir import is_owned
@@ -132,25 +132,11 @@ def test_a_swap_in_each_mode_commits_on_every_rank(server):
     assert all(x["metadata"]["current_policy_version"] == version for x in after)
 
 
-def _load(server, stop: threading.Event, results: list, index: int) -> None:
-    i = 0
-    with httpx.Client(base_url=server.url, timeout=httpx.Timeout(90.0)) as c:
-        while not stop.is_set():
-            i += 1
-            body = {"prompt": f"Tell me about {index} and {i}.", "max_tokens": 24, "temperature": 0.8,
-                    "seed": index * 1000 + i, "logprobs": 1}  # fmt: skip
-            try:
-                r = c.post("/generate", json=body)
-                results.append((r.status_code, dict(r.headers), r.json()))
-            except Exception as e:  # noqa: BLE001 - recorded and failed on below
-                results.append((None, {}, repr(e)))
-
-
 def test_a_follower_sigkilled_under_load_restarts_the_group(server):
     before = server.status()["engine"]
     old = {r["rank"]: r["pid"] for r in before["ranks"]}
     stop, results = threading.Event(), []
-    threads = [threading.Thread(target=_load, args=(server, stop, results, k)) for k in range(4)]
+    threads = [threading.Thread(target=load_until, args=(server, stop, results, k, 24, 90.0)) for k in range(4)]
     for t in threads:
         t.start()
     try:

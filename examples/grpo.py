@@ -765,24 +765,8 @@ async def train(cfg: GRPOConfig, url: str, model_path: str, log=print) -> dict:
             loop = asyncio.get_running_loop()
             policy = await loop.run_in_executor(mlx_thread, Policy, model_path, cfg)
             trainer = Trainer(cfg, client, policy, mlx_thread, log=log)
-            try:
-                records = await trainer.run()
-            finally:
-                # Free every MLX array on the thread that made them, and let its streams go idle,
-                # before the thread ends: arrays of a finished thread freed at interpreter exit
-                # can abort the process ("terminate called without an active exception", MLX
-                # issue 3126), after the run's results were all written.
-                trainer.policy = None
-                await loop.run_in_executor(mlx_thread, _release, policy)
-                del policy
+            records = await trainer.run()
     return write_reports(cfg, records, {"url": url, "model": model_path})
-
-
-def _release(policy) -> None:
-    policy.__dict__.clear()
-    gc.collect()
-    mx.synchronize()
-    mx.clear_cache()
 
 
 def main(argv=None) -> int:
@@ -808,4 +792,11 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Leave without running C++ static destructors: MLX, used from a thread other than the main
+    # one (the trainer's MLX thread), sometimes aborts the process while tearing down at exit
+    # ("terminate called without an active exception", MLX issue 3126), after everything was
+    # written. Freeing the arrays on that thread first did not prevent it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -14,22 +14,18 @@ import logging
 import os
 from typing import Optional
 
-import falcon
-
 from mlxsup.api.common import send_json
-from mlxsup.api.errors import ApiError, invalid, not_found, too_large
+from mlxsup.api.errors import ApiError, invalid, not_found
 from mlxsup.api.media import read_json_object
 from mlxsup.api.parsing import parse_body
 from mlxsup.api.protocol import CancelAdapterRequest, CommitAdapterRequest, LoadAdapterRequest, PrepareAdapterRequest
 from mlxsup.config import SWAP_TIMINGS
-from mlxsup.api.uploads import CONFIG_NAME, WEIGHTS_NAME, UploadStore, check_adapter_config, check_safetensors
-from mlxsup.config import SWAP_MODES
+from mlxsup.api.uploads import (CONFIG_NAME, WEIGHTS_NAME, UploadStore, check_adapter_config, check_multipart_request,
+                                check_safetensors, check_swap_mode, copy_part, multipart_form, read_mode_part)
 from mlxsup.files import directory_problem
 from mlxsup.supervisor.state import read_state
 
 log = logging.getLogger("mlxsup.api")
-
-_CHUNK = 1 << 20
 
 
 class SupervisorAdapters:
@@ -231,13 +227,7 @@ class UploadAdapterResource:
         self.max_bytes = max_upload_bytes
 
     async def on_post(self, req, resp):
-        if not (req.content_type or "").lower().startswith("multipart/form-data"):
-            raise ApiError(415, "unsupported_media_type",
-                           "send multipart/form-data with adapter_weights and adapter_config")
-        length = req.content_length
-        if length is not None and length > self.max_bytes:
-            raise too_large(f"upload of {length} bytes exceeds --max-upload-mb "
-                            f"({self.max_bytes >> 20} MiB)")
+        check_multipart_request(req, self.max_bytes, "adapter_weights and adapter_config")
         mode = req.get_param("mode") or "drain"
         tmp = self.store.new_dir()
         published = None
@@ -264,10 +254,7 @@ class UploadAdapterResource:
         send_json(resp, answer)
 
     async def _receive(self, req, directory: str, mode: str) -> str:
-        try:
-            form = await req.get_media()
-        except falcon.MediaNotFoundError:
-            raise invalid("adapter_weights", "the multipart body is empty") from None
+        form = await multipart_form(req, "adapter_weights")
         seen = set()
         total = 0
         async for part in form:
@@ -276,26 +263,17 @@ class UploadAdapterResource:
                 raise invalid(name, f"multipart field {name!r} given twice")
             seen.add(name)
             if name == "mode":
-                mode = (await part.stream.read(64)).decode("utf-8", "replace").strip()
+                mode = await read_mode_part(part)
                 continue
             if name not in self.FILES:
                 raise invalid(name[:64], f"unexpected multipart field {name[:64]!r}; expected "
                                          "adapter_weights, adapter_config and optionally mode")
             with self.store.open_file(directory, self.FILES[name]) as out:
-                while True:
-                    chunk = await part.stream.read(_CHUNK)
-                    if not chunk:
-                        break
-                    total += len(chunk)
-                    if total > self.max_bytes:
-                        raise too_large(f"upload exceeds --max-upload-mb ({self.max_bytes >> 20} MiB)", name)
-                    out.write(chunk)
+                total = await copy_part(part, out, total, self.max_bytes, name)
         for name in self.FILES:
             if name not in seen:
                 raise invalid(name, f"missing multipart field {name!r}")
-        if mode not in SWAP_MODES:
-            raise invalid("mode", f"mode must be one of {', '.join(SWAP_MODES)}")
-        return mode
+        return check_swap_mode(mode)
 
 
 class AdapterResource:

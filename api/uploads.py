@@ -18,11 +18,60 @@ import shutil
 import time
 from typing import Optional
 
-from mlxsup.api.errors import ApiError, invalid
+import falcon
+
+from mlxsup.api.errors import ApiError, invalid, too_large
 from mlxsup.api.media import loads
+from mlxsup.config import SWAP_MODES
 from mlxsup.safetensors_header import CONFIG_NAME, WEIGHTS_NAME, HeaderError, read_header  # noqa: F401 - names for api/adapters.py
 
 MAX_CONFIG_BYTES = 1 << 20
+_CHUNK = 1 << 20  # bytes read from a multipart part at a time
+
+
+# ---------------------------------------------------------------- multipart bodies (the upload routes)
+
+
+def check_multipart_request(req, max_bytes: int, expected: str) -> None:
+    """415 unless the body is multipart/form-data (`expected` says what it should carry);
+    413 when its declared length is already past `max_bytes`."""
+    if not (req.content_type or "").lower().startswith("multipart/form-data"):
+        raise ApiError(415, "unsupported_media_type", f"send multipart/form-data with {expected}")
+    length = req.content_length
+    if length is not None and length > max_bytes:
+        raise too_large(f"upload of {length} bytes exceeds --max-upload-mb ({max_bytes >> 20} MiB)")
+
+
+async def multipart_form(req, field: str):
+    """The request's multipart form; 422 naming `field` when the body is empty."""
+    try:
+        return await req.get_media()
+    except falcon.MediaNotFoundError:
+        raise invalid(field, "the multipart body is empty") from None
+
+
+async def read_mode_part(part) -> str:
+    """The value of a multipart `mode` field (checked later by `check_swap_mode`)."""
+    return (await part.stream.read(64)).decode("utf-8", "replace").strip()
+
+
+def check_swap_mode(mode: str) -> str:
+    if mode not in SWAP_MODES:
+        raise invalid("mode", f"mode must be one of {', '.join(SWAP_MODES)}")
+    return mode
+
+
+async def copy_part(part, out, total: int, max_bytes: int, field: str) -> int:
+    """Stream one multipart part into the file `out`; returns the bytes of the whole upload so
+    far (`total` before this part), 413 naming `field` once they pass `max_bytes`."""
+    while True:
+        chunk = await part.stream.read(_CHUNK)
+        if not chunk:
+            return total
+        total += len(chunk)
+        if total > max_bytes:
+            raise too_large(f"upload exceeds --max-upload-mb ({max_bytes >> 20} MiB)", field)
+        out.write(chunk)
 STALE_TMP_S = 3600.0
 LOCK_WAIT_S = 600.0
 

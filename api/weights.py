@@ -13,18 +13,16 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-import falcon
-
 from mlxsup.api.adapters import SupervisorAdapters, resolve_adapter_path
 from mlxsup.api.common import send_json
-from mlxsup.api.errors import ApiError, invalid, too_large
+from mlxsup.api.errors import ApiError, invalid
 from mlxsup.api.media import read_json_object
 from mlxsup.api.parsing import parse_body
 from mlxsup.api.protocol import UpdateWeightsRequest
-from mlxsup.api.uploads import UploadStore, check_safetensors
-from mlxsup.config import SWAP_MODES, SWAP_TIMINGS
+from mlxsup.api.uploads import (UploadStore, check_multipart_request, check_safetensors, check_swap_mode,
+                                copy_part, multipart_form, read_mode_part)
+from mlxsup.config import SWAP_TIMINGS
 
-_CHUNK = 1 << 20
 MAX_FILES = 1024  # safetensors shards in one upload
 _ERRORS = {  # the supervisor's error type -> HTTP status
     "not_found": 404, "engine_unavailable": 503, "engine_restarted": 503, "busy": 503,
@@ -78,13 +76,7 @@ class UploadWeightsResource:
         self.max_bytes = max_upload_bytes
 
     async def on_post(self, req, resp):
-        if not (req.content_type or "").lower().startswith("multipart/form-data"):
-            raise ApiError(415, "unsupported_media_type",
-                           "send multipart/form-data with one or more weights files")
-        length = req.content_length
-        if length is not None and length > self.max_bytes:
-            raise too_large(f"upload of {length} bytes exceeds --max-upload-mb "
-                            f"({self.max_bytes >> 20} MiB)")
+        check_multipart_request(req, self.max_bytes, "one or more weights files")
         tmp = self.store.new_dir()
         published = None
         try:
@@ -101,10 +93,7 @@ class UploadWeightsResource:
         send_json(resp, answer)
 
     async def _receive(self, req, directory: str, mode: str) -> tuple[str, list[str]]:
-        try:
-            form = await req.get_media()
-        except falcon.MediaNotFoundError:
-            raise invalid("weights", "the multipart body is empty") from None
+        form = await multipart_form(req, "weights")
         names: list[str] = []
         total = 0
         seen_mode = False
@@ -114,7 +103,7 @@ class UploadWeightsResource:
                 if seen_mode:
                     raise invalid("mode", "multipart field 'mode' given twice")
                 seen_mode = True
-                mode = (await part.stream.read(64)).decode("utf-8", "replace").strip()
+                mode = await read_mode_part(part)
                 continue
             if name != "weights":
                 raise invalid(name[:64], f"unexpected multipart field {name[:64]!r}; expected "
@@ -125,20 +114,10 @@ class UploadWeightsResource:
             fname = f"{len(names):05d}.safetensors"
             names.append(fname)
             with self.store.open_file(directory, fname) as out:
-                while True:
-                    chunk = await part.stream.read(_CHUNK)
-                    if not chunk:
-                        break
-                    total += len(chunk)
-                    if total > self.max_bytes:
-                        raise too_large(f"upload exceeds --max-upload-mb ({self.max_bytes >> 20} MiB)",
-                                        "weights")
-                    out.write(chunk)
+                total = await copy_part(part, out, total, self.max_bytes, "weights")
         if not names:
             raise invalid("weights", "missing multipart field 'weights' (a safetensors file)")
-        if mode not in SWAP_MODES:
-            raise invalid("mode", f"mode must be one of {', '.join(SWAP_MODES)}")
-        return mode, names
+        return check_swap_mode(mode), names
 
 
 __all__ = ["UpdateWeightsResource", "UploadWeightsResource", "weights_answer"]

@@ -146,3 +146,21 @@ async def gather_or_cancel(coros) -> list:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def begin_sse(resp, events):
+    """Make `resp` a server-sent-events answer of the async generator `events`, and return its
+    first event (None when it has none). The first event is awaited before the response starts,
+    so an early error (a refused request, an engine gone) keeps its HTTP status; `events` is
+    closed when that wait fails."""
+    try:
+        first = await events.__anext__()
+    except StopAsyncIteration:
+        first = None
+    except BaseException:
+        await events.aclose()
+        raise
+    resp.content_type = "text/event-stream"
+    resp.set_header("Cache-Control", "no-cache")
+    resp.set_header("X-Accel-Buffering", "no")
+    return first

@@ -25,6 +25,7 @@ import orjson
 from falcon.asgi import SSEvent
 
 from mlxsup.api.common import (
+    begin_sse,
     gather_or_cancel,
     limits_of,
     logprobs_mode_for,
@@ -157,16 +158,7 @@ class _OpenAIResource:
 
     async def start_stream(self, req, resp, codec, body, job):
         events = _merged_streams(self.link, job)
-        try:
-            first = await events.__anext__()
-        except StopAsyncIteration:
-            first = None
-        except BaseException:
-            await events.aclose()
-            raise
-        resp.content_type = "text/event-stream"
-        resp.set_header("Cache-Control", "no-cache")
-        resp.set_header("X-Accel-Buffering", "no")
+        first = await begin_sse(resp, events)
         resp.sse = self._sse(codec, body, job, first, events)
 
     async def _sse(self, codec, body, job, first, events):

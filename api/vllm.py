@@ -20,7 +20,8 @@ import orjson
 from falcon.asgi import SSEvent
 
 from mlxsup.api.adapters import resolve_adapter_path, swap_answer
-from mlxsup.api.common import gather_or_cancel, limits_of, max_tokens_per_prompt, new_request_id, send_json, stop_list
+from mlxsup.api.common import (begin_sse, gather_or_cancel, limits_of, max_tokens_per_prompt, new_request_id, send_json,
+                               stop_list)
 from mlxsup.api.errors import ApiError, invalid, unavailable
 from mlxsup.api.media import read_json_object
 from mlxsup.api.parsing import parse_body
@@ -203,16 +204,7 @@ class InferenceGenerateResource:
         awaited before the response starts, so early errors keep their HTTP status."""
         events = self.link.stream(ids, params, n=body.sampling_params.n,
                                   min_policy_version=min_version, tag=request_id, cache_salt=body.cache_salt)
-        try:
-            first = await events.__anext__()
-        except StopAsyncIteration:
-            first = None
-        except BaseException:
-            await events.aclose()
-            raise
-        resp.content_type = "text/event-stream"
-        resp.set_header("Cache-Control", "no-cache")
-        resp.set_header("X-Accel-Buffering", "no")
+        first = await begin_sse(resp, events)
         resp.sse = self._sse(codec, body, ids, params, request_id, first, events)
 
     async def _sse(self, codec, body, ids, params, request_id, first, events):

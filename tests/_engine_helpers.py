@@ -111,6 +111,21 @@ def run(engine, requests, stagger=0, max_steps=100000):
     raise AssertionError("requests did not finish")
 
 
+def drive(engine, events: list, steps=None) -> list:
+    """Step `engine` while it has work (at most `steps` steps), appending every event to
+    `events`; returns `events`. For tests that submit, swap and step by hand."""
+    i = 0
+    while engine.has_work() and (steps is None or i < steps):
+        events.extend(engine.step())
+        i += 1
+    return events
+
+
+def done_by_request(events: list) -> dict:
+    """{request_id: its SequenceDone} of a flat event list (one sample per request)."""
+    return {e.request_id: e for e in events if isinstance(e, SequenceDone)}
+
+
 def done_events(events, request_id):
     return sorted((e for e in events[request_id] if isinstance(e, SequenceDone)),
                   key=lambda e: e.seq_index)

@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from _engine_helpers import check_fidelity
+from _engine_helpers import check_fidelity, done_by_request, drive
 from mlxsup.engine import AdapterError, Engine, EngineConfig
 from mlxsup.demo import write_adapter
 from mlxsup.ipc.messages import GenerateRequest, SamplingParams, SequenceDone, TokenChunk
@@ -239,22 +239,6 @@ def start(engine, n=4, max_tokens=24, **params):
     return reqs
 
 
-def drive(engine, events, steps=None):
-    i = 0
-    while engine.has_work() and (steps is None or i < steps):
-        events.extend(engine.step())
-        i += 1
-    return events
-
-
-def by_request(events):
-    out = {}
-    for e in events:
-        if isinstance(e, SequenceDone):
-            out[e.request_id] = e
-    return out
-
-
 @pytest.mark.parametrize("pipeline", [False, True], ids=["stepwise", "pipelined"])
 def test_inflight_swap_tags_each_token(tiny_model_dir, tmp_path, pipeline):
     eng = make_engine(tiny_model_dir, pipeline=pipeline)
@@ -265,7 +249,7 @@ def test_inflight_swap_tags_each_token(tiny_model_dir, tmp_path, pipeline):
     events = drive(eng, events, steps=1)
     assert ticket.done and eng.policy_version == 1  # committed at the first step boundary
     later = start(eng, temperature=0.7)
-    done = by_request(drive(eng, events))
+    done = done_by_request(drive(eng, events))
     switch_points = set()
     for r in reqs:
         v = done[r.request_id].versions
@@ -347,7 +331,7 @@ def test_a_failing_first_token_callback_fails_nothing(tiny_model_dir, tmp_path):
         raise RuntimeError("the supervisor is gone")
 
     eng.request_swap(prep, "inflight", 1, on_first_token=boom)
-    done = by_request(drive(eng, []))
+    done = done_by_request(drive(eng, []))
     assert done[r.request_id].finish_reason == "length" and len(done[r.request_id].token_ids) == 8
 
 
@@ -362,7 +346,7 @@ def test_drain_swap_never_mixes_versions(tiny_model_dir, tmp_path):
     newcomer = start(eng, n=2, temperature=1.0)
     events = drive(eng, events)
     assert ticket.done
-    done = by_request(events)
+    done = done_by_request(events)
     for r in first:
         assert set(done[r.request_id].versions) == {0}
     group_dones = [e for e in events if isinstance(e, SequenceDone) and e.request_id == group.request_id]
@@ -381,13 +365,13 @@ def test_abort_swap_ends_running_sequences(tiny_model_dir, tmp_path):
     ticket = eng.request_swap(prep, "abort", 7)
     events += eng.step()
     assert ticket.done and eng.policy_version == 7
-    done = by_request(events)
+    done = done_by_request(events)
     for r in running:
         d = done[r.request_id]
         assert d.finish_reason == "abort" and 0 < len(d.token_ids) < 100
         assert set(d.versions) == {0}
     after = start(eng, n=2, temperature=1.0, max_tokens=5)
-    done = by_request(drive(eng, events))
+    done = done_by_request(drive(eng, events))
     assert all(set(done[r.request_id].versions) == {7} for r in after)
     with pytest.raises(ValueError):
         eng.request_swap(prep, "drain", 7)  # versions never repeat
@@ -452,7 +436,7 @@ def test_drain_swap_waits_for_a_prompt_still_prefilling(tiny_model_dir, tmp_path
     later = GenerateRequest(next(_ids), [4, 5, 6], SamplingParams(max_tokens=3, temperature=1.0))
     eng.submit(later)
     events = drive(eng, events)
-    done = by_request(events)
+    done = done_by_request(events)
     assert ticket.done and eng.policy_version == 1
     firsts = [e for e in events if isinstance(e, SequenceDone) and e.request_id == long.request_id]
     assert len(firsts) == 2 and all(set(d.versions) == {0} for d in firsts)

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from _engine_helpers import check_fidelity
+from _engine_helpers import check_fidelity, done_by_request, drive
 from mlxsup.engine import Engine, EngineConfig
 from mlxsup.engine.weights import WeightError, write_weights
-from mlxsup.ipc.messages import GenerateRequest, SamplingParams, SequenceDone
+from mlxsup.ipc.messages import GenerateRequest, SamplingParams
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -67,18 +67,6 @@ def logits_of(model, ids=(5, 17, 33, 2, 101, 7)):
 
 def req(prompt, **params):
     return GenerateRequest(next(_ids), prompt, SamplingParams(**params))
-
-
-def drive(engine, events, steps=None):
-    i = 0
-    while engine.has_work() and (steps is None or i < steps):
-        events.extend(engine.step())
-        i += 1
-    return events
-
-
-def done_by_request(events):
-    return {e.request_id: e for e in events if isinstance(e, SequenceDone)}
 
 
 # ------------------------------------------------------------------ numerics in every mode

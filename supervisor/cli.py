@@ -42,13 +42,7 @@ def add_subcommands(sub) -> None:
     )
     reload.add_argument("path", nargs="?", help="adapter directory (adapter_config.json + adapters.safetensors)")
     reload.add_argument("--base", action="store_true", help="go back to the base model (no adapter)")
-    reload.add_argument(
-        "--mode",
-        choices=SWAP_MODES,
-        default="drain",
-        help="drain (default): finish in-flight sequences first; abort: end them; "
-        "inflight: swap between two decode steps",
-    )
+    _add_swap_mode_argument(reload)
     _add_instance_arguments(reload)
     reload.add_argument("--json", action="store_true", help="print the supervisor's reply as JSON")
     reload.set_defaults(func=_reload, parser=reload)
@@ -60,16 +54,20 @@ def add_subcommands(sub) -> None:
         "model's, named as mlx_lm.load accepts them) on the adapters' version counter.",
     )
     update.add_argument("dir", help="directory of .safetensors files")
-    update.add_argument(
+    _add_swap_mode_argument(update)
+    _add_instance_arguments(update)
+    update.add_argument("--json", action="store_true", help="print the supervisor's reply as JSON")
+    update.set_defaults(func=_update_weights)
+
+
+def _add_swap_mode_argument(parser) -> None:
+    parser.add_argument(
         "--mode",
         choices=SWAP_MODES,
         default="drain",
         help="drain (default): finish in-flight sequences first; abort: end them; "
         "inflight: swap between two decode steps",
     )
-    _add_instance_arguments(update)
-    update.add_argument("--json", action="store_true", help="print the supervisor's reply as JSON")
-    update.set_defaults(func=_update_weights)
 
 
 def config_flags(cls=ServerConfig) -> list[tuple[dataclasses.Field, dict]]:

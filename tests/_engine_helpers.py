@@ -111,6 +111,15 @@ def run(engine, requests, stagger=0, max_steps=100000):
     raise AssertionError("requests did not finish")
 
 
+def make_engine(model_dir, max_batch: int = 16, **config):
+    """An in-process `Engine` on `model_dir` as the engine tests use it: seeded, events flushed
+    at every step (`flush_interval_ms=0`); `config` sets any other EngineConfig field."""
+    from mlxsup.engine import Engine, EngineConfig
+
+    return Engine(EngineConfig(**{"model": model_dir, "max_batch": max_batch, "flush_interval_ms": 0, "seed": 0,
+                                  **config}))
+
+
 def drive(engine, events: list, steps=None) -> list:
     """Step `engine` while it has work (at most `steps` steps), appending every event to
     `events`; returns `events`. For tests that submit, swap and step by hand."""

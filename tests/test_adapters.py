@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from _engine_helpers import check_fidelity, done_by_request, drive
+from _engine_helpers import check_fidelity, done_by_request, drive, make_engine
 from mlxsup.engine import AdapterError, Engine, EngineConfig
 from mlxsup.demo import write_adapter
 from mlxsup.ipc.messages import GenerateRequest, SamplingParams, SequenceDone, TokenChunk
@@ -37,12 +37,6 @@ def make_adapter(engine, path, rank=8, select=None, dora=False, scale=2.0, seed=
             tensors[name + ".m"] = (1.0 + rng.random(spec.output_dims)).astype(dtype)
     return write_adapter(str(path), tensors, rank, scale, "dora" if dora else "lora",
                          extra_config=extra_config)
-
-
-def make_engine(model_dir, **kw):
-    cfg = dict(model=model_dir, max_batch=16, flush_interval_ms=0, seed=0)
-    cfg.update(kw)
-    return Engine(EngineConfig(**cfg))
 
 
 @pytest.fixture(scope="module")

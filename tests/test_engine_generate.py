@@ -4,6 +4,7 @@ a second architecture."""
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 
@@ -13,8 +14,8 @@ import pytest
 from mlx_lm import generate as mlx_generate
 from mlx_lm.generate import generate_step
 
-from _engine_helpers import check_fidelity, chunks, done_events, run, write_model
-from mlxsup.engine import Engine, EngineConfig, QueueFull, RequestError
+from _engine_helpers import check_fidelity, chunks, done_events, make_engine as _make_engine, run, write_model
+from mlxsup.engine import EngineConfig, QueueFull, RequestError
 from mlxsup.ipc.messages import (
     ErrorEvent,
     GenerateRequest,
@@ -30,10 +31,7 @@ pytestmark = pytest.mark.timeout(180)
 _ids = iter(range(1, 10**9))
 
 
-def make_engine(model_dir, **kw):
-    cfg = dict(model=model_dir, max_batch=32, flush_interval_ms=0, max_queue=256, seed=0)
-    cfg.update(kw)
-    return Engine(EngineConfig(**cfg))
+make_engine = functools.partial(_make_engine, max_batch=32)
 
 
 @pytest.fixture(scope="module")

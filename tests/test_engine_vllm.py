@@ -3,13 +3,13 @@ and pause / resume in its three modes, on the tiny demo model."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import pytest
 
-from _engine_helpers import done_events, run, teacher_forced_logits
-from mlxsup.engine import Engine, EngineConfig
+from _engine_helpers import done_events, make_engine as _make_engine, run, teacher_forced_logits
 from mlxsup.ipc.messages import (
     FINISH_ABORT,
     MAX_TOP_LOGPROBS,
@@ -25,10 +25,7 @@ pytestmark = pytest.mark.timeout(180)
 _ids = iter(range(1, 10**9))
 
 
-def make_engine(model_dir, **kw):
-    cfg = dict(model=model_dir, max_batch=8, flush_interval_ms=0, max_queue=256, seed=0)
-    cfg.update(kw)
-    return Engine(EngineConfig(**cfg))
+make_engine = functools.partial(_make_engine, max_batch=8)
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import random
 import numpy as np
 import pytest
 
-from _engine_helpers import check_fidelity, done_events, run
-from mlxsup.engine import Engine, EngineConfig, RequestError
+from _engine_helpers import check_fidelity, done_events, make_engine, run
+from mlxsup.engine import RequestError
 from mlxsup.engine.prefix_cache import PrefixCache
 from mlxsup.ipc.messages import GenerateRequest, SamplingParams, ScoreRequest, ScoreResult
 from test_adapters import make_adapter
@@ -18,12 +18,6 @@ from test_adapters import make_adapter
 pytestmark = pytest.mark.timeout(300)
 
 _ids = iter(range(1, 10**9))
-
-
-def make_engine(model_dir, **kw):
-    cfg = dict(model=model_dir, max_batch=16, flush_interval_ms=0, max_queue=256, seed=0)
-    cfg.update(kw)
-    return Engine(EngineConfig(**cfg))
 
 
 def req(prompt, n=1, salt="", **params):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from _engine_helpers import check_fidelity, done_by_request, drive
+from _engine_helpers import check_fidelity, done_by_request, drive, make_engine
 from mlxsup.engine import Engine, EngineConfig
 from mlxsup.engine.weights import WeightError, write_weights
 from mlxsup.ipc.messages import GenerateRequest, SamplingParams
@@ -24,12 +24,6 @@ pytestmark = pytest.mark.timeout(240)
 
 _ids = iter(range(1, 10**9))
 PROMPTS = [[5, 17, 33, 2], [101, 7, 9], [44, 45, 46, 47, 48], [3, 250, 11]]
-
-
-def make_engine(model_dir, **kw):
-    cfg = dict(model=model_dir, max_batch=16, flush_interval_ms=0, seed=0)
-    cfg.update(kw)
-    return Engine(EngineConfig(**cfg))
 
 
 def params_of(model) -> dict:

@@ -43,6 +43,7 @@ class EngineConfig:
     kv_cache_gb: one KV budget (GiB) for the running batch and the prefix cache; None: half
         of the memory the weights leave (engine/prefix_cache.py, default_budget_bytes).
     prefix_cache: keep prompts' KV for later requests that start with them.
+    warm_up: run `Engine.warm_up` before serving (the engine process does); None: on a GPU.
     """
 
     model: str
@@ -64,6 +65,7 @@ class EngineConfig:
     prefill_chunk_tokens: Optional[int] = None
     kv_cache_gb: Optional[float] = None
     prefix_cache: bool = True
+    warm_up: Optional[bool] = None
 
     def __post_init__(self):
         if not self.model:
@@ -107,5 +109,6 @@ class EngineConfig:
             prefill_chunk_tokens=cfg.prefill_chunk or None,  # 0: no limit
             kv_cache_gb=cfg.kv_cache_gb or None,  # 0: the engine's default budget
             prefix_cache=not cfg.no_prefix_cache,
+            warm_up={"on": True, "off": False}.get(cfg.warm_up),  # "auto": None
         )
         return cls(**values)

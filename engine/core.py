@@ -8,7 +8,9 @@ one that created the engine (MLX streams belong to their thread).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence as Seq, Union
@@ -59,6 +61,23 @@ SLOW_STEP_LOG_S = 1.0
 # Freeing MLX's buffer cache returns every cached buffer to the driver; one slower than this is
 # logged too (the commit of a swap clears it before the step that first uses the new version).
 SLOW_CLEAR_LOG_S = 0.1
+
+
+# MLX on CUDA runs prefill attention (more than one query position, bfloat16/float16) through
+# cuDNN, whose graph is built anew, and cached, for every new combination of batch rows,
+# query and key lengths; a build takes ~100 ms. Requests that arrive separately are admitted in
+# groups of ever-different sizes, so a serving engine meets new shapes all the time (H200, 1B
+# model, four admissions of 17-41 100-token prompts: 150-176 ms each at new sizes, 52-77 ms
+# at sizes seen before; without cuDNN 59-74 ms either way, and decode steps 8-10 ms instead of
+# 11-12: docs/benchmarks-gpu.md). MLX's own attention serves those shapes without a build, so
+# the engine turns cuDNN's off unless the environment says otherwise (MLX reads the variable
+# once, at its first attention). Without it a prefill pass materializes its attention scores
+# (rows x heads x chunk x keys); set MLX_CUDA_USE_CUDNN_SDPA=1 for very long prompts.
+CUDNN_SDPA_ENV = "MLX_CUDA_USE_CUDNN_SDPA"
+
+
+def _choose_attention() -> None:
+    os.environ.setdefault(CUDNN_SDPA_ENV, "0")
 
 
 def _clear_cache(why: str) -> None:
@@ -128,6 +147,7 @@ class Engine:
     def __init__(self, config: EngineConfig, policy_version: int = 0, *, model=None,
                  tokenizer=None):
         self.config = config
+        _choose_attention()
         if model is None:
             model, tokenizer = load_model(config)
         self.model, self.tokenizer = model, tokenizer
@@ -178,6 +198,9 @@ class Engine:
         self.paused: Optional[str] = None
         self.counters = dict(tokens_generated=0, prefill_tokens=0, num_swaps=0,
                              num_requests=0, num_steps=0)
+        # The last step's (runner seconds, postprocess seconds, admitted requests, their
+        # prompt tokens), for the engine loop's trace (engine/steptrace.py).
+        self.last_step = (0.0, 0.0, 0, 0)
 
     # ------------------------------------------------------------------ intake
 
@@ -422,6 +445,7 @@ class Engine:
             self._commit_swap()
 
         admissions = [self._admission(state, seqs) for state, seqs in plan.admit]
+        runner_s = post_s = 0.0
         if admissions or self.runner.num_rows or self.runner.num_prefilling:
             self.counters["num_steps"] += 1
             t0, traces = time.perf_counter(), sampling.traces
@@ -432,7 +456,7 @@ class Engine:
                 log.exception("engine step failed")
                 self._fail_running(f"engine step failed: {e}", events)
                 out, prefixes = None, []
-            spent = time.perf_counter() - t0
+            spent = runner_s = time.perf_counter() - t0
             if spent > SLOW_STEP_LOG_S:
                 log.info("slow step: %.0f ms, %d rows, %d admitted (%d prompt tokens), "
                          "%d sampler traces, version %d", spent * 1e3, self.runner.num_rows,
@@ -449,11 +473,15 @@ class Engine:
                 if state.num_unadmitted > 0:  # (chunked: not re-prefilled meanwhile)
                     state.prefix, state.prefix_version = prefix, self.policy_version
             if out is not None:
+                t0 = time.perf_counter()
                 try:
                     self._postprocess(out, events)
                 except Exception as e:  # a bug: fail the batch rather than the engine
                     log.exception("postprocessing failed")
                     self._fail_running(f"engine step failed: {e}", events)
+                post_s = time.perf_counter() - t0
+        self.last_step = (runner_s, post_s, len(admissions),
+                          sum(len(a.prompt_ids) for a in admissions))
         if plan.scores:
             self._run_scores(plan.scores, events)
         if self.runner.prefix_cache is not None:  # the cache gets what the batch leaves
@@ -551,6 +579,56 @@ class Engine:
                     state.request.completion_ids)
                 events.append(ScoreResult(state.request_id, lp.logprobs, self.policy_version,
                                           lp.top_ids, lp.top_logprobs))
+
+    # ------------------------------------------------------------------ warm-up
+
+    def warm_up(self) -> float:
+        """Run the engine's own paths once on made-up requests before it serves, so that the
+        first real ones do not wait for what a first use builds (on CUDA every kernel compiles
+        the first time it runs: a 128-request burst's first round took 3x a warm one, H200,
+        docs/benchmarks-gpu.md). Covered: a padded prefill of prompts of three lengths, rows
+        joining a running batch, a group (n = 2) replicated from one prefill, greedy and
+        sampled rows with raw and processed log-probs and top log-probs, rows finishing and
+        leaving, a prefix-cache store and hit, and a solo row. Nothing of it stays: no events,
+        no cache entries, no counters. Returns the seconds it took."""
+        t0 = time.perf_counter()
+        vocab = self.vocab_size
+        ids = lambda n, k: [(3 + 7 * i + 13 * k) % vocab for i in range(n)]  # noqa: E731
+        sampled = SamplingParams(max_tokens=6, temperature=1.0, logprobs_mode=LOGPROBS_PROCESSED,
+                                 ignore_eos=True, seed=1)
+        greedy = SamplingParams(max_tokens=3, temperature=0.0, logprobs_mode=LOGPROBS_RAW,
+                                ignore_eos=True, seed=3)  # (seeded: the engine's rng untouched)
+        top = SamplingParams(max_tokens=4, temperature=1.0, logprobs_mode=LOGPROBS_PROCESSED,
+                             ignore_eos=True, top_logprobs=2, seed=2)
+        first = [GenerateRequest(0, ids(40, 0), sampled), GenerateRequest(1, ids(23, 1), greedy),
+                 GenerateRequest(2, ids(9, 2), sampled, n=2)]
+        joining = [GenerateRequest(3, ids(31, 3), top), GenerateRequest(4, ids(17, 4), greedy)]
+        again = [GenerateRequest(5, ids(40, 0) + ids(5, 5), greedy),  # a prefix-cache hit
+                 ScoreRequest(7, ids(20, 7), ids(6, 8), LOGPROBS_RAW)]
+        solo = [GenerateRequest(6, ids(12, 6), sampled)]
+        base = 1 << 62  # (ids no client uses: the API's carry a slot in bits 32..55)
+        flush, self.scheduler.flush_interval_s = self.scheduler.flush_interval_s, 0.0
+        try:
+            for wave in (first, joining, again, solo):
+                for r in wave:
+                    try:
+                        self.submit(dataclasses.replace(r, request_id=base + r.request_id))
+                    except (RequestError, QueueFull) as e:  # (a tiny context or KV budget)
+                        log.info("warm-up request skipped: %s", e)
+                for _ in range(2 if wave is first else 256):
+                    self.step()
+                    if wave is not first and not self.has_work():
+                        break
+        finally:
+            self.scheduler.flush_interval_s = flush
+        self._outbox.clear()
+        if self.runner.prefix_cache is not None:
+            self.runner.prefix_cache.clear()
+            self.runner.prefix_cache.reset_stats()
+        for k in self.counters:
+            self.counters[k] = 0
+        _clear_cache("warm-up")
+        return time.perf_counter() - t0
 
     # ------------------------------------------------------------------ conveniences
 

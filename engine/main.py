@@ -49,6 +49,7 @@ from mlxsup.ipc.messages import (
 )
 
 from .control import RECEIVED_AT, ControlLink, Publisher
+from .steptrace import StepTrace
 
 log = logging.getLogger("mlxsup.engine")
 
@@ -112,14 +113,21 @@ class EngineProcess:
                            "adapter": eng.adapter_path, "epoch": self.epoch})
         log.info("ready: policy version %d, adapter %s", eng.policy_version,
                  eng.adapter_path or "none")
+        trace = StepTrace.from_env()  # None: off
         while True:
             self._handle_signals()
             self._handle_control()
             self._handle_prepared()
-            for slot, msg in self.channel.poll():
+            t_loop, t0 = time.monotonic(), time.perf_counter()  # (stamps for the trace)
+            msgs = self.channel.poll()
+            for slot, msg in msgs:
                 self._dispatch(slot, msg)
-            if eng.has_work():
-                self._route(eng.step())
+            t_dispatch = time.perf_counter()
+            stepped = eng.has_work()
+            events = eng.step() if stepped else []
+            t_step = time.perf_counter()
+            self._route(events)
+            t_route = time.perf_counter()
             if self._pause_waiters and (eng.paused != PAUSE_WAIT or eng.is_drained):
                 # (drained, or the pause became another one or ended: nothing left to wait for)
                 self._answer_pause_waiters()
@@ -132,8 +140,19 @@ class EngineProcess:
             if self.stopping and not eng.has_work() and not self._swap_busy:
                 break
             hint = eng.wait_hint()
+            t_flush = time.perf_counter()
             if hint is None or hint > 0:
                 self.channel.wait(min(hint if hint is not None else IDLE_WAIT_S, IDLE_WAIT_S))
+            if trace is not None:
+                runner_s, post_s, admitted, admitted_tokens = eng.last_step if stepped else (
+                    0.0, 0.0, 0, 0)
+                trace.record(t_loop, t_dispatch - t0, len(msgs),
+                             t_step - t_dispatch, runner_s, post_s, t_route - t_step, len(events),
+                             t_flush - t_route, time.perf_counter() - t_flush,
+                             eng.runner.num_rows, admitted, admitted_tokens,
+                             eng.scheduler.queue_depth)
+        if trace is not None:
+            trace.flush()
         self._drain_outbox()
         self.publisher.finish(engine_state="down")
         log.info("stopped")
@@ -452,6 +471,8 @@ def main(argv=None) -> int:
                              f"{'a follower' if args.follower else 'rank 0'}: MLX_RANK is wrong")
     logging.basicConfig(level=cfg.log_level, stream=sys.stderr,
                         format=f"%(asctime)s engine[%(process)d]{rank_tag} %(levelname)s %(message)s")
+    import mlx.core as mx
+
     from .config import EngineConfig
     from .core import Engine
 
@@ -493,6 +514,8 @@ def main(argv=None) -> int:
         engine = distributed.sharded_engine(ecfg, state_version or 0)
         leader = distributed.lead(engine, group)
     log.info("loaded in %.1f s", time.perf_counter() - t0)
+    if ecfg.warm_up or (ecfg.warm_up is None and mx.default_device() != mx.cpu):
+        log.info("warmed up in %.1f s", engine.warm_up())
     proc: Optional[EngineProcess] = None
     control = ControlLink(args.control_fd, wake=lambda: proc.wake() if proc else None)
     proc = EngineProcess(engine, channel, control, args.epoch)

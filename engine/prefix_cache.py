@@ -51,6 +51,10 @@ class PrefixCache:
         self.max_bytes = max_bytes
         self.min_tokens = max(1, min_tokens)
         self._store = self._new_store()
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        """Counters back to zero (the engine's warm-up leaves none of its lookups counted)."""
         self.num_lookups = 0
         self.num_hits = 0
         self.num_lookup_tokens = 0  # prompt tokens looked up

@@ -99,6 +99,13 @@ class ServerConfig:
         "auto (default): on for a GPU; on the CPU off while decode steps take over 25 ms, "
         "on while they take under 15 ms",
         group=SERVER, choices=PIPELINE_MODES)
+    # Run made-up requests through the engine before it reports ready (Engine.warm_up).
+    warm_up: str = flag(
+        "auto",
+        "run a few made-up requests through the engine's paths before reporting ready, so "
+        "the first real ones do not wait for kernels built on first use; auto (default): on "
+        "a GPU (on CUDA every kernel compiles the first time), off on the CPU",
+        group=SERVER, choices=("auto", "on", "off"))
     # Prompt tokens prefilled per engine step at most, the rest in later steps (0: no limit).
     prefill_chunk: int = flag(
         0,

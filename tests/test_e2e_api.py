@@ -20,7 +20,8 @@ PROMPT = "What is machine learning?"
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    with running_server(tmp_path_factory.mktemp("e2e-api"), tiny_model_dir, "--max-tokens", "24", workers=2) as srv:
+    with running_server(tmp_path_factory.mktemp("e2e-api"), tiny_model_dir, "--max-tokens", "24",
+                        "--warm-up", "on", workers=2) as srv:
         yield srv
 
 
@@ -82,6 +83,13 @@ def test_health(client):
     r = client.get("/health")
     assert r.status_code == 200
     assert r.json() == {"status": "healthy", "model_loaded": True}
+
+
+def test_the_engine_warms_up_before_it_reports_ready(server):
+    """`--warm-up on` (a GPU's default) runs the engine's paths before ready, in the engine
+    process; what that leaves behind is tested in test_engine_generate.py."""
+    log = open(os.path.join(server.run_dir, "engine.log")).read()
+    assert log.index("warmed up in") < log.index("ready: policy version")
 
 
 def test_metrics_seed_fields_and_prometheus(client):

@@ -113,6 +113,58 @@ def test_compiled_sampler_engine_builds_its_samplers_before_the_first_request(
             assert done.token_ids == ref.token_ids
 
 
+def test_warm_up_runs_the_serving_paths_and_leaves_nothing(tiny_model_dir, monkeypatch):
+    """`Engine.warm_up` (run before ready on a GPU) goes through a padded prefill, rows joining
+    a running batch, a group, a prefix-cache hit, a score and a solo row; afterwards the engine
+    holds nothing of it (no requests, rows, cache entries, counters) and serves what an engine
+    that never warmed up serves, to the token and log-prob, unseeded requests included (the
+    warm-up draws nothing from the engine's seed stream)."""
+    from mlxsup.engine.prefix_cache import PrefixCache
+    from mlxsup.engine.runner import ModelRunner
+
+    warm, cold = make_engine(tiny_model_dir, seed=5), make_engine(tiny_model_dir, seed=5)
+    hits, widest, scores = [], [0], []
+    fetch, step, score = PrefixCache.fetch, ModelRunner.step, ModelRunner.score_top
+
+    def spy_fetch(self, *a, **kw):
+        found = fetch(self, *a, **kw)
+        hits.append(found[1])
+        return found
+
+    def spy_step(self, *a, **kw):
+        out = step(self, *a, **kw)
+        widest[0] = max(widest[0], self.num_rows)
+        return out
+
+    def spy_score(self, items, *a, **kw):
+        scores.append(len(items))
+        return score(self, items, *a, **kw)
+
+    monkeypatch.setattr(PrefixCache, "fetch", spy_fetch)
+    monkeypatch.setattr(ModelRunner, "step", spy_step)
+    monkeypatch.setattr(ModelRunner, "score_top", spy_score)
+    assert warm.warm_up() > 0
+    monkeypatch.undo()
+    assert max(hits) >= 16 and widest[0] >= 5 and scores == [1]
+    stats = warm.stats()
+    assert stats["prefix_cache_entries"] == 0 and stats["prefix_cache_lookups"] == 0
+    assert all(warm.counters[k] == 0 for k in warm.counters)
+    assert not warm.has_work() and not warm._requests and warm.runner.num_rows == 0
+    rng = random.Random(11)
+    prompts = prompts_of(4, rng)
+    mix = [dict(temperature=1.0), dict(temperature=0.0), dict(temperature=0.8, seed=4),
+           dict(temperature=1.0)]
+    reqs = [GenerateRequest(10**6 + i, p, SamplingParams(max_tokens=10, logprobs_mode="processed", **m))
+            for i, (p, m) in enumerate(zip(prompts, mix))]
+    outs = {}
+    for name, eng in (("warm", warm), ("cold", cold)):  # the same requests, ids and all
+        events = run(eng, reqs)
+        outs[name] = [done for r in reqs for done in done_events(events, r.request_id)]
+    assert [d.token_ids for d in outs["warm"]] == [d.token_ids for d in outs["cold"]]
+    assert np.allclose([lp for d in outs["warm"] for lp in d.logprobs],
+                       [lp for d in outs["cold"] for lp in d.logprobs], atol=1e-5)
+
+
 @pytest.mark.parametrize("batch", [1, 5, 32])
 @pytest.mark.parametrize("mode", ["raw", "processed"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

@@ -110,6 +110,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--burst-shapes", help="(g) shapes: R (R one-sample requests) or RxN (R requests "
                    "of n=N), comma list (default 32; --gpu 128,256,16x8; --quick 4,2x2)")
     p.add_argument("--burst-rounds", type=int, help="(g) rounds per shape, the first reported apart (default 3)")
+    p.add_argument("--burst-client", choices=("raw", "httpx"), default="raw",
+                   help="(g) the client that releases a round: raw, bench_lib/rawhttp.py's lean one "
+                   "(default: httpx's own cost was a quarter of a 128-request round), or httpx")
     p.add_argument("--concurrency", help="concurrencies of (a) (default 1,8,32,128; --gpu 1,32,128,256)")
     p.add_argument("--requests", type=int, help="requests per concurrency level (default max(8, 2 x concurrency); --quick max(4, 2 x c))")
     p.add_argument("--duration", type=float, help="seconds a level may keep sending (default 300; --gpu 90)")
@@ -541,7 +544,8 @@ def run_burst_server(server, args, work: Workloads, eos_ids, shape, monitor: Tre
         items = (work.items(prompts, n=n) if server.supports_n or n == 1
                  else [it for it in work.items(prompts) for _ in range(n)])
         records, elapsed = asyncio.run(closed_loop(server.base_url, proto, items, len(items), len(items),
-                                                   args.request_timeout, 0, args.request_timeout))
+                                                   args.request_timeout, 0, args.request_timeout,
+                                                   client=args.burst_client))
         recs = [dict(r.as_dict(), round=rnd) for r in records]
         rounds.append({"records": recs, "elapsed_s": elapsed})
         all_recs += recs
@@ -550,7 +554,8 @@ def run_burst_server(server, args, work: Workloads, eos_ids, shape, monitor: Tre
         settle(server, args)
     monitor.end()
     cell = burst.make_cell(name, shape, rounds, report.summarize, args.max_tokens, route=proto.path,
-                           requests_in_flight=len(items), peak_rss_mb=monitor.peaks(section),
+                           requests_in_flight=len(items), client=args.burst_client,
+                           peak_rss_mb=monitor.peaks(section),
                            cpu_s=cpu_delta(monitor.cpu_seconds(name), cpu0))
     return cell, all_recs
 

@@ -256,15 +256,22 @@ def _describe(e: BaseException) -> str:
 async def closed_loop(base_url: str, protocol: Protocol, items: list[Item], concurrency: int,
                       num_requests: int, duration_s: float, grace_s: float,
                       request_timeout: float, on_chunk: Optional[Callable] = None,
-                      t0: Optional[float] = None) -> tuple[list[Record], float]:
+                      t0: Optional[float] = None, client: str = "httpx") -> tuple[list[Record], float]:
     """Run one closed loop; returns the records and the elapsed seconds (first send to the
-    last answer, or to the cut)."""
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    timeout = httpx.Timeout(request_timeout, connect=min(30.0, request_timeout))
+    last answer, or to the cut). `client` "raw": bench_lib/rawhttp.py's lean client (no
+    streaming), whose own cost stays out of a burst's figures."""
     records: list[Record] = []
     counter = iter(range(num_requests))
     t0 = time.perf_counter() if t0 is None else t0
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout) as client:
+    if client == "raw":
+        from bench_lib.rawhttp import RawClient
+
+        session = RawClient(base_url, request_timeout)
+    else:
+        limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+        timeout = httpx.Timeout(request_timeout, connect=min(30.0, request_timeout))
+        session = httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout)
+    async with session as client:
 
         async def worker():
             for i in counter:

@@ -106,6 +106,12 @@ class ServerConfig:
         "the first real ones do not wait for kernels built on first use; auto (default): on "
         "a GPU (on CUDA every kernel compiles the first time), off on the CPU",
         group=SERVER, choices=("auto", "on", "off"))
+    # Prompt tokens of the requests one engine step admits (the first request always passes).
+    max_prefill_tokens: int = flag(
+        4096,
+        "prompt tokens of the requests one engine step admits (at least one request): the "
+        "rest wait for the next steps, while those admitted already decode (default: {default})",
+        group=SERVER, metavar="TOKENS")
     # Prompt tokens prefilled per engine step at most, the rest in later steps (0: no limit).
     prefill_chunk: int = flag(
         0,
@@ -186,6 +192,8 @@ class ServerConfig:
             raise ValueError(f"pipeline must be one of {PIPELINE_MODES}")
         if not self.kv_cache_gb >= 0:
             raise ValueError("kv_cache_gb must be >= 0")
+        if self.max_prefill_tokens < 1:
+            raise ValueError("max_prefill_tokens must be >= 1")
         if self.prefill_chunk < 0:
             raise ValueError("prefill_chunk must be >= 0")
         if self.ranks < 1:

@@ -342,7 +342,7 @@ def test_start_flags_map_to_the_config(tmp_path):
 START_FLAGS = [
     "--model", "--adapter-path", "--host", "--port", "--max-batch", "--flush-interval-ms",
     "--max-tokens", "--trust-remote-code", "--log-level", "--workers", "--run-dir", "--max-queue",
-    "--foreground", "--blas", "--pipeline", "--warm-up", "--prefill-chunk", "--kv-cache-gb", "--no-prefix-cache",
+    "--foreground", "--blas", "--pipeline", "--warm-up", "--max-prefill-tokens", "--prefill-chunk", "--kv-cache-gb", "--no-prefix-cache",
     "--ranks", "--hostfile", "--distributed-backend", "--api-key", "--admin-key", "--adapter-root", "--header-timeout", "--max-upload-mb",
 ]  # fmt: skip
 
